@@ -1,0 +1,20 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both bootstrap first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: bootstrap run test bench clean
+bootstrap:
+	@scripts/bootstrap.sh
+
+run: bootstrap
+	$(VENV)/bin/fsnotifyd run
+
+test: bootstrap
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+bench: bootstrap
+	$(PY) bench/latency.py
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

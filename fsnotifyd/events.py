@@ -1,0 +1,202 @@
+"""The event schema: what sources observe and what the daemon publishes.
+
+Sources produce :class:`Observation` (one interface's view of one kernel fact); the correlator
+merges the observations of one fact into one :class:`Event`. Both are plain frozen data so they
+can cross task boundaries and be compared in tests. Documented in ``docs/events.md``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+SCHEMA = "fsnotifyd.event/1"
+
+KINDS = frozenset(
+    {
+        "fs.error",
+        "fs.warning",
+        "fs.readonly",
+        "fs.writable",
+        "fs.shutdown",
+        "fs.mount_failed",
+        "blk.io_error",
+        "dev.add",
+        "dev.change",
+        "dev.remove",
+        "source.up",
+        "source.down",
+        "events.lost",
+    }
+)
+
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
+
+DEFAULT_SEVERITY: Mapping[str, str] = {
+    "fs.error": "error",
+    "fs.warning": "warning",
+    "fs.readonly": "critical",
+    "fs.writable": "info",
+    "fs.shutdown": "critical",
+    "fs.mount_failed": "error",
+    "blk.io_error": "error",
+    "dev.add": "info",
+    "dev.change": "info",
+    "dev.remove": "info",
+    "source.up": "info",
+    "source.down": "warning",
+    "events.lost": "warning",
+}
+
+# Kinds that describe a state of a filesystem rather than a countable happening: a second
+# report of the same state is a confirmation, not a new fact.
+STATE_KINDS = frozenset({"fs.readonly", "fs.writable", "fs.shutdown"})
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A block device as the kernel names it; any part may be unknown."""
+
+    major: int | None = None
+    minor: int | None = None
+    name: str | None = None
+
+    @property
+    def devnum(self) -> tuple[int, int] | None:
+        if self.major is None or self.minor is None:
+            return None
+        return (self.major, self.minor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"major": self.major, "minor": self.minor, "name": self.name}
+
+
+def errno_name(number: int | None) -> str | None:
+    if number is None:
+        return None
+    return _errno.errorcode.get(abs(number))
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """What the kernel said about the fact; ``None`` where no source knew."""
+
+    errno: int | None = None
+    function: str | None = None
+    line: int | None = None
+    inode: int | None = None
+    block: int | None = None
+    comm: str | None = None
+    pid: int | None = None
+    message: str | None = None
+
+    def merged(self, other: Kernel) -> Kernel:
+        """Fill what this view lacks from another view of the same fact."""
+        return Kernel(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_kernel_values(self), _kernel_values(other))
+            )
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "errno": None
+            if self.errno is None
+            else {"name": errno_name(self.errno), "number": abs(self.errno)},
+            "function": self.function,
+            "line": self.line,
+            "inode": self.inode,
+            "block": self.block,
+            "comm": self.comm,
+            "pid": self.pid,
+            "message": self.message,
+        }
+
+
+def _kernel_values(k: Kernel) -> tuple[Any, ...]:
+    return (k.errno, k.function, k.line, k.inode, k.block, k.comm, k.pid, k.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One source's view of one kernel fact, before correlation.
+
+    ``count`` is how many kernel facts this view stands for when the source knows (a lost-record
+    gap, a fanotify ``error_count``); ``errors_total`` is the filesystem's own cumulative error
+    counter when the source read it (sysfs ``errors_count``), which the correlator uses to make
+    the published counts add up to the kernel's.
+    """
+
+    source: str
+    kind: str
+    time: float
+    device: Device | None = None
+    kernel: Kernel = field(default_factory=Kernel)
+    fs: str | None = None
+    mount: str | None = None
+    severity: str | None = None
+    count: int = 1
+    errors_total: int | None = None
+    fs_key: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """The published, correlated event (schema ``fsnotifyd.event/1``)."""
+
+    kind: str
+    time: float
+    host: str
+    severity: str
+    device: Device | None
+    fs: str | None
+    mount: str | None
+    ve: str | None
+    kernel: Kernel
+    sources: tuple[str, ...]
+    count: int = 1
+    first_time: float | None = None
+    last_time: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "id": self.id,
+            "time": rfc3339(self.time),
+            "host": self.host,
+            "kind": self.kind,
+            "severity": self.severity,
+            "device": None if self.device is None else self.device.to_dict(),
+            "fs": self.fs,
+            "mount": self.mount,
+            "ve": self.ve,
+            "kernel": self.kernel.to_dict(),
+            "sources": list(self.sources),
+            "count": self.count,
+            "first_time": None if self.first_time is None else rfc3339(self.first_time),
+            "last_time": None if self.last_time is None else rfc3339(self.last_time),
+            "details": dict(self.details),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def hostname() -> str:
+    return os.uname().nodename

@@ -1,0 +1,56 @@
+"""The small interfaces the daemon's parts meet at (documented aliases and Protocols)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .events import Event, Kernel, Observation
+
+Send = Callable[[Observation], None]
+"""A source hands an observation to the daemon; never blocks (overflow is counted as lost)."""
+
+Ready = Callable[[], None]
+"""A source calls this once its kernel handle is open, so start-up can report readiness."""
+
+
+class Source(Protocol):
+    name: str
+
+    async def run(self, send: Send, ready: Ready) -> None:
+        """Open the kernel handle, call ``ready()``, then observe until cancelled.
+
+        Raises ``SourceUnavailable`` (before ``ready``) when the host cannot offer the interface.
+        """
+
+
+class Sink(Protocol):
+    name: str
+
+    def publish(self, event: Event) -> None:
+        """Take one event; must not block the event loop."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCounter:
+    """A filesystem's own cumulative error counter and its latest recorded error."""
+
+    fs_key: str
+    errors_total: int
+    last_error: Kernel
+    last_error_time: float | None
+
+
+class ErrorCounters(Protocol):
+    def read(self, device_name: str) -> ErrorCounter | None:
+        """Read the counter of the filesystem on ``device_name`` now, or None if it has none."""
+
+
+class StateStore(Protocol):
+    def get(self, key: str) -> int | None: ...
+
+    def set(self, key: str, value: int) -> None: ...
+
+    def flush(self) -> None: ...

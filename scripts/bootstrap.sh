@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Bring a fresh Debian 12 machine to the state fsnotifyd needs; idempotent, safe to re-run.
+# Installs only what is missing, so a prepared machine pays a few dpkg queries, not an apt run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: missing Debian packages ${missing[*]} and not root; run as root" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# bcc needs headers at /lib/modules/$(uname -r)/build. This kernel ships none, so point it at
+# Debian's generic -amd64 headers (verified to compile the probes; see docs/troubleshooting.md).
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build" ] && [ "$(id -u)" -eq 0 ]; then
+  amd64=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1 || true)
+  if [ -n "$amd64" ]; then
+    mkdir -p "$kdir"
+    ln -sfn "$amd64" "$kdir/build"
+    [ -n "$common" ] && ln -sfn "$common" "$kdir/source"
+    echo "bootstrap: linked $kdir/build -> $amd64"
+  fi
+fi
+
+# The virtualenv uses Debian's python3 because bcc (python3-bpfcc) is built for it.
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! cmp -s requirements.lock .venv/.requirements.lock; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  cp requirements.lock .venv/.requirements.lock
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
