@@ -1,0 +1,303 @@
+"""Start-up, the main loop and teardown of the daemon.
+
+Start-up order: state and sinks first (so the first event has somewhere to go), then the
+sources, each supervised on its own: a source that cannot run on this host is reported down
+with its reason and the daemon goes on with the rest; one that fails is retried with backoff.
+The daemon reports itself ready once every source is either up or down with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from ..config import Config, SourceConfig
+from ..correlator import Correlator, CorrelatorSettings
+from ..errors import SourceUnavailable
+from ..events import Event, Observation
+from ..inventory import Inventory, Placement
+from ..metrics import Metrics
+from ..sinks.journal import JournalSink
+from ..sinks.prometheus import MetricsSink
+from ..sinks.socket import SocketSink
+from ..sinks.stdout import StdoutSink
+from ..sources.registry import REGISTRY
+from ..sources.sysfs import Ext4Counters
+from ..statefile import JsonStateStore
+from ..typing import Sink, Source
+
+log = structlog.get_logger("fsnotifyd")
+
+
+@dataclass
+class SourceStatus:
+    up: bool = False
+    reason: str | None = None
+    hint: str | None = None
+    observations: int = 0
+    restarts: int = 0
+
+
+class Bus:
+    """The bounded queue between sources and the correlator; overflow is counted, not hidden."""
+
+    def __init__(self, size: int, metrics: Metrics, statuses: dict[str, SourceStatus]) -> None:
+        self.queue: asyncio.Queue[Observation] = asyncio.Queue(maxsize=size)
+        self.metrics = metrics
+        self.statuses = statuses
+        self.dropped = 0
+
+    def sender(self, name: str) -> Callable[[Observation], None]:
+        status = self.statuses[name]
+        counter = self.metrics.observations.labels(name)
+
+        def send(obs: Observation) -> None:
+            status.observations += 1
+            counter.inc()
+            if obs.kind == "events.lost":
+                self.metrics.lost.labels(obs.source, str(obs.details.get("reason", "unknown"))).inc(obs.count)
+            try:
+                self.queue.put_nowait(obs)
+            except asyncio.QueueFull:
+                self.dropped += 1
+                self.metrics.lost.labels(name, "queue_full").inc()
+
+        return send
+
+
+@dataclass
+class Daemon:
+    config: Config
+    events_out: str | None = None
+    on_ready: Callable[[], None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    sinks: list[Sink] = field(default_factory=list)
+    sources: dict[str, Source] = field(default_factory=dict)
+    statuses: dict[str, SourceStatus] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    # -- steps -------------------------------------------------------------------------------
+    def open_state(self) -> None:
+        os.makedirs(self.config.state_dir, exist_ok=True)
+        self.ledger = JsonStateStore(os.path.join(self.config.state_dir, "error-ledger.json"))
+        if self.ledger.load_error:
+            log.warning("state.corrupt", detail=self.ledger.load_error)
+
+    def build_inventory(self) -> None:
+        self.inventory = Inventory(ves=list(self.config.ves))
+
+    async def open_sinks(self) -> None:
+        cfg = self.config
+        if cfg.journal_path:
+            self.sinks.append(JournalSink(cfg.journal_path, cfg.journal_max_bytes, cfg.journal_keep))
+        if self.events_out:
+            self.sinks.append(JournalSink(self.events_out, max_bytes=1 << 62, keep=1, name="events-out"))
+        if cfg.stdout:
+            self.sinks.append(StdoutSink())
+        self.socket = SocketSink(cfg.socket, status=self.status)
+        await self.socket.start()
+        self.sinks.append(self.socket)
+        self.sinks.append(MetricsSink(self.metrics))
+
+    def start_metrics(self) -> None:
+        if self.config.metrics_port is None:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self.metrics_server, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.metrics_address, registry=self.metrics.registry
+            )
+        except OSError as e:
+            log.error("metrics.unavailable", address=self.config.metrics_address,
+                      port=self.config.metrics_port, error=str(e))
+
+    def build_correlator(self) -> None:
+        cfg = self.config
+        self.counters = Ext4Counters()
+        self.correlator = Correlator(
+            inventory=self.inventory,
+            publish=self.publish,
+            counters=self.counters,
+            ledger=self.ledger,
+            expected=self.expected_sources,
+            settings=CorrelatorSettings(cfg.window_ms / 1000, cfg.state_window_ms / 1000, cfg.io_window_ms / 1000),
+        )
+
+    def open_sources(self) -> None:
+        for name, factory in REGISTRY.items():
+            scfg = self.config.sources.get(name)
+            if scfg is not None and not scfg.enabled:
+                continue
+            self.statuses[name] = SourceStatus(reason="starting")
+            try:
+                self.sources[name] = factory(scfg or SourceConfig(), self.inventory)
+            except (ImportError, SourceUnavailable) as e:
+                self.statuses[name].reason = f"cannot load: {e}"
+        self.bus = Bus(self.config.queue_size, self.metrics, self.statuses)
+        self._ready_waiters = {name: asyncio.Event() for name in self.statuses}
+        for name, status in self.statuses.items():
+            if name not in self.sources:
+                self._source_down(name, status.reason or "unavailable")
+        self.tasks = [asyncio.create_task(self._supervise(n, s), name=f"source:{n}")
+                      for n, s in self.sources.items()]
+
+    # -- sources -----------------------------------------------------------------------------
+    async def _supervise(self, name: str, source: Source) -> None:
+        status = self.statuses[name]
+        send = self.bus.sender(name)
+        backoff = 1.0
+        while True:
+            def ready() -> None:
+                status.up, status.reason, status.hint = True, None, None
+                self.metrics.source_up.labels(name).set(1)
+                log.info("source.up", source=name)
+                send(Observation(source=name, kind="source.up", time=time.time(), details={"source": name}))
+                self._ready_waiters[name].set()
+
+            try:
+                await source.run(send, ready)
+                reason = "source ended"
+            except SourceUnavailable as e:
+                self._source_down(name, e.reason, e.hint)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of one source must not stop the rest
+                reason = f"failed: {e!r}"
+                log.exception("source.failed", source=name)
+            self._source_down(name, reason)
+            status.restarts += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _source_down(self, name: str, reason: str, hint: str | None = None) -> None:
+        status = self.statuses[name]
+        status.up, status.reason, status.hint = False, reason, hint
+        self.metrics.source_up.labels(name).set(0)
+        log.warning("source.down", source=name, reason=reason, hint=hint)
+        self.bus.sender(name)(Observation(
+            source=name, kind="source.down", time=time.time(),
+            details={"source": name, "reason": reason, **({"hint": hint} if hint else {})},
+        ))
+        self._ready_waiters[name].set()
+
+    def expected_sources(self, kind: str, placement: Placement | None) -> frozenset[str]:
+        """Which running sources will report this kind of fact on this device."""
+        up = {n for n, s in self.statuses.items() if s.up}
+        want: set[str] = set()
+        if kind in ("fs.error", "fs.warning", "fs.shutdown", "blk.io_error"):
+            want.add("kmsg")
+        if kind == "fs.error" and placement is not None and placement.device.devnum is not None:
+            fan = self.sources.get("fanotify")
+            if fan is not None and placement.device.devnum in getattr(fan, "marked", {}):
+                want.add("fanotify")
+        if kind == "fs.readonly":
+            want |= {"kmsg", "mountinfo"}
+        if kind == "fs.writable":
+            want.add("mountinfo")
+        return frozenset(want & up)
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(self, event: Event) -> None:
+        self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
+        for sink in self.sinks:
+            try:
+                sink.publish(event)
+            except Exception:  # noqa: BLE001 - a broken sink must not cost the others the event
+                log.exception("sink.failed", sink=sink.name, event_id=event.id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "sources": {n: {"up": s.up, "reason": s.reason, "hint": s.hint,
+                            "observations": s.observations, "restarts": s.restarts}
+                        for n, s in self.statuses.items()},
+            "ves": [{"id": v.id, "mounts": list(v.mounts), "devices": list(v.devices),
+                     "images": list(v.images), "cgroup": v.cgroup} for v in self.config.ves],
+            "mounts": [{"device": p.device.name, "devnum": "%d:%d" % p.device.devnum if p.device.devnum else None,
+                        "mount": p.mount, "fs": p.fs, "ve": p.ve, "readonly": p.readonly,
+                        "backing_file": p.backing_file} for p in self.inventory.mounts()],
+            "events": dict(self.counts),
+            "lost": {"queue_full": self.bus.dropped},
+        }
+
+    # -- main loop ---------------------------------------------------------------------------
+    async def correlate(self) -> None:
+        q, corr = self.bus.queue, self.correlator
+        reported_drops = 0
+        last_flush = time.monotonic()
+        while True:
+            deadline = corr.next_deadline()
+            timeout = 1.0 if deadline is None else max(0.0, deadline - corr.clock())
+            try:
+                obs = await asyncio.wait_for(q.get(), min(timeout, 1.0))
+                corr.observe(obs)
+                while not q.empty():
+                    corr.observe(q.get_nowait())
+            except TimeoutError:
+                pass
+            corr.expire()
+            if self.bus.dropped > reported_drops:
+                corr.observe(Observation(source="daemon", kind="events.lost", time=time.time(),
+                                         count=self.bus.dropped - reported_drops,
+                                         details={"reason": "queue_full"}))
+                reported_drops = self.bus.dropped
+            if time.monotonic() - last_flush >= 1.0:
+                self.ledger.flush()
+                last_flush = time.monotonic()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        self.open_state()
+        self.build_inventory()
+        await self.open_sinks()
+        self.start_metrics()
+        self.build_correlator()
+        self.open_sources()
+        correlating = asyncio.create_task(self.correlate(), name="correlator")
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready_waiters.values())), 10)
+        except TimeoutError:
+            log.warning("daemon.slow_start", waiting=[n for n, e in self._ready_waiters.items() if not e.is_set()])
+        log.info("daemon.ready", sources={n: s.up for n, s in self.statuses.items()})
+        if self.on_ready:
+            self.on_ready()
+        try:
+            if stop is None:
+                await correlating
+            else:
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({correlating, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if correlating.done():
+                    correlating.result()  # a dead correlator is a bug: let it raise
+        finally:
+            await self.teardown(correlating)
+
+    async def teardown(self, correlating: asyncio.Task) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Observations already queued are facts the kernel reported: publish them before exit.
+        correlating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await correlating
+        while not self.bus.queue.empty():
+            self.correlator.observe(self.bus.queue.get_nowait())
+        self.correlator.flush()
+        self.ledger.flush()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.close()
+        server = getattr(self, "metrics_server", None)
+        if server is not None:
+            server.shutdown()
+        log.info("daemon.stopped")

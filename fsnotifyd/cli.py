@@ -1,0 +1,204 @@
+"""fsnotifyd command line.
+
+  fsnotifyd run [--config FILE] [--events-out PATH]     the daemon (root)
+  fsnotifyd status [--json]                              sources up/down with reasons, VEs, counts
+  fsnotifyd events tail [--kind K]... [--ve ID]...        live events as JSON lines
+  fsnotifyd record --out FILE [--duration S]             write the live stream to a file for replay
+  fsnotifyd config check|show [--config FILE]            validate / print the effective config
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from .config import Config, default_config_text, load_config
+from .errors import ConfigError
+
+EXAMPLES = """examples:
+  fsnotifyd run                                   # embedded default config
+  fsnotifyd run --config /etc/fsnotifyd/config.yaml --events-out /tmp/ev.jsonl
+  fsnotifyd events tail --kind fs.error --kind fs.readonly --ve 101
+  fsnotifyd record --out incident.jsonl --duration 600
+"""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    return args.socket or _config(args).socket
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app.daemon import Daemon
+    from .app.logging import configure_logging
+
+    configure_logging(args.log_level)
+    cfg = _config(args)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(cfg, events_out=args.events_out).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+async def _request(path: str, req: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(path, limit=16 << 20)
+    writer.write((json.dumps(req) + "\n").encode())
+    await writer.drain()
+    return reader, writer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        reader, writer = await _request(_socket_path(args), {"op": "status"})
+        line = await reader.readline()
+        writer.close()
+        return json.loads(line)
+
+    st = asyncio.run(main())
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0 if st.get("ok") else 1
+    print(f"fsnotifyd pid {st['pid']}, up {st['uptime_s']} s")
+    print("sources:")
+    for name, s in st["sources"].items():
+        state = "up" if s["up"] else "DOWN"
+        why = f"  ({s['reason']}{'; hint: ' + s['hint'] if s.get('hint') else ''})" if not s["up"] else ""
+        print(f"  {name:10} {state:5} observations={s['observations']}{why}")
+    print("VEs:" if st["ves"] else "VEs: none configured")
+    for ve in st["ves"]:
+        print(f"  {ve['id']}: mounts={ve['mounts']} devices={ve['devices']} images={ve['images']}")
+    print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
+    return 0
+
+
+async def _stream(args: argparse.Namespace, out, duration: float | None) -> int:
+    reader, writer = await _request(
+        _socket_path(args), {"op": "tail", "kinds": args.kind or [], "ves": args.ve or []}
+    )
+    ack = json.loads(await reader.readline() or b"{}")
+    if not ack.get("ok"):
+        print(f"fsnotifyd: {ack.get('error', 'no answer from daemon')}", file=sys.stderr)
+        return 1
+    deadline = None if duration is None else time.monotonic() + duration
+    n = 0
+    try:
+        while True:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError:
+                break
+            if not line:
+                break
+            out.write(line.decode())
+            out.flush()
+            n += 1
+    finally:
+        writer.close()
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_stream(args, sys.stdout, None))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    with open(args.out, "a", encoding="utf-8") as out:
+        try:
+            return asyncio.run(_stream(args, out, args.duration))
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.action == "show":
+        if args.config is None:
+            print(default_config_text(), end="")
+        else:
+            print(open(args.config, encoding="utf-8").read(), end="")
+    else:
+        print(f"{cfg.file}: ok ({len(cfg.ves)} VEs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fsnotifyd", description=__doc__.splitlines()[0],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, socket: bool = True) -> None:
+        sp.add_argument("--config", help="YAML config (default: the embedded one)")
+        if socket:
+            sp.add_argument("--socket", help="daemon socket (default: from the config)")
+
+    r = sub.add_parser("run", help="run the daemon")
+    common(r, socket=False)
+    r.add_argument("--events-out", metavar="PATH", help="also append every event to PATH (JSONL)")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="sources, VEs and counts of the running daemon")
+    common(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("events", help="event streams")
+    esub = e.add_subparsers(dest="events_command", required=True)
+    t = esub.add_parser("tail", help="print live events as JSON lines")
+    common(t)
+    t.add_argument("--kind", action="append", help="only this kind (repeatable; 'fs.*' matches a prefix)")
+    t.add_argument("--ve", action="append", help="only events of this VE (repeatable)")
+    t.set_defaults(func=cmd_tail)
+
+    rec = sub.add_parser("record", help="write the live event stream to a file for later replay")
+    common(rec)
+    rec.add_argument("--out", required=True)
+    rec.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
+    rec.add_argument("--kind", action="append")
+    rec.add_argument("--ve", action="append")
+    rec.set_defaults(func=cmd_record)
+
+    c = sub.add_parser("config", help="check or show the configuration")
+    c.add_argument("action", choices=["check", "show"])
+    common(c, socket=False)
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"fsnotifyd: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        if args.command in ("status", "events", "record"):
+            print(f"fsnotifyd: cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
+                  "Is it running (fsnotifyd run)?", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The daemon's configuration: one YAML file, checked at load with file:line errors.
+
+YAML is composed to nodes (not just loaded) so every error can point at the line of the field
+that is wrong. Unknown keys are errors: a misspelt key silently ignored is a setting an
+operator believes is in force and is not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .inventory import VE, validate_ve_id
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    enabled: bool = True
+    interval: float | None = None
+    fstypes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/fsnotifyd"
+    socket: str = "/run/fsnotifyd/fsnotifyd.sock"
+    journal_path: str | None = "/var/lib/fsnotifyd/events.jsonl"
+    journal_max_bytes: int = 64 << 20
+    journal_keep: int = 5
+    stdout: bool = False
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int | None = 9857
+    window_ms: float = 20
+    state_window_ms: float = 1000
+    io_window_ms: float = 100
+    queue_size: int = 65536
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    ves: tuple[VE, ...] = ()
+    file: str = "<default>"
+
+
+_SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev")
+
+
+class _Reader:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def error(self, node: yaml.Node | None, msg: str, fieldname: str | None = None) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return ConfigError(msg, file=self.file, line=line, field=fieldname)
+
+    def mapping(self, node: yaml.Node, path: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"expected a mapping, got {_what(node)}", path or None)
+        out: dict[str, yaml.Node] = {}
+        for knode, vnode in node.value:
+            key = knode.value if isinstance(knode, yaml.ScalarNode) else None
+            name = f"{path}.{key}" if path else str(key)
+            if key not in allowed:
+                raise self.error(knode, f"unknown key; expected one of: {', '.join(allowed)}", name)
+            if key in out:
+                raise self.error(knode, "duplicate key", name)
+            out[key] = vnode
+        return out
+
+    def scalar(self, node: yaml.Node, name: str, kind: type | tuple[type, ...]) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, f"expected a {_kind_name(kind)}, got {_what(node)}", name)
+        value = yaml.safe_load(yaml.serialize(node))
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.error(node, f"expected a {_kind_name(kind)}, got a boolean", name)
+        if not isinstance(value, kind) and not (value is None and kind is type(None)):
+            raise self.error(node, f"expected a {_kind_name(kind)}, got {value!r}", name)
+        return value
+
+    def number(self, node: yaml.Node, name: str, *, minimum: float = 0, integer: bool = False) -> Any:
+        value = self.scalar(node, name, int if integer else (int, float))
+        if value < minimum:
+            raise self.error(node, f"must be at least {minimum}, got {value}", name)
+        return value
+
+    def strings(self, node: yaml.Node, name: str) -> tuple[str, ...]:
+        if isinstance(node, yaml.ScalarNode):
+            return (self.scalar(node, name, str),)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"expected a string or a list of strings, got {_what(node)}", name)
+        return tuple(self.scalar(n, f"{name}[{i}]", str) for i, n in enumerate(node.value))
+
+
+def _what(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a scalar")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if kind == (int, float):
+        return "number"
+    return {str: "string", int: "integer", bool: "boolean (true/false)", float: "number"}.get(kind, str(kind))
+
+
+def parse_config(text: str, file: str = "<string>") -> Config:
+    r = _Reader(file)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=line) from e
+    if root is None:
+        return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
+    top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
+                               "queue_size", "sources", "ves"))
+    kw: dict[str, Any] = {"file": file}
+    if "state_dir" in top:
+        kw["state_dir"] = r.scalar(top["state_dir"], "state_dir", str)
+    if "socket" in top:
+        kw["socket"] = r.scalar(top["socket"], "socket", str)
+    if "stdout" in top:
+        kw["stdout"] = r.scalar(top["stdout"], "stdout", bool)
+    if "queue_size" in top:
+        kw["queue_size"] = r.number(top["queue_size"], "queue_size", minimum=16, integer=True)
+    if "journal" in top:
+        if isinstance(top["journal"], yaml.ScalarNode) and top["journal"].value in ("null", "~", ""):
+            kw["journal_path"] = None
+        else:
+            j = r.mapping(top["journal"], "journal", ("path", "max_bytes", "keep"))
+            if "path" in j:
+                kw["journal_path"] = r.scalar(j["path"], "journal.path", (str, type(None)))
+            if "max_bytes" in j:
+                kw["journal_max_bytes"] = r.number(j["max_bytes"], "journal.max_bytes", minimum=4096, integer=True)
+            if "keep" in j:
+                kw["journal_keep"] = r.number(j["keep"], "journal.keep", minimum=1, integer=True)
+    if "metrics" in top:
+        m = r.mapping(top["metrics"], "metrics", ("address", "port"))
+        if "address" in m:
+            kw["metrics_address"] = r.scalar(m["address"], "metrics.address", str)
+        if "port" in m:
+            port = r.scalar(m["port"], "metrics.port", (int, type(None)))
+            if port is not None and not 0 <= port <= 65535:
+                raise r.error(m["port"], f"must be 0..65535 or null, got {port}", "metrics.port")
+            kw["metrics_port"] = port
+    if "correlator" in top:
+        c = r.mapping(top["correlator"], "correlator", ("window_ms", "state_window_ms", "io_window_ms"))
+        for k, v in c.items():
+            kw[k] = r.number(v, f"correlator.{k}", minimum=0)
+    sources = {s: SourceConfig() for s in _SOURCES}
+    if "sources" in top:
+        for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
+            fields = r.mapping(node, f"sources.{name}", ("enabled", "interval", "fstypes"))
+            sc: dict[str, Any] = {}
+            if "enabled" in fields:
+                sc["enabled"] = r.scalar(fields["enabled"], f"sources.{name}.enabled", bool)
+            if "interval" in fields:
+                sc["interval"] = float(r.number(fields["interval"], f"sources.{name}.interval", minimum=0.01))
+            if "fstypes" in fields:
+                sc["fstypes"] = r.strings(fields["fstypes"], f"sources.{name}.fstypes")
+            sources[name] = SourceConfig(**sc)
+    kw["sources"] = sources
+    if "ves" in top:
+        node = top["ves"]
+        if not isinstance(node, yaml.SequenceNode):
+            raise r.error(node, f"expected a list of VEs, got {_what(node)}", "ves")
+        ves = []
+        seen: set[str] = set()
+        for i, vnode in enumerate(node.value):
+            p = f"ves[{i}]"
+            v = r.mapping(vnode, p, ("id", "mount", "device", "image", "cgroup", "labels"))
+            if "id" not in v:
+                raise r.error(vnode, "missing required key", f"{p}.id")
+            raw_id = r.scalar(v["id"], f"{p}.id", (str, int))
+            try:
+                ve_id = validate_ve_id(str(raw_id))
+            except ConfigError as e:
+                raise r.error(v["id"], str(e), f"{p}.id") from None
+            if ve_id in seen:
+                raise r.error(v["id"], f"duplicate VE id {ve_id!r}", f"{p}.id")
+            seen.add(ve_id)
+            labels: tuple[tuple[str, str], ...] = ()
+            if "labels" in v:
+                lm = r.mapping(v["labels"], f"{p}.labels", tuple(k.value for k, _ in v["labels"].value)
+                               if isinstance(v["labels"], yaml.MappingNode) else ())
+                labels = tuple((k, str(r.scalar(n, f"{p}.labels.{k}", (str, int, float)))) for k, n in lm.items())
+            ves.append(VE(
+                id=ve_id,
+                mounts=tuple(os.path.normpath(m) for m in r.strings(v["mount"], f"{p}.mount")) if "mount" in v else (),
+                devices=r.strings(v["device"], f"{p}.device") if "device" in v else (),
+                images=tuple(os.path.realpath(m) for m in r.strings(v["image"], f"{p}.image")) if "image" in v else (),
+                cgroup=r.scalar(v["cgroup"], f"{p}.cgroup", str) if "cgroup" in v else None,
+                labels=labels,
+            ))
+        kw["ves"] = tuple(ves)
+    return Config(**kw)
+
+
+def default_config_text() -> str:
+    return resources.files("fsnotifyd").joinpath("default_config.yaml").read_text()
+
+
+def load_config(path: str | None) -> Config:
+    if path is None:
+        return parse_config(default_config_text(), "<embedded default>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=path) from e
+    return parse_config(text, path)

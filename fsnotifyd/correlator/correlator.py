@@ -1,0 +1,280 @@
+"""One event per kernel fact: merging the views of kmsg, fanotify, sysfs and the mount table.
+
+How facts are told apart:
+
+* A filesystem error reaches the daemon as a kmsg line (function, line, inode, comm, text) and a
+  fanotify record (errno, inode, a coalesced ``error_count``) within microseconds, and changes
+  the filesystem's sysfs ``errors_count``. Observations for one device are collected in a
+  *group* that closes as soon as every source expected to see the error has (so the common
+  case publishes without waiting), or when a short window ends (a rate-limited kmsg line never
+  comes). A second observation from a source already in the group is a second fact: the group
+  closes and a new one starts.
+* Counts come from the kernel's own counter where there is one: when a group closes, the
+  filesystem's ``errors_count`` is read and the event's ``count`` is its rise since the last
+  value accounted for (kept across restarts by the ledger). The published counts of a
+  filesystem therefore add up to the kernel's ``errors_count`` delta however much kmsg was
+  rate limited or fanotify coalesced. A group that finds nothing new to count (its error was
+  already counted by the previous event) is published only if it brings new details.
+* State kinds (read-only, writable, shut down) merge every report of the same transition on the
+  same mount; a repeat of an already published state is a confirmation, not an event.
+* Block I/O errors are aggregated per device over a short window (first details, count, last
+  time): a failing disk prints a line per request.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..events import DEFAULT_SEVERITY, STATE_KINDS, Device, Event, Kernel, Observation, hostname
+from ..inventory import Inventory, Placement
+from ..typing import ErrorCounters, StateStore
+
+Publish = Callable[[Event], None]
+Expected = Callable[[str, Placement | None], frozenset[str]]
+
+GROUPED = frozenset({"fs.error", "fs.warning", "blk.io_error"}) | STATE_KINDS
+
+
+def _no_expectation(kind: str, placement: Placement | None) -> frozenset[str]:
+    return frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelatorSettings:
+    window: float = 0.02  # fs.error / fs.warning: wait this long for the other sources
+    state_window: float = 1.0  # read-only and shutdown: the mount table is polled
+    io_window: float = 0.1  # blk.io_error aggregation
+
+
+@dataclass
+class _Group:
+    kind: str
+    key: str
+    first: Observation
+    placement: Placement | None
+    deadline: float
+    sources: list[str] = field(default_factory=list)
+    kernel: Kernel = field(default_factory=Kernel)
+    fanotify_count: int = 0
+    lines: int = 0  # observations from event sources (not counter reports)
+    last_time: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    counter_report: Observation | None = None
+
+    def add(self, obs: Observation) -> None:
+        if obs.source not in self.sources:
+            self.sources.append(obs.source)
+        if obs.errors_total is not None and obs.source == "sysfs":
+            self.counter_report = obs
+            return
+        self.lines += obs.count if self.kind == "blk.io_error" else 1
+        self.kernel = self.kernel.merged(obs.kernel)
+        if obs.source == "fanotify":
+            self.fanotify_count += max(obs.count, 1)
+        self.last_time = max(self.last_time, obs.time)
+        for k, v in obs.details.items():
+            self.details.setdefault(k, v)
+
+    def event_sources(self) -> set[str]:
+        return {s for s in self.sources if not (s == "sysfs" and self.counter_report is not None)}
+
+
+@dataclass
+class CorrelatorStats:
+    published: int = 0
+    merged: int = 0
+    already_counted: int = 0
+    duplicate_state: int = 0
+
+
+class Correlator:
+    def __init__(
+        self,
+        *,
+        inventory: Inventory,
+        publish: Publish,
+        counters: ErrorCounters | None = None,
+        ledger: StateStore | None = None,
+        expected: Expected = _no_expectation,
+        settings: CorrelatorSettings = CorrelatorSettings(),
+        host: str | None = None,
+        clock: Callable[[], float] = _time.monotonic,
+    ) -> None:
+        self.inventory = inventory
+        self.publish = publish
+        self.counters = counters
+        self.ledger = ledger
+        self.expected = expected
+        self.settings = settings
+        self.host = host or hostname()
+        self.clock = clock
+        self.stats = CorrelatorStats()
+        self._groups: dict[tuple[str, str], _Group] = {}
+        # device key -> (kind, mount_id) of the last published state event
+        self._state: dict[str, tuple[str, int | None]] = {}
+        # device key -> (function, line) of the last published fs.error, to tell new details
+        self._last_error: dict[str, tuple[str | None, int | None]] = {}
+
+    # -- input -------------------------------------------------------------------------------
+    def observe(self, obs: Observation) -> None:
+        if obs.kind not in GROUPED:
+            placement = self.inventory.place(obs.device, obs.mount)
+            self._emit(obs.kind, obs, placement, list(dict.fromkeys([obs.source])), obs.kernel,
+                       count=obs.count, details=dict(obs.details))
+            return
+        placement = self.inventory.place(obs.device, obs.mount)
+        key = self._device_key(obs, placement)
+        gkey = (obs.kind, key)
+        now = self.clock()
+        group = self._groups.get(gkey)
+        if group is not None and self._is_new_fact(group, obs):
+            self._close(gkey)
+            group = None
+        if group is None:
+            group = _Group(obs.kind, key, obs, placement, now + self._window(obs.kind))
+            self._groups[gkey] = group
+        else:
+            self.stats.merged += 1
+        group.add(obs)
+        expected = self.expected(obs.kind, placement)
+        if expected and expected <= group.event_sources():
+            self._close(gkey)
+
+    def expire(self) -> None:
+        now = self.clock()
+        for gkey in [k for k, g in self._groups.items() if g.deadline <= now]:
+            self._close(gkey)
+
+    def next_deadline(self) -> float | None:
+        return min((g.deadline for g in self._groups.values()), default=None)
+
+    def flush(self) -> None:
+        """Close every open group (shutdown, end of a replay)."""
+        for gkey in list(self._groups):
+            self._close(gkey)
+
+    # -- grouping ----------------------------------------------------------------------------
+    def _window(self, kind: str) -> float:
+        if kind in STATE_KINDS:
+            return self.settings.state_window
+        if kind == "blk.io_error":
+            return self.settings.io_window
+        return self.settings.window
+
+    @staticmethod
+    def _device_key(obs: Observation, placement: Placement | None) -> str:
+        dev = placement.device if placement else obs.device
+        if dev is not None and dev.name:
+            return dev.name
+        if dev is not None and dev.devnum:
+            return "%d:%d" % dev.devnum
+        return "fsid:%s" % obs.details.get("fsid", "?")
+
+    def _is_new_fact(self, group: _Group, obs: Observation) -> bool:
+        if obs.kind in STATE_KINDS or obs.kind == "blk.io_error":
+            return False  # reports of one transition / one failing request stream merge
+        if obs.source == "sysfs" and obs.errors_total is not None:
+            return False  # a counter report never starts a fact of its own inside a group
+        return obs.source in group.sources
+
+    # -- output ------------------------------------------------------------------------------
+    def _close(self, gkey: tuple[str, str]) -> None:
+        group = self._groups.pop(gkey, None)
+        if group is None:
+            return
+        if group.kind in ("fs.error",):
+            self._close_error(group)
+        elif group.kind in STATE_KINDS:
+            self._close_state(group)
+        else:
+            self._emit(group.kind, group.first, group.placement, group.sources, group.kernel,
+                       count=max(group.lines, 1), last_time=group.last_time, details=group.details)
+
+    def _close_error(self, group: _Group) -> None:
+        sources = [s for s in group.sources if s != "sysfs"]
+        kernel = group.kernel
+        details = dict(group.details)
+        counter = None
+        dev = group.placement.device if group.placement else group.first.device
+        if self.counters is not None and dev is not None and dev.name:
+            counter = self.counters.read(dev.name)
+        if counter is None and group.counter_report is not None:
+            # The filesystem went away between the report and now: trust the report.
+            r = group.counter_report
+            counter_total, fs_key, last = r.errors_total, r.fs_key, r.kernel
+        elif counter is not None:
+            counter_total, fs_key, last = counter.errors_total, counter.fs_key, counter.last_error
+        else:
+            counter_total = None
+        if counter_total is None or fs_key is None:
+            count = max(group.fanotify_count, 1 if group.lines else 0)
+            if count == 0:
+                return
+        else:
+            base = self.ledger.get(fs_key) if self.ledger is not None else None
+            if base is None or counter_total < base:
+                # First sight of this filesystem, or its counter was reset (e2fsck): all that
+                # it records now is unreported.
+                base = 0
+            count = counter_total - base
+            if self.ledger is not None:
+                self.ledger.set(fs_key, counter_total)
+            details["errors_total"] = counter_total
+            if count > 0:
+                sources.append("sysfs")
+                if not group.lines:
+                    details["recorded"] = True  # seen only in the superblock's error record
+                if kernel.function is None or (kernel.function, kernel.line) == (last.function, last.line):
+                    kernel = kernel.merged(last)
+            else:
+                if not group.lines:
+                    return  # a periodic counter report with nothing new
+                if (kernel.function, kernel.line) == self._last_error.get(group.key) or kernel.function is None:
+                    self.stats.already_counted += 1
+                    return
+                details["already_counted"] = True
+        if group.counter_report is not None and "first_error" in group.counter_report.details:
+            details.setdefault("first_error", group.counter_report.details["first_error"])
+        self._last_error[group.key] = (kernel.function, kernel.line)
+        first_time = group.first.time if group.lines else (group.counter_report or group.first).time
+        self._emit("fs.error", group.first, group.placement, sources or ["sysfs"], kernel,
+                   count=count, last_time=max(group.last_time, first_time), details=details)
+
+    def _close_state(self, group: _Group) -> None:
+        mount_id = group.placement.mount_id if group.placement else None
+        prior = self._state.get(group.key)
+        if prior == (group.kind, mount_id) or (
+            prior is not None and prior[0] == group.kind and mount_id is None
+        ):
+            self.stats.duplicate_state += 1
+            return
+        if group.kind == "fs.writable" and prior is None:
+            return  # nothing was reported read-only on this mount, so nothing recovered
+        self._state[group.key] = (group.kind, mount_id)
+        self._emit(group.kind, group.first, group.placement, group.sources, group.kernel,
+                   count=1, last_time=group.last_time, details=group.details)
+
+    def _emit(self, kind: str, first: Observation, placement: Placement | None,
+              sources: Iterable[str], kernel: Kernel, *, count: int,
+              last_time: float | None = None, details: dict[str, Any] | None = None) -> None:
+        device: Device | None = placement.device if placement else first.device
+        event = Event(
+            kind=kind,
+            time=first.time,
+            host=self.host,
+            severity=first.severity or DEFAULT_SEVERITY.get(kind, "info"),
+            device=device,
+            fs=(placement.fs if placement and placement.fs else None) or first.fs,
+            mount=(placement.mount if placement and placement.mount else None) or first.mount,
+            ve=placement.ve if placement else None,
+            kernel=kernel,
+            sources=tuple(sources),
+            count=count,
+            first_time=first.time if last_time is not None else None,
+            last_time=last_time,
+            details=details or {},
+        )
+        self.stats.published += 1
+        self.publish(event)

@@ -1,0 +1,192 @@
+"""Who owns what: block device ↔ mount ↔ loop backing file ↔ VE, kept current.
+
+The correlator asks it to complete an observation (a kmsg line names only ``loop3``; a fanotify
+record only an fsid) and to attribute it to a VE. It remembers the last place it saw a device so
+an event that arrives after its filesystem was unmounted or its loop detached is still
+attributed (a vanished device must not lose the event).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+from .errors import ConfigError
+from .events import Device
+from .mountinfo import MountEntry, read_mountinfo
+
+_VE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def validate_ve_id(ve_id: object) -> str:
+    """A VE id becomes part of paths and metric labels: no separators, no ``..``."""
+    if not isinstance(ve_id, str) or not _VE_ID.match(ve_id) or ".." in ve_id:
+        raise ConfigError(
+            f"invalid VE id {ve_id!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -, "
+            "starting with a letter or digit, without '..'",
+            field="id",
+        )
+    return ve_id
+
+
+@dataclass(frozen=True, slots=True)
+class VE:
+    id: str
+    mounts: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()  # kernel names ("loop3") or "major:minor"
+    images: tuple[str, ...] = ()  # loop backing files
+    cgroup: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_ve_id(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Everything known about where a device is, at one instant."""
+
+    device: Device
+    fs: str | None = None
+    mount: str | None = None
+    mount_id: int | None = None
+    readonly: bool | None = None
+    emergency_ro: bool = False
+    backing_file: str | None = None
+    ve: str | None = None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+@dataclass
+class SysBlock:
+    """Reads block device facts from sysfs; a separate object so tests can point it elsewhere."""
+
+    root: str = "/sys"
+
+    def devnum(self, name: str) -> tuple[int, int] | None:
+        raw = _read(f"{self.root}/class/block/{name}/dev")
+        if not raw:
+            return None
+        major, _, minor = raw.partition(":")
+        try:
+            return int(major), int(minor)
+        except ValueError:
+            return None
+
+    def name(self, major: int, minor: int) -> str | None:
+        try:
+            return os.path.basename(os.readlink(f"{self.root}/dev/block/{major}:{minor}"))
+        except OSError:
+            return None
+
+    def backing_file(self, name: str) -> str | None:
+        if not name.startswith("loop"):
+            return None
+        return _read(f"{self.root}/block/{name}/loop/backing_file") or None
+
+
+@dataclass
+class Inventory:
+    ves: list[VE] = field(default_factory=list)
+    mountinfo: Callable[[], Iterable[MountEntry]] = read_mountinfo
+    sys: SysBlock = field(default_factory=SysBlock)
+    _by_devnum: dict[tuple[int, int], Placement] = field(default_factory=dict, init=False)
+    _by_name: dict[str, Placement] = field(default_factory=dict, init=False)
+    _last_seen: dict[str, Placement] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for ve in self.ves:
+            if ve.id in seen:
+                raise ConfigError(f"duplicate VE id {ve.id!r}", field="id")
+            seen.add(ve.id)
+        self.refresh()
+
+    # -- maintenance -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rebuild the device → mount map from the mount table (call on every table change)."""
+        by_devnum: dict[tuple[int, int], Placement] = {}
+        for entry in self.mountinfo():
+            if entry.major == 0:  # no block device behind it (tmpfs, proc, fuse, overlay, ...)
+                continue
+            if entry.devnum in by_devnum and entry.root != "/":
+                continue  # keep the mount of the filesystem's root over bind mounts of a subdir
+            name = self.sys.name(entry.major, entry.minor) or os.path.basename(entry.source)
+            dev = Device(entry.major, entry.minor, name)
+            backing = self.sys.backing_file(name)
+            placement = Placement(
+                device=dev,
+                fs=entry.fstype,
+                mount=entry.mountpoint,
+                mount_id=entry.mount_id,
+                readonly=entry.readonly,
+                emergency_ro=entry.emergency_ro,
+                backing_file=backing,
+            )
+            prior = by_devnum.get(entry.devnum)
+            if prior is None or (prior.mount and prior.mount != "/" and entry.root == "/"):
+                by_devnum[entry.devnum] = placement
+        self._by_devnum = {k: self._with_ve(p) for k, p in by_devnum.items()}
+        self._by_name = {p.device.name: p for p in self._by_devnum.values() if p.device.name}
+        self._last_seen.update(self._by_name)
+
+    def mounts(self) -> list[Placement]:
+        return list(self._by_devnum.values())
+
+    # -- queries -----------------------------------------------------------------------------
+    def place(self, device: Device | None, mount: str | None = None) -> Placement | None:
+        """Complete a partial device into a placement with mount, fs and VE (None if unknown)."""
+        if device is None and mount is None:
+            return None
+        p: Placement | None = None
+        if device is not None:
+            if device.devnum is not None:
+                p = self._by_devnum.get(device.devnum)
+            if p is None and device.name:
+                p = self._by_name.get(device.name)
+        if p is None and mount is not None:
+            p = next((q for q in self._by_devnum.values() if q.mount == mount), None)
+        if p is not None:
+            return p
+        # Not mounted now: a device that exists but holds no mounted fs (a refused mount, a
+        # detached loop, a vanished device). Fill what sysfs knows, else what we saw last.
+        name = device.name if device else None
+        devnum = device.devnum if device else None
+        if name and devnum is None:
+            devnum = self.sys.devnum(name)
+        if devnum and not name:
+            name = self.sys.name(*devnum)
+        if name and name in self._last_seen:
+            last = self._last_seen[name]
+            if devnum is None or last.device.devnum == devnum:
+                return last
+        if name is None and devnum is None:
+            return None
+        dev = Device(devnum[0] if devnum else None, devnum[1] if devnum else None, name)
+        backing = self.sys.backing_file(name) if name else None
+        return self._with_ve(Placement(device=dev, mount=mount, backing_file=backing))
+
+    def ve_for(self, placement: Placement) -> str | None:
+        dev = placement.device
+        keys = {dev.name, f"{dev.major}:{dev.minor}"} - {None, "None:None"}
+        for ve in self.ves:
+            if placement.mount and placement.mount in ve.mounts:
+                return ve.id
+            if keys & set(ve.devices):
+                return ve.id
+            if placement.backing_file and placement.backing_file in ve.images:
+                return ve.id
+        return None
+
+    def _with_ve(self, p: Placement) -> Placement:
+        ve = self.ve_for(p)
+        return p if ve == p.ve else replace(p, ve=ve)

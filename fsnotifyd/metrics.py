@@ -1,0 +1,38 @@
+"""Every metric fsnotifyd exports, in one registry owned by the daemon (no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "fsnotifyd_events_total", "Published events", ["kind", "source", "ve"], registry=r
+        )
+        self.kernel_errors = Counter(
+            "fsnotifyd_kernel_errors_total",
+            "Kernel filesystem errors accounted for (sum of fs.error counts)",
+            ["device", "ve"],
+            registry=r,
+        )
+        self.observations = Counter(
+            "fsnotifyd_observations_total", "Raw observations received from sources", ["source"], registry=r
+        )
+        self.source_up = Gauge("fsnotifyd_source_up", "1 when the source is running", ["source"], registry=r)
+        self.lost = Counter(
+            "fsnotifyd_events_lost_total", "Kernel records or observations lost", ["source", "reason"], registry=r
+        )
+        self.merged = Counter(
+            "fsnotifyd_correlator_merged_total",
+            "Observations folded into an event that another source already started",
+            registry=r,
+        )
+        self.latency = Histogram(
+            "fsnotifyd_event_latency_seconds",
+            "From the first observation of a fact to its publication",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2, 5),
+            registry=r,
+        )

@@ -1,0 +1,1 @@
+"""Where events go: the journal, stdout, the unix socket, metrics."""

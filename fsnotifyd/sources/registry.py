@@ -1,0 +1,54 @@
+"""Name → factory for every source; the name is also the config key under ``sources:``.
+
+Factories import their module lazily, so a source whose library is missing (pyudev) degrades
+alone instead of breaking the import of every other source.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config import SourceConfig
+from ..inventory import Inventory
+from ..typing import Source
+
+Factory = Callable[[SourceConfig, Inventory], Source]
+
+
+def _kmsg(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .kmsg import KmsgSource
+
+    return KmsgSource()
+
+
+def _fanotify(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .fanotify import FanotifySource
+
+    return FanotifySource(fstypes=cfg.fstypes or ("ext4",))
+
+
+def _sysfs(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .sysfs import SysfsSource
+
+    return SysfsSource(interval=cfg.interval or 1.0)
+
+
+def _mountinfo(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .mounts import MountsSource
+
+    return MountsSource(inventory=inv, interval=cfg.interval or 0.5)
+
+
+def _udev(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .udev import UdevSource
+
+    return UdevSource()
+
+
+REGISTRY: dict[str, Factory] = {
+    "kmsg": _kmsg,
+    "fanotify": _fanotify,
+    "sysfs": _sysfs,
+    "mountinfo": _mountinfo,
+    "udev": _udev,
+}
