@@ -1,0 +1,49 @@
+"""Config loading: defaults, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsnotifyd.config import load_config, parse_config
+from fsnotifyd.errors import ConfigError
+
+
+class TestDefaults:
+    def test_embedded_default_loads(self):
+        """The embedded default config is valid and enables every source."""
+        cfg = load_config(None)
+        assert set(cfg.sources) == {"kmsg", "fanotify", "sysfs", "mountinfo", "udev"}
+        assert all(s.enabled for s in cfg.sources.values())
+        assert cfg.metrics_address == "127.0.0.1"
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        "text, line, field, words",
+        [
+            ("socket: /x\nsoket: /y\n", 2, "soket", "unknown key"),
+            ("metrics:\n  port: eighty\n", 2, "metrics.port", "expected"),
+            ("ves:\n  - id: 101\n    mount: /a\n  - id: ../etc\n", 4, "ves[1].id", "invalid VE id"),
+            ("ves:\n  - id: a\n  - id: a\n", 3, "ves[1].id", "duplicate"),
+            ("ves:\n  - mount: /a\n", 2, "ves[0].id", "missing"),
+            ("sources:\n  kmsg: {enabled: maybe}\n", 2, "sources.kmsg.enabled", "boolean"),
+            ("correlator:\n  window_ms: -1\n", 2, "correlator.window_ms", "at least"),
+            ("a: [\n", 2, None, "not valid YAML"),
+        ],
+    )
+    def test_error_names_line_and_field(self, text, line, field, words):
+        """Each mistake is reported with its line and dotted field path."""
+        with pytest.raises(ConfigError) as ei:
+            parse_config(text, "c.yaml")
+        e = ei.value
+        assert (e.file, e.line, e.field) == ("c.yaml", line, field)
+        assert words in str(e) and str(e).startswith(f"c.yaml:{line}:")
+
+    def test_ves_parsed(self, tmp_path):
+        """VEs carry mounts, devices, images (resolved) and labels."""
+        img = tmp_path / "101.img"
+        img.touch()
+        cfg = parse_config(f"ves:\n  - id: 101\n    mount: /vz/root/101/\n    image: {img}\n    labels: {{tier: gold}}\n")
+        [ve] = cfg.ves
+        assert ve.id == "101" and ve.mounts == ("/vz/root/101",) and ve.images == (str(img),)
+        assert ve.labels == (("tier", "gold"),)
