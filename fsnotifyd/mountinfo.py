@@ -125,12 +125,14 @@ class MountTableWatch:
         return self._ep.fileno()
 
     def consume(self) -> bool:
-        """Acknowledge a change (re-read the file so the kernel re-arms the event)."""
-        changed = bool(self._ep.poll(0))
-        if changed:
-            self._file.seek(0)
-            self._file.read()
-        return changed
+        """Acknowledge a change signalled by readability of :meth:`fileno`.
+
+        The kernel's mountinfo poll hands out each change once: the outer poll that reported
+        readability has already taken it, so the inner epoll usually shows nothing by now.
+        Returns True: the caller was woken because the table changed.
+        """
+        self._ep.poll(0)
+        return True
 
     def close(self) -> None:
         self._ep.close()

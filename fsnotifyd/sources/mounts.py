@@ -70,22 +70,20 @@ class MountsSource:
         except OSError as e:
             raise SourceUnavailable(f"cannot open {self.path}: {e.strerror}") from e
         loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
 
         def on_change() -> None:
-            if watch.consume():
-                changed.set()
+            # Re-read in the reader callback itself, not in a task woken by it: the correlator
+            # then never places an observation of the same loop iteration on a stale table.
+            watch.consume()
+            self.check(send)
 
         try:
             self.check(send, initial=True)
             loop.add_reader(watch.fileno(), on_change)
             ready()
             while True:
-                try:
-                    await asyncio.wait_for(changed.wait(), self.interval)
-                except TimeoutError:
-                    pass
-                changed.clear()
+                # ext4's emergency_ro changes no mount table event, so poll as well.
+                await asyncio.sleep(self.interval)
                 self.check(send)
         finally:
             loop.remove_reader(watch.fileno())
