@@ -180,12 +180,13 @@ class RunningDaemon:
         if self.events_out:
             argv += ["--events-out", str(self.events_out)]
         self.stderr = open(self.workdir / "daemon.log", "ab")
+        offset = self.stderr.tell()  # a restart appends: look for readiness after this point
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-2000:]}")
-            if b"daemon.ready" in (self.workdir / "daemon.log").read_bytes():
+            if b"daemon.ready" in (self.workdir / "daemon.log").read_bytes()[offset:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"daemon not ready after {timeout}s: {self.log()[-2000:]}")
