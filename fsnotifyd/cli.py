@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import signal
 import sys
@@ -42,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     cfg = _config(args)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: a hung daemon explains itself.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -221,6 +221,11 @@ class RunningDaemon:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                import signal as _signal
+                import time as _time
+
+                self.proc.send_signal(_signal.SIGUSR1)  # stack dump into daemon.log
+                _time.sleep(0.5)
                 self.proc.kill()  # our own child, by pid
                 self.proc.wait()
         self.stderr.close()

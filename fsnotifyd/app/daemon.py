@@ -48,7 +48,8 @@ class Bus:
     """The bounded queue between sources and the correlator; overflow is counted, not hidden."""
 
     def __init__(self, size: int, metrics: Metrics, statuses: dict[str, SourceStatus]) -> None:
-        self.queue: asyncio.Queue[Observation] = asyncio.Queue(maxsize=size)
+        # None is a wake-up at shutdown, not an observation.
+        self.queue: asyncio.Queue[Observation | None] = asyncio.Queue(maxsize=size)
         self.metrics = metrics
         self.statuses = statuses
         self.dropped = 0
@@ -82,6 +83,7 @@ class Daemon:
     statuses: dict[str, SourceStatus] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    _closing: bool = False
 
     # -- steps -------------------------------------------------------------------------------
     def open_state(self) -> None:
@@ -235,14 +237,29 @@ class Daemon:
         q, corr = self.bus.queue, self.correlator
         reported_drops = 0
         last_flush = time.monotonic()
-        while True:
+        # kmsg readers are woken up to a tick after the record is stored; when a group waits
+        # for a kmsg line, reading now usually finds it already there.
+        read_kmsg = getattr(self.sources.get("kmsg"), "read_now", None)
+
+        def drain() -> None:
+            while not q.empty():
+                item = q.get_nowait()
+                if item is not None:
+                    corr.observe(item)
+
+        # Ends on the _closing flag, not on cancellation: Python 3.11's wait_for can swallow a
+        # cancel that lands as the queue hands over an item, which under a storm it always is.
+        while not self._closing:
             deadline = corr.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, deadline - corr.clock())
             try:
                 obs = await asyncio.wait_for(q.get(), min(timeout, 1.0))
-                corr.observe(obs)
-                while not q.empty():
-                    corr.observe(q.get_nowait())
+                if obs is not None:
+                    corr.observe(obs)
+                drain()
+                if read_kmsg is not None and "kmsg" in corr.waiting_for():
+                    read_kmsg()
+                    drain()
             except TimeoutError:
                 pass
             corr.expire()
@@ -287,11 +304,15 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         # Observations already queued are facts the kernel reported: publish them before exit.
-        correlating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        self._closing = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.bus.queue.put_nowait(None)  # wake the correlator up
+        with contextlib.suppress(Exception):
             await correlating
         while not self.bus.queue.empty():
-            self.correlator.observe(self.bus.queue.get_nowait())
+            item = self.bus.queue.get_nowait()
+            if item is not None:
+                self.correlator.observe(item)
         self.correlator.flush()
         self.ledger.flush()
         for sink in self.sinks:

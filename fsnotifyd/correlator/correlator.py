@@ -17,6 +17,8 @@ How facts are told apart:
   already counted by the previous event) is published only if it brings new details.
 * State kinds (read-only, writable, shut down) merge every report of the same transition on the
   same mount; a repeat of an already published state is a confirmation, not an event.
+* A source that was expected but missed a group (kmsg throttled by ext4's rate limit) is not
+  waited for on that device for a while, so a throttled source delays one event, not all.
 * Block I/O errors are aggregated per device over a short window (first details, count, last
   time): a failing disk prints a line per request.
 """
@@ -46,6 +48,11 @@ class CorrelatorSettings:
     window: float = 0.02  # fs.error / fs.warning: wait this long for the other sources
     state_window: float = 1.0  # read-only and shutdown: the mount table is polled
     io_window: float = 0.1  # blk.io_error aggregation
+    # A source that missed a fact on a device (kmsg under ext4's rate limit, 10 lines per 5 s
+    # by default) is not waited for on that device for this long, so throttling costs one
+    # window of latency, not one per error.
+    miss_cooldown: float = 5.0
+    recheck: float = 0.002
 
 
 @dataclass
@@ -62,6 +69,8 @@ class _Group:
     last_time: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     counter_report: Observation | None = None
+    waiting_for: frozenset[str] = frozenset()
+    rechecked: bool = False
 
     def add(self, obs: Observation) -> None:
         if obs.source not in self.sources:
@@ -79,6 +88,37 @@ class _Group:
 
     def event_sources(self) -> set[str]:
         return {s for s in self.sources if not (s == "sysfs" and self.counter_report is not None)}
+
+
+@dataclass
+class _RateLimit:
+    """A model of ext4's per-filesystem kmsg rate limit for errors (``___ratelimit``).
+
+    The kernel prints at most ``burst`` error lines per ``interval`` starting at the first line
+    after the previous interval ended; the rest are only counted. Mirroring it lets the
+    correlator stop waiting for kmsg lines that will not come, without a missed window first.
+    Our interval is cut short by a margin: near the boundary it is cheaper to wait one window
+    for a line that does not come than to publish before a line that does.
+    """
+
+    burst: int = 10
+    interval: float = 5.0
+    begin: float | None = None
+    printed: int = 0
+    margin: float = 0.05
+
+    def line(self, now: float) -> None:
+        if self.begin is None or now > self.begin + self.interval - self.margin:
+            self.begin, self.printed = now, 0
+        self.printed += 1
+
+    def throttled(self, now: float) -> bool:
+        return (
+            self.interval > 0
+            and self.begin is not None
+            and now <= self.begin + self.interval - self.margin
+            and self.printed >= self.burst
+        )
 
 
 @dataclass
@@ -116,6 +156,10 @@ class Correlator:
         self._state: dict[str, tuple[str, int | None]] = {}
         # device key -> (function, line) of the last published fs.error, to tell new details
         self._last_error: dict[str, tuple[str | None, int | None]] = {}
+        # (device key, source) -> until when that source is not waited for on that device
+        self._missing: dict[tuple[str, str], float] = {}
+        self._ratelimits: dict[str, _RateLimit] = {}
+        self._held: list[_Group] = []  # closed groups waiting to re-read the counter
 
     # -- input -------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> None:
@@ -138,22 +182,66 @@ class Correlator:
         else:
             self.stats.merged += 1
         group.add(obs)
-        expected = self.expected(obs.kind, placement)
-        if expected and expected <= group.event_sources():
+        self._missing.pop((key, obs.source), None)
+        if obs.source == "kmsg" and obs.kind == "fs.error":
+            self._ratelimit(key).line(now)
+        expected = self._expected(obs.kind, key, placement, now)
+        group.waiting_for = expected - group.event_sources()
+        if expected and not group.waiting_for:
             self._close(gkey)
+
+    def waiting_for(self) -> set[str]:
+        """Sources that open groups still wait for (the daemon may ask them to read now)."""
+        out: set[str] = set()
+        for g in self._groups.values():
+            out |= g.waiting_for
+        return out
+
+    def _expected(self, kind: str, key: str, placement: Placement | None, now: float) -> frozenset[str]:
+        expected = self.expected(kind, placement)
+        if kind == "fs.error" and "kmsg" in expected:
+            rl = self._ratelimits.get(key)
+            if rl is not None and rl.throttled(now):
+                expected = expected - {"kmsg"}
+        if self._missing:
+            expected = frozenset(s for s in expected if self._missing.get((key, s), 0.0) <= now)
+        return expected
+
+    def _ratelimit(self, key: str) -> _RateLimit:
+        rl = self._ratelimits.get(key)
+        if rl is None:
+            if len(self._ratelimits) > 4096:
+                self._ratelimits.clear()
+            limits = getattr(self.counters, "ratelimit", lambda name: None)(key)
+            rl = self._ratelimits[key] = _RateLimit(*limits) if limits else _RateLimit()
+        return rl
 
     def expire(self) -> None:
         now = self.clock()
         for gkey in [k for k, g in self._groups.items() if g.deadline <= now]:
+            group = self._groups[gkey]
+            for source in self._expected(group.kind, group.key, group.placement, now) - group.event_sources():
+                self._missing[(group.key, source)] = now + self.settings.miss_cooldown
             self._close(gkey)
+        if self._held:
+            due = [g for g in self._held if g.deadline <= now]
+            self._held = [g for g in self._held if g.deadline > now]
+            for g in due:
+                self._close_error(g)
+        if len(self._missing) > 4096:
+            self._missing = {k: v for k, v in self._missing.items() if v > now}
 
     def next_deadline(self) -> float | None:
-        return min((g.deadline for g in self._groups.values()), default=None)
+        return min((g.deadline for g in [*self._groups.values(), *self._held]), default=None)
 
     def flush(self) -> None:
         """Close every open group (shutdown, end of a replay)."""
         for gkey in list(self._groups):
             self._close(gkey)
+        held, self._held = self._held, []
+        for g in held:
+            g.rechecked = True
+            self._close_error(g)
 
     # -- grouping ----------------------------------------------------------------------------
     def _window(self, kind: str) -> float:
@@ -231,6 +319,15 @@ class Correlator:
             else:
                 if not group.lines:
                     return  # a periodic counter report with nothing new
+                if not group.rechecked:
+                    # fanotify is notified before ext4 increments errors_count (both in
+                    # __ext4_error, the counter last): on another CPU the error may not be
+                    # counted yet. Look again shortly before calling it already counted.
+                    group.rechecked = True
+                    group.deadline = self.clock() + self.settings.recheck
+                    group.waiting_for = frozenset()
+                    self._held.append(group)
+                    return
                 if (kernel.function, kernel.line) == self._last_error.get(group.key) or kernel.function is None:
                     self.stats.already_counted += 1
                     return

@@ -134,6 +134,15 @@ class Ext4Counters:
         )
         return ErrorCounter(key, total, last, float(ts) if ts else None)
 
+    def ratelimit(self, device_name: str) -> tuple[int, float] | None:
+        """ext4's kmsg rate limit for errors on this filesystem: (burst, interval seconds)."""
+        base = f"{self.root}/{device_name}"
+        burst = _int(_read(f"{base}/err_ratelimit_burst"))
+        interval_ms = _int(_read(f"{base}/err_ratelimit_interval_ms"))
+        if burst is None or interval_ms is None:
+            return None
+        return burst, interval_ms / 1000
+
     def first_error(self, device_name: str) -> dict[str, object]:
         base = f"{self.root}/{device_name}"
         return {

@@ -99,6 +99,8 @@ class TestMerging:
         counters.total["loop3"] = 2
         corr.observe(kmsg_error(fn="ext4_lookup", line=2))
         clock.advance(1)
+        corr.expire()  # nothing new on the counter: held to look again
+        clock.advance(0.01)
         corr.expire()
         assert [e.kernel.line for e in sink.events] == [1, 2]
         # The first group closes when the second line arrives, so its counter read already
@@ -108,6 +110,23 @@ class TestMerging:
 
 
 class TestCounting:
+    def test_counter_lagging_the_notification_is_looked_at_again(self, world):
+        """fanotify fires before ext4 bumps errors_count: a zero delta is re-read, not dropped."""
+        corr, sink, counters, clock, _ = world
+        counters.total["loop3"] = 3
+        corr.observe(kmsg_error())
+        corr.observe(fan_error())
+        assert [e.count for e in sink.events] == [3]
+        corr.observe(fan_error())  # the next error, notified before its counter moved
+        corr.observe(kmsg_error(line=130))
+        assert len(sink.events) == 1
+        counters.total["loop3"] = 4
+        clock.advance(0.003)
+        corr.expire()
+        assert [e.count for e in sink.events] == [3, 1]
+        assert "already_counted" not in sink.events[1].details
+
+
     def test_storm_counts_add_up_to_the_kernel_counter(self, world):
         """However the views coalesce, published counts sum to the errors_count delta."""
         corr, sink, counters, clock, ledger = world
@@ -212,3 +231,40 @@ class TestPassThrough:
         corr.observe(Observation("kmsg", "fs.mount_failed", 1.0, Device(name="loop3")))
         [ev] = sink.events
         assert ev.ve == "101" and ev.device == Device(7, 3, "loop3")
+
+
+class TestThrottledSources:
+    def test_missing_source_is_not_waited_for_after_a_miss(self, world):
+        """After kmsg misses one error (rate limit), the next fanotify view publishes at once."""
+        corr, sink, counters, clock, _ = world
+        counters.total["loop3"] = 1
+        corr.observe(fan_error())
+        clock.advance(0.021)
+        corr.expire()
+        assert len(sink.events) == 1
+        counters.total["loop3"] = 2
+        corr.observe(fan_error())
+        assert len(sink.events) == 2  # no window wait
+        clock.advance(6)  # the cooldown ends: kmsg is expected again
+        counters.total["loop3"] = 3
+        corr.observe(fan_error())
+        assert len(sink.events) == 2
+        corr.observe(kmsg_error())
+        assert len(sink.events) == 3 and sink.events[-1].sources == ("fanotify", "kmsg", "sysfs")
+
+    def test_rate_limit_model_stops_waiting_after_the_burst(self, world):
+        """After ext4's burst of 10 kmsg lines, fanotify views publish without waiting."""
+        corr, sink, counters, clock, _ = world
+        for i in range(10):
+            counters.total["loop3"] += 1
+            corr.observe(kmsg_error())
+            corr.observe(fan_error())
+            clock.advance(0.01)
+        assert len(sink.events) == 10
+        counters.total["loop3"] += 1
+        corr.observe(fan_error())
+        assert len(sink.events) == 11 and sink.events[-1].sources == ("fanotify", "sysfs")
+        clock.advance(5)
+        counters.total["loop3"] += 1
+        corr.observe(fan_error())
+        assert len(sink.events) == 11  # a new interval: kmsg will print again, wait for it
