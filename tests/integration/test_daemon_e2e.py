@@ -126,3 +126,45 @@ def test_loop_attach_detach_gives_dev_events(daemon, workdir):
     kinds = [e["kind"] for e in evs]
     assert len(evs) >= 2 and set(kinds) <= {"dev.add", "dev.change", "dev.remove"}, evs
     assert all(e["sources"] == ["udev"] for e in evs)
+
+
+from .test_fanotify_live import _listdir, _stat_far, _write_fsync  # noqa: E402
+
+
+@pytest.mark.parametrize("code,access,want", [
+    pytest.param(5, _stat_far, errno.EIO, id="5-itable-read-eio"),
+    pytest.param(6, _stat_far, errno.EBADMSG, id="6-inode-checksum"),
+    pytest.param(8, _listdir, errno.EBADMSG, id="8-dirblock-checksum"),
+    pytest.param(2, _write_fsync, errno.EUCLEAN, id="2-block-bitmap"),
+])
+def test_simulate_fail_gives_the_right_errno(daemon, workdir, code, access, want):
+    """ext4's one-shot fault injection: one fs.error per code with the kernel's errno."""
+    with loop_ext4(64, workdir=Path(tempfile.mkdtemp(dir=workdir))) as fs:
+        if not (fs.sysfs / "simulate_fail").exists():
+            from tests.conftest import kernel_missing
+
+            kernel_missing("ext4 simulate_fail needs CONFIG_EXT4_DEBUG")
+        mnt = fs.mountpoint
+        (mnt / "d").mkdir()
+        for i in range(200):
+            (mnt / "d" / f"f{i}").write_text("z")
+        fs.umount()
+        # A fresh mount reads metadata from disk; no lazy bitmap prefetch consumes the code.
+        assert fs.mount("errors=continue,no_prefetch_block_bitmaps", target=mnt).returncode == 0
+        stream = daemon.stream(["fs.error"])
+        try:
+            (fs.sysfs / "simulate_fail").write_text(f"{code}\n")
+            try:
+                access(fs)
+            except OSError:
+                pass  # the access fails for most codes: that is the point
+            stream.wait_for(_on(fs))
+            stream.settle(quiet=1.2)
+            evs = [e for e in stream.events if _on(fs)(e)]
+        finally:
+            stream.close()
+        assert len(evs) == 1, evs
+        ev = evs[0]
+        assert ev["kernel"]["errno"]["number"] == want, ev
+        assert {"fanotify", "sysfs"} <= set(ev["sources"]) and ev["count"] == 1
+        assert ev["kernel"]["function"], ev

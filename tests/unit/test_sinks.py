@@ -1,0 +1,81 @@
+"""Sinks: journal rotation, socket subscriptions with filters, slow subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fsnotifyd.events import Device, Event, Kernel
+from fsnotifyd.sinks.journal import JournalSink
+from fsnotifyd.sinks.socket import SocketSink
+
+
+def ev(kind="fs.error", ve=None) -> Event:
+    return Event(kind=kind, time=1.0, host="h", severity="error", device=Device(7, 0, "loop0"), fs="ext4",
+                 mount="/m", ve=ve, kernel=Kernel(function="f"), sources=("kmsg",))
+
+
+class TestJournal:
+    def test_rotates_by_size_and_keeps_n(self, tmp_path):
+        """Past max_bytes the file rotates to .1, .2 … and no more than keep are kept."""
+        j = JournalSink(str(tmp_path / "e.jsonl"), max_bytes=2000, keep=2)
+        for _ in range(40):
+            j.publish(ev())
+        j.close()
+        files = sorted(p.name for p in tmp_path.iterdir())
+        assert files == ["e.jsonl", "e.jsonl.1", "e.jsonl.2"]
+        lines = (tmp_path / "e.jsonl").read_text().splitlines()
+        assert all(json.loads(x)["kind"] == "fs.error" for x in lines)
+        assert (tmp_path / "e.jsonl").stat().st_size <= 2000
+
+
+class TestSocket:
+    def test_filters_by_kind_prefix_and_ve(self, tmp_path):
+        """A subscriber gets only the kinds and VEs it asked for, after its ack."""
+        async def main():
+            sink = SocketSink(str(tmp_path / "s.sock"))
+            await sink.start()
+            r, w = await asyncio.open_unix_connection(sink.path)
+            w.write(b'{"op":"tail","kinds":["fs.*"],"ves":["101"]}\n')
+            assert json.loads(await r.readline()) == {"ok": True}
+            for e in (ev("fs.error", "101"), ev("dev.add", "101"), ev("fs.readonly", "102"), ev("fs.readonly", "101")):
+                sink.publish(e)
+            got = [json.loads(await r.readline())["kind"] for _ in range(2)]
+            w.close()
+            sink.close()
+            return got
+
+        assert asyncio.run(main()) == ["fs.error", "fs.readonly"]
+
+    def test_bad_request_gets_an_error_line(self, tmp_path):
+        """Garbage or an unknown op is answered with ok=false and a reason."""
+        async def main():
+            sink = SocketSink(str(tmp_path / "s.sock"))
+            await sink.start()
+            out = []
+            for req in (b"not json\n", b'{"op":"explode"}\n', b"[1,2]\n"):
+                r, w = await asyncio.open_unix_connection(sink.path)
+                w.write(req)
+                out.append(json.loads(await r.readline()))
+                w.close()
+            sink.close()
+            return out
+
+        for reply in asyncio.run(main()):
+            assert reply["ok"] is False and reply["error"]
+
+    def test_slow_subscriber_is_cut_off_not_waited_for(self, tmp_path):
+        """A subscriber that never reads is dropped once its buffer is full; publish never blocks."""
+        async def main():
+            sink = SocketSink(str(tmp_path / "s.sock"), max_buffer=64 << 10)
+            await sink.start()
+            r, w = await asyncio.open_unix_connection(sink.path)
+            w.write(b'{"op":"tail"}\n')
+            await r.readline()
+            for _ in range(20000):
+                sink.publish(ev())
+            dropped = sink.dropped_subscribers
+            sink.close()
+            return dropped
+
+        assert asyncio.run(main()) == 1
