@@ -188,7 +188,7 @@ class UdevSource:
                     # The socket overflowed: uevents were dropped by the kernel.
                     self.lost_overruns += 1
                     send(Observation(source=self.name, kind="events.lost", time=time.time(),
-                                     details={"reason": "uevent receive buffer overrun"}))
+                                     details={"reason": "uevent_overrun"}))
                     continue
                 log.warning("udev: receive failed: %s", e)
                 return
