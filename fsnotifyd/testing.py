@@ -203,6 +203,19 @@ class RunningDaemon:
             s.sendall(b'{"op":"status"}\n')
             return json.loads(s.makefile("rb").readline())
 
+    def wait_marked(self, devnum: tuple[int, int], timeout: float = 10.0) -> None:
+        """Wait until the fanotify source has marked this filesystem (it re-marks after a mount
+        change is noticed, so an error right after ``mount`` may reach only kmsg and sysfs)."""
+        import time
+
+        key = "%d:%d" % devnum
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if key in self.status()["sources"]["fanotify"].get("detail", {}).get("marked", {}):
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"fanotify did not mark {key} within {timeout}s")
+
     def stream(self, kinds: list[str] | None = None) -> EventStream:
         return EventStream(self.socket, kinds)
 

@@ -221,7 +221,8 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "sources": {n: {"up": s.up, "reason": s.reason, "hint": s.hint,
-                            "observations": s.observations, "restarts": s.restarts}
+                            "observations": s.observations, "restarts": s.restarts,
+                            **self._source_detail(n)}
                         for n, s in self.statuses.items()},
             "ves": [{"id": v.id, "mounts": list(v.mounts), "devices": list(v.devices),
                      "images": list(v.images), "cgroup": v.cgroup} for v in self.config.ves],
@@ -231,6 +232,10 @@ class Daemon:
             "events": dict(self.counts),
             "lost": {"queue_full": self.bus.dropped},
         }
+
+    def _source_detail(self, name: str) -> dict[str, Any]:
+        status = getattr(self.sources.get(name), "status", None)
+        return {"detail": status()} if callable(status) else {}
 
     # -- main loop ---------------------------------------------------------------------------
     async def correlate(self) -> None:

@@ -497,6 +497,13 @@ class FanotifySource:
                 if self._send is not None:
                     self._send(self._observation(group, ev))
 
+    def status(self) -> dict[str, object]:
+        return {
+            "marked": {"%d:%d" % dev: mnt for dev, mnt in self.marked.items()},
+            "mark_errors": dict(self.mark_errors),
+            "groups": self.groups,
+        }
+
     async def run(self, send: Send, ready: Ready) -> None:
         loop = asyncio.get_running_loop()
         self._send = send

@@ -11,49 +11,29 @@ import contextlib
 import errno
 import os
 import shutil
-import time
 from typing import AsyncIterator, Callable
 
 import pytest
 
-from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.fanotify import FanotifySource
 from fsnotifyd.testing import LoopFs, loop_ext4
 
 from tests.conftest import kernel_missing
 
+from . import sourcekit  # noqa: E402
+
 pytestmark = pytest.mark.kernel
 
 
 @contextlib.asynccontextmanager
 async def running(src: FanotifySource) -> AsyncIterator[list[Observation]]:
-    got: list[Observation] = []
-    ready = asyncio.Event()
-    task = asyncio.create_task(src.run(got.append, ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            exc = task.exception()
-            if isinstance(exc, SourceUnavailable):
-                kernel_missing(f"fanotify unavailable: {exc}")
-            raise AssertionError(f"source ended before ready: {exc!r}")
-        assert ready.is_set(), "source did not become ready"
+    async with sourcekit.running(src, "fanotify") as got:
         yield got
-    finally:
-        waiter.cancel()
-        task.cancel()
-        await asyncio.gather(task, waiter, return_exceptions=True)
     assert src.marked == {} and src.groups == 0, "source did not clean up"
 
 
-async def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.02)
+wait_until = sourcekit.wait_until
 
 
 def mine(got: list[Observation], fs: LoopFs) -> list[Observation]:

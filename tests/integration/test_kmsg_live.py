@@ -9,55 +9,33 @@ Other work on the machine may log at the same time, so only this test's device i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import shutil
 import struct
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import pytest
 
-from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Observation
 from fsnotifyd.sources.kmsg import KmsgSource
 from fsnotifyd.testing import LoopFs, loop_ext4, run
 
 from tests.conftest import kernel_missing
 
+from . import sourcekit  # noqa: E402
+
 pytestmark = pytest.mark.kernel
 
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 
 
-@contextlib.asynccontextmanager
-async def running(src: KmsgSource) -> AsyncIterator[list[Observation]]:
-    got: list[Observation] = []
-    ready = asyncio.Event()
-    task = asyncio.create_task(src.run(got.append, ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            exc = task.exception()
-            if isinstance(exc, SourceUnavailable):
-                kernel_missing(f"/dev/kmsg unavailable: {exc}")
-            raise AssertionError(f"source ended before ready: {exc!r}")
-        yield got
-    finally:
-        waiter.cancel()
-        task.cancel()
-        await asyncio.gather(task, waiter, return_exceptions=True)
+def running(src: KmsgSource):
+    return sourcekit.running(src, "/dev/kmsg")
 
 
-async def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.005)
+wait_until = sourcekit.wait_until
 
 
 def mine(got: list[Observation], name: str) -> list[Observation]:

@@ -12,49 +12,25 @@ partitions cannot be made here; partition uevents are covered by the mapping tes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import pytest
 
-from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.udev import UdevSource
 from fsnotifyd.testing import loop_device, run
-from tests.conftest import kernel_missing
 
 
-@contextlib.asynccontextmanager
-async def running(src: UdevSource) -> AsyncIterator[list[Observation]]:
-    got: list[Observation] = []
-    ready = asyncio.Event()
-    task = asyncio.create_task(src.run(got.append, ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    try:
-        await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            exc = task.exception()
-            if isinstance(exc, SourceUnavailable):
-                kernel_missing(f"uevents unavailable: {exc}")
-            raise AssertionError(f"source ended before ready: {exc!r}")
-        assert ready.is_set()
-        yield got
-    finally:
-        waiter.cancel()
-        task.cancel()
-        await asyncio.gather(task, waiter, return_exceptions=True)
+from . import sourcekit
 
 
-async def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.02)
+def running(src: UdevSource):
+    return sourcekit.running(src, "uevents")
+
+
+wait_until = sourcekit.wait_until
 
 
 def whats(got: list[Observation], name: str) -> list[str | None]:
