@@ -203,18 +203,26 @@ class RunningDaemon:
             s.sendall(b'{"op":"status"}\n')
             return json.loads(s.makefile("rb").readline())
 
-    def wait_marked(self, devnum: tuple[int, int], timeout: float = 10.0) -> None:
-        """Wait until the fanotify source has marked this filesystem (it re-marks after a mount
-        change is noticed, so an error right after ``mount`` may reach only kmsg and sysfs)."""
+    def wait_marked(self, fs: "LoopFs", timeout: float = 10.0) -> None:
+        """Wait until the fanotify source has marked this mount of ``fs``.
+
+        It re-marks when it notices a mount change, so an error right after ``mount`` may reach
+        only kmsg and sysfs; after a umount + mount the device number is the same, so the
+        mark is matched by mount id.
+        """
         import time
 
-        key = "%d:%d" % devnum
+        from .mountinfo import read_mountinfo
+
+        key = "%d:%d" % fs.devnum
+        mount_ids = {e.mount_id for e in read_mountinfo() if e.devnum == fs.devnum}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if key in self.status()["sources"]["fanotify"].get("detail", {}).get("marked", {}):
+            marked = self.status()["sources"]["fanotify"].get("detail", {}).get("marked", {})
+            if key in marked and marked[key]["mount_id"] in mount_ids:
                 return
             time.sleep(0.02)
-        raise TimeoutError(f"fanotify did not mark {key} within {timeout}s")
+        raise TimeoutError(f"fanotify did not mark {key} (mount ids {mount_ids}) within {timeout}s")
 
     def stream(self, kinds: list[str] | None = None) -> EventStream:
         return EventStream(self.socket, kinds)

@@ -57,8 +57,13 @@ class Bus:
     def sender(self, name: str) -> Callable[[Observation], None]:
         status = self.statuses[name]
         counter = self.metrics.observations.labels(name)
+        debug = log.is_enabled_for(10) if hasattr(log, "is_enabled_for") else False
 
         def send(obs: Observation) -> None:
+            if debug:
+                log.debug("observation", source=obs.source, kind=obs.kind,
+                          device=obs.device and obs.device.name, function=obs.kernel.function,
+                          errno=obs.kernel.errno, count=obs.count, errors_total=obs.errors_total)
             status.observations += 1
             counter.inc()
             if obs.kind == "events.lost":

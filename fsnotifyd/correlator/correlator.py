@@ -182,13 +182,25 @@ class Correlator:
         else:
             self.stats.merged += 1
         group.add(obs)
-        self._missing.pop((key, obs.source), None)
+        scope = self._scope(key, placement)
+        self._missing.pop((scope, obs.source), None)
         if obs.source == "kmsg" and obs.kind == "fs.error":
-            self._ratelimit(key).line(now)
+            self._ratelimit(key, scope).line(now)
+        if not group.lines:
+            # A periodic counter report alone is no new fact: it waits for nobody (and marks
+            # nobody as missing); it only gives views of a fresh error a window to join it.
+            if self._nothing_new(obs):
+                self._close(gkey)
+            return
         expected = self._expected(obs.kind, key, placement, now)
         group.waiting_for = expected - group.event_sources()
         if expected and not group.waiting_for:
             self._close(gkey)
+
+    def _nothing_new(self, report: Observation) -> bool:
+        if self.ledger is None or report.fs_key is None or report.errors_total is None:
+            return False
+        return self.ledger.get(report.fs_key) == report.errors_total
 
     def waiting_for(self) -> set[str]:
         """Sources that open groups still wait for (the daemon may ask them to read now)."""
@@ -197,31 +209,39 @@ class Correlator:
             out |= g.waiting_for
         return out
 
+    @staticmethod
+    def _scope(key: str, placement: Placement | None) -> str:
+        # What a source missed or how much kmsg printed belongs to one mount of a filesystem:
+        # loop names are reused, and a new filesystem on loop0 starts with a clean slate.
+        return f"{key}#{placement.mount_id if placement else None}"
+
     def _expected(self, kind: str, key: str, placement: Placement | None, now: float) -> frozenset[str]:
         expected = self.expected(kind, placement)
+        scope = self._scope(key, placement)
         if kind == "fs.error" and "kmsg" in expected:
-            rl = self._ratelimits.get(key)
+            rl = self._ratelimits.get(scope)
             if rl is not None and rl.throttled(now):
                 expected = expected - {"kmsg"}
         if self._missing:
-            expected = frozenset(s for s in expected if self._missing.get((key, s), 0.0) <= now)
+            expected = frozenset(s for s in expected if self._missing.get((scope, s), 0.0) <= now)
         return expected
 
-    def _ratelimit(self, key: str) -> _RateLimit:
-        rl = self._ratelimits.get(key)
+    def _ratelimit(self, device_name: str, scope: str) -> _RateLimit:
+        rl = self._ratelimits.get(scope)
         if rl is None:
             if len(self._ratelimits) > 4096:
                 self._ratelimits.clear()
-            limits = getattr(self.counters, "ratelimit", lambda name: None)(key)
-            rl = self._ratelimits[key] = _RateLimit(*limits) if limits else _RateLimit()
+            limits = getattr(self.counters, "ratelimit", lambda name: None)(device_name)
+            rl = self._ratelimits[scope] = _RateLimit(*limits) if limits else _RateLimit()
         return rl
 
     def expire(self) -> None:
         now = self.clock()
         for gkey in [k for k, g in self._groups.items() if g.deadline <= now]:
             group = self._groups[gkey]
-            for source in self._expected(group.kind, group.key, group.placement, now) - group.event_sources():
-                self._missing[(group.key, source)] = now + self.settings.miss_cooldown
+            missed = group.waiting_for if group.lines else frozenset()
+            for source in missed - group.event_sources():
+                self._missing[(self._scope(group.key, group.placement), source)] = now + self.settings.miss_cooldown
             self._close(gkey)
         if self._held:
             due = [g for g in self._held if g.deadline <= now]

@@ -30,19 +30,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno as _errno
-import logging
 import os
 import struct
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
+import structlog
+
 from ..errors import SourceUnavailable
 from ..events import Device, Kernel, Observation
 from ..mountinfo import MountEntry, MountTableWatch, block_device_name, read_mountinfo
 from ..typing import Ready, Send
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("fsnotifyd.fanotify")
 
 # --- uapi constants (include/uapi/linux/fanotify.h) -------------------------------------------
 FAN_CLOEXEC = 0x00000001
@@ -252,6 +253,7 @@ class MarkInfo:
     fstype: str
     mountpoint: str
     fsid: tuple[int, int]
+    mount_id: int = 0  # of the mount the mark was placed through: tells a remount apart
 
 
 class _Group:
@@ -381,7 +383,7 @@ class FanotifySource:
                 assigned[id(g)] = set()
                 return g
             except OSError as e:
-                log.warning("fanotify: no extra group for a shared fsid: %s", _reason(e))
+                log.warning("fanotify.group_unavailable", reason=_reason(e))
         return self._groups[0]  # ambiguous; reported with candidates
 
     def remark(self) -> None:
@@ -389,7 +391,7 @@ class FanotifySource:
         try:
             entries = read_mountinfo(self.mountinfo_path)
         except OSError as e:
-            log.warning("fanotify: cannot read %s: %s", self.mountinfo_path, e)
+            log.warning("fanotify.mountinfo_unreadable", path=self.mountinfo_path, error=str(e))
             return
         sbs: dict[tuple[int, int], list[MountEntry]] = {}
         for e in entries:
@@ -421,10 +423,10 @@ class FanotifySource:
             assigned[id(group)].add(fsid)
             new_marks[id(group)][devnum] = MarkInfo(
                 device=Device(devnum[0], devnum[1], block_device_name(*devnum)),
-                fstype=entry.fstype, mountpoint=entry.mountpoint, fsid=fsid)
+                fstype=entry.fstype, mountpoint=entry.mountpoint, fsid=fsid, mount_id=entry.mount_id)
         for mp, why in errors.items():
             if self.mark_errors.get(mp) != why:
-                log.warning("fanotify: cannot mark %s: %s", mp, why)
+                log.warning("fanotify.mark_failed", mountpoint=mp, reason=why)
         self.mark_errors = errors
         for g in list(self._groups):
             now = new_marks.get(id(g), {})
@@ -450,8 +452,7 @@ class FanotifySource:
                     self.ambiguous[fsid_str(fsid) or ""] = sorted(
                         str(m.device.name or m.mountpoint) for m in holders)
         if self.ambiguous:
-            log.warning("fanotify: filesystems sharing an fsid beyond %d groups: %s",
-                        self.max_groups, self.ambiguous)
+            log.warning("fanotify.fsid_ambiguous", max_groups=self.max_groups, shared=self.ambiguous)
 
     # -- events --
     def _observation(self, group: _Group, ev: FsError) -> Observation:
@@ -489,7 +490,7 @@ class FanotifySource:
                 continue
             except OSError as e:
                 self.read_errors += 1
-                log.warning("fanotify: read failed: %s", e)
+                log.warning("fanotify.read_failed", error=str(e))
                 return
             if not buf:
                 return
@@ -499,7 +500,8 @@ class FanotifySource:
 
     def status(self) -> dict[str, object]:
         return {
-            "marked": {"%d:%d" % dev: mnt for dev, mnt in self.marked.items()},
+            "marked": {"%d:%d" % dev: {"mount": m.mountpoint, "mount_id": m.mount_id}
+                       for dev, m in self.marks.items()},
             "mark_errors": dict(self.mark_errors),
             "groups": self.groups,
         }
@@ -521,7 +523,7 @@ class FanotifySource:
                 try:
                     watch.consume()
                 except OSError as e:
-                    log.warning("fanotify: mount watch: %s", e)
+                    log.warning("fanotify.mount_watch_failed", error=str(e))
                 self.remark()
 
             self.remark()

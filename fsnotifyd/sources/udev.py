@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import errno as _errno
-import logging
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import structlog
+
 from ..errors import SourceUnavailable
 from ..events import Device, Observation
 from ..typing import Ready, Send
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("fsnotifyd.udev")
 
 KINDS = {"add": "dev.add", "remove": "dev.remove", "change": "dev.change"}
 _LOOP = re.compile(r"loop\d+")
@@ -190,7 +191,7 @@ class UdevSource:
                     send(Observation(source=self.name, kind="events.lost", time=time.time(),
                                      details={"reason": "uevent_overrun"}))
                     continue
-                log.warning("udev: receive failed: %s", e)
+                log.warning("udev.receive_failed", error=str(e))
                 return
             if dev is None:
                 return  # nothing queued (or a message libudev filtered out; we get called again)
@@ -199,7 +200,7 @@ class UdevSource:
                 props = {k: dev.properties[k] for k in dev.properties}
                 obs = self.observe(dev.action, props)
             except Exception:  # a malformed uevent must not stop the source
-                log.exception("udev: cannot convert uevent")
+                log.exception("udev.convert_failed")
                 continue
             if obs is not None:
                 send(obs)

@@ -26,7 +26,7 @@ def test_trigger_fs_error_is_one_event(daemon, workdir):
     with loop_ext4(workdir=Path(tempfile.mkdtemp(dir=workdir))) as fs:
         fs.umount()
         fs.mount("errors=continue", target=workdir / "ve101")
-        daemon.wait_marked(fs.devnum)
+        daemon.wait_marked(fs)
         stream = daemon.stream(["fs.*"])
         try:
             (fs.sysfs / "trigger_fs_error").write_text("hello from the test")
@@ -152,7 +152,7 @@ def test_simulate_fail_gives_the_right_errno(daemon, workdir, code, access, want
         fs.umount()
         # A fresh mount reads metadata from disk; no lazy bitmap prefetch consumes the code.
         assert fs.mount("errors=continue,no_prefetch_block_bitmaps", target=mnt).returncode == 0
-        daemon.wait_marked(fs.devnum)
+        daemon.wait_marked(fs)
         stream = daemon.stream(["fs.error"])
         try:
             (fs.sysfs / "simulate_fail").write_text(f"{code}\n")

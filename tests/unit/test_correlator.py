@@ -268,3 +268,21 @@ class TestThrottledSources:
         counters.total["loop3"] += 1
         corr.observe(fan_error())
         assert len(sink.events) == 11  # a new interval: kmsg will print again, wait for it
+
+    def test_counter_report_alone_marks_no_source_missing(self, world):
+        """A periodic report with nothing new neither publishes nor stops waiting for kmsg."""
+        corr, sink, counters, clock, ledger = world
+        counters.total["loop3"] = 1
+        corr.observe(kmsg_error())
+        corr.observe(fan_error())
+        report = Observation("sysfs", "fs.error", 2.0, Device(name="loop3"), counters.last, count=0,
+                             errors_total=1, fs_key="uuid@/vz/images/101.img")
+        corr.observe(report)
+        clock.advance(0.05)
+        corr.expire()
+        assert len(sink.events) == 1
+        counters.total["loop3"] = 2
+        corr.observe(fan_error())
+        assert len(sink.events) == 1  # still waits for kmsg
+        corr.observe(kmsg_error())
+        assert len(sink.events) == 2 and set(sink.events[1].sources) == {"kmsg", "fanotify", "sysfs"}
