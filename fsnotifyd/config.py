@@ -72,7 +72,10 @@ class _Reader:
     def scalar(self, node: yaml.Node, name: str, kind: type | tuple[type, ...]) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, f"expected a {_kind_name(kind)}, got {_what(node)}", name)
-        value = yaml.safe_load(yaml.serialize(node))
+        try:
+            value = yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as e:
+            raise self.error(node, f"cannot read value: {e}", name) from None
         if isinstance(value, bool) and kind in (int, float, (int, float)):
             raise self.error(node, f"expected a {_kind_name(kind)}, got a boolean", name)
         if not isinstance(value, kind) and not (value is None and kind is type(None)):
@@ -110,6 +113,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=line) from e
+    except yaml.YAMLError as e:  # reader errors (control characters, bad encoding) carry no mark
+        raise ConfigError(f"not valid YAML: {e}", file=file) from e
     if root is None:
         return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",

@@ -294,3 +294,31 @@ class CapturingSink:
 
     def close(self) -> None:
         pass
+
+
+class FakeSource:
+    """A scripted source: raises ``unavailable`` before ready, fails ``fail_times`` times, then
+    sends ``observations`` and idles until cancelled."""
+
+    def __init__(self, name: str, observations=(), *, unavailable: str | None = None,
+                 fail_times: int = 0) -> None:
+        self.name = name
+        self.observations = list(observations)
+        self.unavailable = unavailable
+        self.fail_times = fail_times
+        self.runs = 0
+
+    async def run(self, send, ready) -> None:
+        import asyncio
+
+        from .errors import SourceUnavailable
+
+        self.runs += 1
+        if self.unavailable:
+            raise SourceUnavailable(self.unavailable, hint="scripted")
+        if self.runs <= self.fail_times:
+            raise RuntimeError(f"scripted failure {self.runs}")
+        ready()
+        for obs in self.observations:
+            send(obs)
+        await asyncio.Event().wait()

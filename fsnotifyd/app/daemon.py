@@ -88,6 +88,7 @@ class Daemon:
     statuses: dict[str, SourceStatus] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    registry: dict[str, Any] = field(default_factory=lambda: dict(REGISTRY))
     _closing: bool = False
 
     # -- steps -------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class Daemon:
         )
 
     def open_sources(self) -> None:
-        for name, factory in REGISTRY.items():
+        for name, factory in self.registry.items():
             scfg = self.config.sources.get(name)
             if scfg is not None and not scfg.enabled:
                 continue

@@ -170,3 +170,20 @@ def test_simulate_fail_gives_the_right_errno(daemon, workdir, code, access, want
         assert ev["kernel"]["errno"]["number"] == want, ev
         assert {"fanotify", "sysfs"} <= set(ev["sources"]) and ev["count"] == 1
         assert ev["kernel"]["function"], ev
+
+
+def test_remount_ro_then_rw_gives_readonly_then_writable(daemon, workdir):
+    """An administrator's remount read-only and back: fs.readonly, then the recovery fs.writable."""
+    with loop_ext4(workdir=Path(tempfile.mkdtemp(dir=workdir))) as fs:
+        stream = daemon.stream(["fs.readonly", "fs.writable"])
+        try:
+            run("mount", "-o", "remount,ro", str(fs.mountpoint))
+            stream.wait_for(lambda e: _on(fs)(e) and e["kind"] == "fs.readonly")
+            run("mount", "-o", "remount,rw", str(fs.mountpoint))
+            stream.wait_for(lambda e: _on(fs)(e) and e["kind"] == "fs.writable")
+            stream.settle(quiet=1.2)
+            evs = [e for e in stream.events if _on(fs)(e)]
+        finally:
+            stream.close()
+        assert [e["kind"] for e in evs] == ["fs.readonly", "fs.writable"], evs
+        assert evs[0]["details"]["reason"] == "remounted_ro" and evs[0]["sources"] == ["mountinfo"]

@@ -80,15 +80,17 @@ def test_fixture_errors_are_reported(case, daemon, workdir, e2fsprogs_fixtures):
             fs = LoopFs(image=img, loop=dev)
             mine = lambda e: e["device"] and e["device"]["name"] == fs.name  # noqa: E731
             try:
+                start = len(stream.events)
                 res = fs.mount("errors=continue", target=tmp / "mnt")
                 phases = [("mount", None)]
                 if res.returncode == 0:
                     phases += [("traversal", traverse), ("write", write_phase)]
                 for phase, action in phases:
                     if action is not None:
+                        start = len(stream.events)
                         action(fs.mountpoint)
                     stream.settle(quiet=0.7)
-                    seen[phase] = {e["kernel"]["function"] for e in stream.events
+                    seen[phase] = {e["kernel"]["function"] for e in stream.events[start:]
                                    if mine(e) and e["kind"] == "fs.error"} - {None}
                 if case["goes_emergency_ro"]:
                     assert stream.wait_for(lambda e: mine(e) and e["kind"] == "fs.readonly"), \
@@ -105,8 +107,11 @@ def test_fixture_errors_are_reported(case, daemon, workdir, e2fsprogs_fixtures):
         return
     if case["mounts"] == "refused":
         assert any(e["kind"] == "fs.mount_failed" for e in events), events
-    cumulative: set[str] = set()
+    # A function listed for a phase must be reported by the end of that phase. Earlier is
+    # allowed: ext4 prefetches block bitmaps in the background after mount, so f_dup's
+    # ext4_validate_block_bitmap fires during traversal on some runs and during write on others.
+    so_far: set[str] = set()
     for phase in ("mount", "traversal", "write"):
-        cumulative |= seen.get(phase, set())
-        missing = set(expected.get(phase, [])) - cumulative
-        assert not missing, f"phase {phase}: not reported {missing}; saw {seen}"
+        so_far |= seen.get(phase, set())
+        missing = set(expected.get(phase, [])) - so_far
+        assert not missing, f"phase {phase}: not reported {missing}; saw per phase {seen}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
 
 from fsnotifyd.config import load_config, parse_config
 from fsnotifyd.errors import ConfigError
@@ -47,3 +49,33 @@ class TestErrors:
         [ve] = cfg.ves
         assert ve.id == "101" and ve.mounts == ("/vz/root/101",) and ve.images == (str(img),)
         assert ve.labels == (("tier", "gold"),)
+
+
+_KEYS = st.sampled_from(["state_dir", "socket", "journal", "path", "max_bytes", "keep", "stdout", "metrics",
+                         "port", "address", "sources", "kmsg", "fanotify", "enabled", "interval", "fstypes",
+                         "ves", "id", "mount", "device", "image", "labels", "correlator", "window_ms"])
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+class TestFuzz:
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=200))
+    def test_any_text_loads_or_raises_config_error(self, text):
+        """Whatever the text, the loader returns a Config or raises ConfigError, nothing else."""
+        try:
+            parse_config(text, "fuzz.yaml")
+        except ConfigError:
+            pass
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(_KEYS, _VALUES, max_size=5))
+    def test_structured_nonsense_raises_only_config_error(self, doc):
+        """Known keys with wrong shapes and types give ConfigError with a line, never a crash."""
+        try:
+            parse_config(yaml.safe_dump(doc), "fuzz.yaml")
+        except ConfigError as e:
+            assert e.file == "fuzz.yaml"
