@@ -139,6 +139,16 @@ class Inventory:
         self._by_name = {p.device.name: p for p in self._by_devnum.values() if p.device.name}
         self._last_seen.update(self._by_name)
 
+    def register(self, ve: VE) -> None:
+        """Add or replace a VE at run time (the image manager registers the VEs it attaches)."""
+        self.ves = [v for v in self.ves if v.id != ve.id] + [ve]
+        self.refresh()
+
+    def unregister(self, ve_id: str) -> None:
+        self.ves = [v for v in self.ves if v.id != ve_id]
+        self.refresh()
+        self._last_seen = {k: self._with_ve(p) for k, p in self._last_seen.items()}
+
     def mounts(self) -> list[Placement]:
         return list(self._by_devnum.values())
 

@@ -159,7 +159,8 @@ class EventStream:
 class RunningDaemon:
     """``fsnotifyd run`` as a real subprocess with its own state dir, socket and journal."""
 
-    def __init__(self, workdir: Path, *, extra_config: str = "", events_out: bool = True) -> None:
+    def __init__(self, workdir: Path, *, extra_config: str = "", events_out: bool = True,
+                 metrics_port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "fsnotifyd.sock")
@@ -168,7 +169,9 @@ class RunningDaemon:
         self.config = self.workdir / "config.yaml"
         self.config.write_text(
             f"state_dir: {self.workdir / 'state'}\nsocket: {self.socket}\n"
-            f"journal: {{path: {self.journal}}}\nmetrics: {{port: null}}\n" + extra_config
+            f"journal: {{path: {self.journal}}}\n"
+            f"metrics: {{address: 127.0.0.1, port: {'null' if metrics_port is None else metrics_port}}}\n"
+            + extra_config
         )
         self.proc: subprocess.Popen | None = None
 

@@ -83,3 +83,14 @@ class TestVeIds:
         """Two VEs with one id is a configuration error."""
         with pytest.raises(ConfigError):
             inventory([VE("1"), VE("1")])
+
+
+class TestRegistration:
+    def test_register_and_unregister_at_run_time(self):
+        """A VE registered later owns its device at once; unregistered, it owns nothing."""
+        inv = inventory([])
+        assert inv.place(Device(name="loop4")).ve is None
+        inv.register(VE("102", devices=("loop4",)))
+        assert inv.place(Device(name="loop4")).ve == "102"
+        inv.unregister("102")
+        assert inv.place(Device(name="loop4")).ve is None
