@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -25,14 +29,29 @@ class Metrics:
         self.lost = Counter(
             "fsnotifyd_events_lost_total", "Kernel records or observations lost", ["source", "reason"], registry=r
         )
-        self.merged = Counter(
-            "fsnotifyd_correlator_merged_total",
-            "Observations folded into an event that another source already started",
-            registry=r,
-        )
         self.latency = Histogram(
             "fsnotifyd_event_latency_seconds",
             "From the first observation of a fact to its publication",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2, 5),
             registry=r,
         )
+
+    def bind_correlator(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the correlator's own counters, read at scrape time (no copy to keep in step)."""
+        self.registry.register(_CorrelatorCollector(stats))
+
+
+class _CorrelatorCollector(Collector):
+    HELP = {
+        "merged": "Observations folded into an event another source already started",
+        "already_counted": "Views of errors an earlier event already counted, with nothing new to add",
+        "duplicate_state": "Repeated reports of a read-only/shutdown state already published",
+    }
+
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        values = self.stats()
+        for name, help_text in self.HELP.items():
+            yield CounterMetricFamily(f"fsnotifyd_correlator_{name}", help_text, value=values.get(name, 0))

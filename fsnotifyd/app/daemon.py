@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class Daemon:
             expected=self.expected_sources,
             settings=CorrelatorSettings(cfg.window_ms / 1000, cfg.state_window_ms / 1000, cfg.io_window_ms / 1000),
         )
+        self.metrics.bind_correlator(lambda: dataclasses.asdict(self.correlator.stats))
 
     def open_sources(self) -> None:
         for name, factory in self.registry.items():
@@ -236,6 +238,7 @@ class Daemon:
                         "mount": p.mount, "fs": p.fs, "ve": p.ve, "readonly": p.readonly,
                         "backing_file": p.backing_file} for p in self.inventory.mounts()],
             "events": dict(self.counts),
+            "correlator": dataclasses.asdict(self.correlator.stats),
             "lost": {"queue_full": self.bus.dropped},
         }
 

@@ -66,3 +66,4 @@ def test_metrics_endpoint_counts_sources_and_errors(kernel, tmp_path):
     assert f'fsnotifyd_kernel_errors_total{{device="{fs.name}",ve=""}} 1.0' in text
     assert 'fsnotifyd_events_total{kind="fs.error",source="fanotify",ve=""}' in text
     assert "fsnotifyd_event_latency_seconds_bucket" in text
+    assert "fsnotifyd_correlator_merged_total" in text
