@@ -77,6 +77,42 @@ def read_ext4_uuid(device_path: str) -> str | None:
     return str(_uuid.UUID(bytes=raw))
 
 
+def kernel_hz(config: str = "/proc/config.gz", timer_list: str = "/proc/timer_list") -> int:
+    """The kernel's tick rate (CONFIG_HZ): from the built-in config, else measured from
+    ``/proc/timer_list`` (jiffies against nanoseconds), else Debian's default 250."""
+    import gzip
+    import re
+
+    try:
+        with gzip.open(config, "rt") as f:
+            for line in f:
+                if line.startswith("CONFIG_HZ="):
+                    return int(line.split("=", 1)[1])
+    except (OSError, ValueError, EOFError):
+        pass
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open(timer_list) as f:
+                head = f.read(4096)
+        except OSError:
+            return None
+        now = re.search(r"^now at (\d+) nsecs", head, re.M)
+        jiffies = re.search(r"^jiffies: (\d+)", head, re.M)
+        return (int(now.group(1)), int(jiffies.group(1))) if now and jiffies else None
+
+    first = sample()
+    if first is not None:
+        time.sleep(0.1)
+        second = sample()
+        if second is not None and second[0] > first[0]:
+            hz = (second[1] - first[1]) * 1e9 / (second[0] - first[0])
+            for known in (100, 250, 300, 1000):
+                if abs(hz - known) < known * 0.2:
+                    return known
+    return 250
+
+
 @dataclass
 class Ext4Counters:
     """Reads ``/sys/fs/ext4/<dev>``; implements :class:`fsnotifyd.typing.ErrorCounters`.
@@ -90,6 +126,7 @@ class Ext4Counters:
     dev_root: str = "/dev"
     sys_root: str = "/sys"
     _keys: dict[tuple[str, int], str] = field(default_factory=dict)
+    _hz: int | None = None
 
     def devices(self) -> list[str]:
         try:
@@ -135,13 +172,19 @@ class Ext4Counters:
         return ErrorCounter(key, total, last, float(ts) if ts else None)
 
     def ratelimit(self, device_name: str) -> tuple[int, float] | None:
-        """ext4's kmsg rate limit for errors on this filesystem: (burst, interval seconds)."""
+        """ext4's kmsg rate limit for errors on this filesystem: (burst, interval seconds).
+
+        Despite its name, ``err_ratelimit_interval_ms`` shows and takes jiffies (ext4 exposes
+        the ratelimit_state field raw): 1250 on this HZ=250 kernel is ext4's 5 s default.
+        """
         base = f"{self.root}/{device_name}"
         burst = _int(_read(f"{base}/err_ratelimit_burst"))
-        interval_ms = _int(_read(f"{base}/err_ratelimit_interval_ms"))
-        if burst is None or interval_ms is None:
+        interval = _int(_read(f"{base}/err_ratelimit_interval_ms"))
+        if burst is None or interval is None:
             return None
-        return burst, interval_ms / 1000
+        if self._hz is None:
+            self._hz = kernel_hz()
+        return burst, interval / self._hz
 
     def first_error(self, device_name: str) -> dict[str, object]:
         base = f"{self.root}/{device_name}"

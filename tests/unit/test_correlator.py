@@ -286,3 +286,23 @@ class TestThrottledSources:
         assert len(sink.events) == 1  # still waits for kmsg
         corr.observe(kmsg_error())
         assert len(sink.events) == 2 and set(sink.events[1].sources) == {"kmsg", "fanotify", "sysfs"}
+
+
+class TestKernelHz:
+    def test_hz_from_config_and_ratelimit_in_jiffies(self, tmp_path):
+        """CONFIG_HZ comes from the kernel's config; err_ratelimit_interval_ms is in jiffies."""
+        import gzip
+
+        from fsnotifyd.sources.sysfs import Ext4Counters, kernel_hz
+
+        cfg = tmp_path / "config.gz"
+        with gzip.open(cfg, "wt") as f:
+            f.write("CONFIG_FOO=y\nCONFIG_HZ=300\n")
+        assert kernel_hz(str(cfg), "/nonexistent") == 300
+        dev = tmp_path / "ext4" / "loop7"
+        dev.mkdir(parents=True)
+        (dev / "err_ratelimit_burst").write_text("10\n")
+        (dev / "err_ratelimit_interval_ms").write_text("1500\n")
+        counters = Ext4Counters(root=str(tmp_path / "ext4"))
+        counters._hz = 300
+        assert counters.ratelimit("loop7") == (10, 5.0)
