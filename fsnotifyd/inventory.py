@@ -52,6 +52,9 @@ class Placement:
     fs: str | None = None
     mount: str | None = None
     mount_id: int | None = None
+    # Which mount this is: mount ids are reused by the kernel, so the inventory numbers every
+    # (device, mount id) it sees appear; a umount and a new mount get a new number.
+    mount_seq: int | None = None
     readonly: bool | None = None
     emergency_ro: bool = False
     backing_file: str | None = None
@@ -102,6 +105,8 @@ class Inventory:
     _by_devnum: dict[tuple[int, int], Placement] = field(default_factory=dict, init=False)
     _by_name: dict[str, Placement] = field(default_factory=dict, init=False)
     _last_seen: dict[str, Placement] = field(default_factory=dict, init=False)
+    _seqs: dict[tuple[int, int, int], int] = field(default_factory=dict, init=False)
+    _next_seq: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -135,6 +140,15 @@ class Inventory:
             prior = by_devnum.get(entry.devnum)
             if prior is None or (prior.mount and prior.mount != "/" and entry.root == "/"):
                 by_devnum[entry.devnum] = placement
+        seqs: dict[tuple[int, int, int], int] = {}
+        for devnum, p in by_devnum.items():
+            ident = (*devnum, p.mount_id or 0)
+            seq = self._seqs.get(ident)
+            if seq is None:
+                seq, self._next_seq = self._next_seq, self._next_seq + 1
+            seqs[ident] = seq
+            by_devnum[devnum] = replace(p, mount_seq=seq)
+        self._seqs = seqs
         self._by_devnum = {k: self._with_ve(p) for k, p in by_devnum.items()}
         self._by_name = {p.device.name: p for p in self._by_devnum.values() if p.device.name}
         self._last_seen.update(self._by_name)

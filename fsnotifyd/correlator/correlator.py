@@ -152,7 +152,7 @@ class Correlator:
         self.clock = clock
         self.stats = CorrelatorStats()
         self._groups: dict[tuple[str, str], _Group] = {}
-        # device key -> (kind, mount_id) of the last published state event
+        # device key -> (kind, mount_seq) of the last published state event
         self._state: dict[str, tuple[str, int | None]] = {}
         # device key -> (function, line) of the last published fs.error, to tell new details
         self._last_error: dict[str, tuple[str | None, int | None]] = {}
@@ -213,7 +213,7 @@ class Correlator:
     def _scope(key: str, placement: Placement | None) -> str:
         # What a source missed or how much kmsg printed belongs to one mount of a filesystem:
         # loop names are reused, and a new filesystem on loop0 starts with a clean slate.
-        return f"{key}#{placement.mount_id if placement else None}"
+        return f"{key}#{placement.mount_seq if placement else None}"
 
     def _expected(self, kind: str, key: str, placement: Placement | None, now: float) -> frozenset[str]:
         expected = self.expected(kind, placement)
@@ -360,16 +360,16 @@ class Correlator:
                    count=count, last_time=max(group.last_time, first_time), details=details)
 
     def _close_state(self, group: _Group) -> None:
-        mount_id = group.placement.mount_id if group.placement else None
+        mount = group.placement.mount_seq if group.placement else None
         prior = self._state.get(group.key)
-        if prior == (group.kind, mount_id) or (
-            prior is not None and prior[0] == group.kind and mount_id is None
+        if prior == (group.kind, mount) or (
+            prior is not None and prior[0] == group.kind and mount is None
         ):
             self.stats.duplicate_state += 1
             return
         if group.kind == "fs.writable" and prior is None:
             return  # nothing was reported read-only on this mount, so nothing recovered
-        self._state[group.key] = (group.kind, mount_id)
+        self._state[group.key] = (group.kind, mount)
         self._emit(group.kind, group.first, group.placement, group.sources, group.kernel,
                    count=1, last_time=group.last_time, details=group.details)
 

@@ -24,7 +24,7 @@ class MountsSource:
     interval: float = 0.5
     path: str = MOUNTINFO
     name: str = "mountinfo"
-    # (major, minor, mount_id) -> readonly; a new mount id is a new mount, with its own state.
+    # (major, minor, mount_seq) -> readonly; a new mount has its own state (mount ids are reused).
     _ro: dict[tuple[int, int, int], bool] = field(default_factory=dict)
 
     def check(self, send: Send, *, initial: bool = False) -> None:
@@ -32,9 +32,9 @@ class MountsSource:
         now = time.time()
         current: dict[tuple[int, int, int], Placement] = {}
         for p in self.inventory.mounts():
-            if p.device.devnum is None or p.mount_id is None:
+            if p.device.devnum is None or p.mount_seq is None:
                 continue
-            current[(*p.device.devnum, p.mount_id)] = p
+            current[(*p.device.devnum, p.mount_seq)] = p
         for key, p in current.items():
             before = self._ro.get(key)
             ro = bool(p.readonly)

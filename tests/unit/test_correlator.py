@@ -306,3 +306,21 @@ class TestKernelHz:
         counters = Ext4Counters(root=str(tmp_path / "ext4"))
         counters._hz = 300
         assert counters.ratelimit("loop7") == (10, 5.0)
+
+
+class TestMountReuse:
+    def test_a_new_mount_with_a_reused_mount_id_has_fresh_state(self, world):
+        """The kernel reuses mount ids: read-only on a remounted fs is reported again."""
+        corr, sink, counters, clock, _ = world
+        table = [MOUNTINFO]
+        corr.inventory.mountinfo = lambda: parse_mountinfo(table[0])
+        corr.inventory.refresh()
+        corr.observe(Observation("kmsg", "fs.readonly", 1.0, Device(name="loop3")))
+        corr.observe(Observation("mountinfo", "fs.readonly", 1.0, Device(7, 3, "loop3")))
+        table[0] = ""
+        corr.inventory.refresh()  # umount
+        table[0] = MOUNTINFO
+        corr.inventory.refresh()  # a new mount, same device, same mount id 36
+        corr.observe(Observation("kmsg", "fs.readonly", 2.0, Device(name="loop3")))
+        corr.observe(Observation("mountinfo", "fs.readonly", 2.0, Device(7, 3, "loop3")))
+        assert [e.kind for e in sink.events] == ["fs.readonly", "fs.readonly"]
