@@ -32,6 +32,7 @@ KINDS = frozenset(
         "source.up",
         "source.down",
         "events.lost",
+        "rule.matched",
     }
 )
 
@@ -51,6 +52,7 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "source.up": "info",
     "source.down": "warning",
     "events.lost": "warning",
+    "rule.matched": "warning",
 }
 
 # Kinds that describe a state of a filesystem rather than a countable happening: a second

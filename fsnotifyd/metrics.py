@@ -29,6 +29,13 @@ class Metrics:
         self.lost = Counter(
             "fsnotifyd_events_lost_total", "Kernel records or observations lost", ["source", "reason"], registry=r
         )
+        self.decisions = Counter(
+            "fsnotifyd_rule_decisions_total", "Rule decisions by outcome (fired, threshold, cooldown)",
+            ["rule", "outcome"], registry=r,
+        )
+        self.rules_reloads = Counter(
+            "fsnotifyd_rules_reloads_total", "Rule reloads by result", ["result"], registry=r
+        )
         self.latency = Histogram(
             "fsnotifyd_event_latency_seconds",
             "From the first observation of a fact to its publication",

@@ -44,17 +44,34 @@ class JsonStateStore:
     def flush(self) -> None:
         if not self._dirty:
             return
-        d = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_json_atomic(self.path, self._data)
         self._dirty = False
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    """Write temp, fsync, rename over, fsync the directory: old or new, never torn."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_json(path: str) -> tuple[object | None, str | None]:
+    """The JSON in ``path`` (None if absent), or an error moved aside like a corrupt ledger."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        os.replace(path, path + ".corrupt")
+        return None, f"{path}: {e}; moved aside to {path}.corrupt"

@@ -39,6 +39,8 @@ class _Subscriber:
 class SocketSink:
     path: str
     status: Callable[[], dict[str, Any]] = dict
+    # Further request kinds ("reload"): op -> handler(request) -> reply fields.
+    ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
     max_buffer: int = 8 << 20
     mode: int = 0o660
     name: str = "socket"
@@ -97,8 +99,11 @@ class SocketSink:
                 await reader.read()  # the client closing its end ends the subscription
             finally:
                 self._drop(sub)
+        elif op in self.ops:
+            await self._reply(writer, self.ops[op](req))
         else:
-            await self._reply(writer, {"ok": False, "error": f"unknown op {op!r}; expected status or tail"})
+            known = ", ".join(["status", "tail", *self.ops])
+            await self._reply(writer, {"ok": False, "error": f"unknown op {op!r}; expected one of {known}"})
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

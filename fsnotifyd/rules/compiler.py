@@ -1,0 +1,239 @@
+"""Turning checked rules into fast matchers.
+
+A rule's match becomes one predicate over the event's JSON form (a dict): each condition is a
+closure over a precomputed field getter and operator, built once. Rules are indexed by event
+kind, so an event is only tested against the rules that can match its kind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .schema import Condition, Match, Rule, RuleSet, VeSelector
+
+Event = Mapping[str, Any]
+Predicate = Callable[[Event], bool]
+LabelsOf = Callable[[str], Mapping[str, str]]
+
+_MISSING = object()
+
+
+def getter(path: str) -> Callable[[Event], Any]:
+    """A function reading a dotted path from an event dict (None when any step is absent)."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        (a,) = parts
+        return lambda e: e.get(a)
+    if len(parts) == 2:
+        a, b = parts
+
+        def get2(e: Event) -> Any:
+            v = e.get(a)
+            return v.get(b) if isinstance(v, dict) else None
+
+        return get2
+
+    def get_n(e: Event) -> Any:
+        v: Any = e
+        for p in parts:
+            if not isinstance(v, dict):
+                return None
+            v = v.get(p)
+        return v
+
+    return get_n
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def condition(c: Condition) -> Predicate:
+    get, x = getter(c.field), c.value
+    op = c.op
+    if op == "equals":
+        return lambda e: get(e) == x
+    if op == "ne":
+        return lambda e: get(e) != x
+    if op in ("in", "in_list"):
+        values = frozenset(x)
+        return lambda e: _hashable_in(get(e), values)
+    if op == "not_in":
+        values = frozenset(x)
+        return lambda e: not _hashable_in(get(e), values)
+    if op == "regex":
+        rx = re.compile(x)
+        return lambda e: (v := get(e)) is not None and rx.fullmatch(v if isinstance(v, str) else str(v)) is not None
+    if op == "prefix":
+        return lambda e: isinstance(v := get(e), str) and v.startswith(x)
+    if op == "suffix":
+        return lambda e: isinstance(v := get(e), str) and v.endswith(x)
+    if op == "contains":
+        return lambda e: isinstance(v := get(e), str) and x in v
+    if op == "gt":
+        return lambda e: _number(v := get(e)) and v > x
+    if op == "ge":
+        return lambda e: _number(v := get(e)) and v >= x
+    if op == "lt":
+        return lambda e: _number(v := get(e)) and v < x
+    if op == "le":
+        return lambda e: _number(v := get(e)) and v <= x
+    if op == "exists":
+        return (lambda e: get(e) is not None) if x else (lambda e: get(e) is None)
+    raise ValueError(f"unknown operator {op!r}")  # the loader rejects these before here
+
+
+def _hashable_in(v: Any, values: frozenset) -> bool:
+    try:
+        return v in values
+    except TypeError:  # a list or dict field compared with scalars
+        return False
+
+
+def ve_predicate(sel: VeSelector, labels_of: LabelsOf) -> Predicate:
+    ids = frozenset(sel.ids)
+    labels = dict(sel.labels)
+
+    def match(e: Event) -> bool:
+        ve = e.get("ve")
+        if ve is None:
+            return False
+        if ids and ve not in ids:
+            return False
+        if labels:
+            have = labels_of(ve)
+            return all(have.get(k) == v for k, v in labels.items())
+        return True
+
+    return match
+
+
+def match_predicate(m: Match, labels_of: LabelsOf) -> Predicate:
+    preds = [condition(c) for c in m.conditions]
+    if m.ve is not None:
+        preds.append(ve_predicate(m.ve, labels_of))
+    if not preds:
+        return lambda e: True
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        p, q = preds
+        return lambda e: p(e) and q(e)
+    return lambda e: all(p(e) for p in preds)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    index: int
+    rule: Rule
+    predicate: Predicate
+
+
+_INDEXABLE = ("equals", "in", "in_list")
+
+
+def _equality_fields(rule: Rule) -> dict[str, frozenset]:
+    """Fields whose value the rule pins to a set (equals / in / VE ids): usable as an index."""
+    out: dict[str, frozenset] = {}
+    for c in rule.match.conditions:
+        if c.op in _INDEXABLE and c.field not in out:
+            try:
+                out[c.field] = frozenset([c.value] if c.op == "equals" else c.value)
+            except TypeError:
+                continue
+    if rule.match.ve is not None and rule.match.ve.ids and "ve" not in out:
+        out["ve"] = frozenset(rule.match.ve.ids)
+    return out
+
+
+class _KindIndex:
+    """The rules for one kind, indexed on the field most of them pin to values.
+
+    An event is then tested only against the rules that pin that field to its value plus the
+    rules that do not pin it, instead of every rule of its kind.
+    """
+
+    def __init__(self, rules: list[CompiledRule]) -> None:
+        self.rules = rules
+        self.get: Callable[[Event], Any] | None = None
+        self.cache: dict[Any, list[CompiledRule]] = {}
+        pinned = {cr.index: _equality_fields(cr.rule) for cr in rules}
+        counts: dict[str, int] = {}
+        for fields in pinned.values():
+            for f in fields:
+                counts[f] = counts.get(f, 0) + 1
+        if not counts or max(counts.values()) < 2:
+            return
+        field = max(counts, key=lambda f: (counts[f], f))
+        self.get = getter(field)
+        self.rest = [cr for cr in rules if field not in pinned[cr.index]]
+        self.by_value: dict[Any, list[CompiledRule]] = {}
+        for cr in rules:
+            for v in pinned[cr.index].get(field, ()):
+                self.by_value.setdefault(v, []).append(cr)
+
+    def candidates(self, event: Event) -> list[CompiledRule]:
+        if self.get is None:
+            return self.rules
+        v = self.get(event)
+        try:
+            return self.cache[v]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value pins nothing
+            return self.rest
+        hit = self.by_value.get(v)
+        merged = sorted(self.rest + hit, key=lambda cr: cr.index) if hit else self.rest
+        if len(self.cache) < 65536:
+            self.cache[v] = merged
+        return merged
+
+
+@dataclass
+class Compiled:
+    """Rules indexed by kind (and within a kind by a pinned field); in file order."""
+
+    rules: list[CompiledRule]
+    by_kind: dict[str, list[CompiledRule]]
+    wildcard: list[tuple[tuple[str, ...], CompiledRule]]  # prefix patterns / any kind
+    _cache: dict[str, _KindIndex]
+
+    def for_kind(self, kind: str) -> list[CompiledRule]:
+        return self._index(kind).rules
+
+    def candidates(self, kind: str, event: Event) -> list[CompiledRule]:
+        """The rules that can match this event (a superset of those whose predicate holds)."""
+        idx = self._cache.get(kind)
+        if idx is None:
+            idx = self._index(kind)
+        return idx.candidates(event)
+
+    def _index(self, kind: str) -> _KindIndex:
+        hit = self._cache.get(kind)
+        if hit is None:
+            found = {cr.index: cr for cr in self.by_kind.get(kind, ())}
+            for prefixes, cr in self.wildcard:
+                if not prefixes or any(kind.startswith(p) for p in prefixes):
+                    found[cr.index] = cr
+            hit = _KindIndex([found[i] for i in sorted(found)])
+            if len(self._cache) < 4096:
+                self._cache[kind] = hit
+        return hit
+
+
+def compile_rules(ruleset: RuleSet, labels_of: LabelsOf = lambda ve: {}) -> Compiled:
+    rules: list[CompiledRule] = []
+    by_kind: dict[str, list[CompiledRule]] = {}
+    wildcard: list[tuple[tuple[str, ...], CompiledRule]] = []
+    for i, rule in enumerate(r for r in ruleset.rules if r.enabled):
+        cr = CompiledRule(i, rule, match_predicate(rule.match, labels_of))
+        rules.append(cr)
+        exact = [k for k in rule.match.kinds if not k.endswith("*")]
+        prefixes = tuple(k[:-1] for k in rule.match.kinds if k.endswith("*"))
+        for k in exact:
+            by_kind.setdefault(k, []).append(cr)
+        if prefixes or not rule.match.kinds:
+            wildcard.append((prefixes, cr))
+    return Compiled(rules, by_kind, wildcard, {})
