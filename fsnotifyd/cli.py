@@ -4,6 +4,9 @@
   fsnotifyd status [--json]                              sources up/down with reasons, VEs, counts
   fsnotifyd events tail [--kind K]... [--ve ID]...        live events as JSON lines
   fsnotifyd record --out FILE [--duration S]             write the live stream to a file for replay
+  fsnotifyd rules check PATH...                          validate rules files
+  fsnotifyd rules test RULES... --events LOG...          replay recorded events/kernel logs through rules
+  fsnotifyd rules reload                                 reload the running daemon's rules (or SIGHUP)
   fsnotifyd config check|show [--config FILE]            validate / print the effective config
 """
 
@@ -16,10 +19,11 @@ import json
 import signal
 import sys
 import time
+from datetime import datetime
 from typing import Any, Sequence
 
 from .config import Config, default_config_text, load_config
-from .errors import ConfigError
+from .errors import ConfigError, RuleErrors
 
 EXAMPLES = """examples:
   fsnotifyd run                                   # embedded default config
@@ -51,7 +55,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Daemon(cfg, events_out=args.events_out).run(stop)
+        daemon = Daemon(cfg, events_out=args.events_out)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
+        await daemon.run(stop)
 
     asyncio.run(main())
     return 0
@@ -132,6 +138,47 @@ def cmd_record(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from .rules.loader import check_paths
+
+    errors = check_paths(args.paths)
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        print(f"fsnotifyd: {len(errors)} error(s) in {len(args.paths)} file(s)", file=sys.stderr)
+        return 1
+    print(f"{', '.join(args.paths)}: ok")
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from .app import rulestest
+
+    boot = None
+    if args.boot_time:
+        boot = float(args.boot_time) if args.boot_time.replace(".", "", 1).isdigit() else \
+            datetime.fromisoformat(args.boot_time.replace("Z", "+00:00")).timestamp()
+    return rulestest.run(args.rules, args.events, expect=args.expect, fmt=args.format,
+                         ve_map=args.ve_map, year=args.year, boot_time=boot)
+
+
+def cmd_rules_reload(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        reader, writer = await _request(_socket_path(args), {"op": "reload"})
+        line = await reader.readline()
+        writer.close()
+        return json.loads(line)
+
+    reply = asyncio.run(main())
+    if reply.get("ok"):
+        print(f"rules reloaded: {reply['rules']} rules in force")
+        return 0
+    print(f"fsnotifyd: {reply.get('error')}", file=sys.stderr)
+    for e in reply.get("errors", []):
+        print(e, file=sys.stderr)
+    return 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.action == "show":
@@ -181,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--ve", action="append")
     rec.set_defaults(func=cmd_record)
 
+    ru = sub.add_parser("rules", help="check, test and reload remediation rules")
+    rsub = ru.add_subparsers(dest="rules_command", required=True)
+    rc = rsub.add_parser("check", help="validate rules files (exit 1 on any error)")
+    rc.add_argument("paths", nargs="+", metavar="PATH")
+    rc.set_defaults(func=cmd_rules_check)
+    rt = rsub.add_parser("test", help="replay recorded events or kernel logs through rules",
+                         description="LOG is an fsnotifyd JSONL journal/recording or kernel text from dmesg, "
+                                     "dmesg -T, journalctl -k or journalctl -k -o short-precise.")
+    rt.add_argument("rules", nargs="+", metavar="RULES")
+    rt.add_argument("--events", nargs="+", required=True, metavar="LOG")
+    rt.add_argument("--expect", metavar="FILE", help="expected decisions (JSON lines from --format json); "
+                    "exit 1 with a diff when they differ")
+    rt.add_argument("--format", choices=["table", "json"], default="table")
+    rt.add_argument("--ve-map", metavar="FILE", help="device names to VEs for kernel text (YAML or JSON)")
+    rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
+    rt.add_argument("--boot-time", help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
+    rt.set_defaults(func=cmd_rules_test)
+    rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)")
+    common(rr)
+    rr.set_defaults(func=cmd_rules_reload)
+
     c = sub.add_parser("config", help="check or show the configuration")
     c.add_argument("action", choices=["check", "show"])
     common(c, socket=False)
@@ -195,8 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fsnotifyd: config error: {e}", file=sys.stderr)
         return 2
+    except RuleErrors as e:
+        print(f"fsnotifyd: rules not valid, not starting:\n{e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        if args.command in ("status", "events", "record"):
+        if args.command in ("status", "events", "record") or getattr(args, "rules_command", None) == "reload":
             print(f"fsnotifyd: cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
                   "Is it running (fsnotifyd run)?", file=sys.stderr)
             return 1

@@ -41,6 +41,7 @@ class Config:
     queue_size: int = 65536
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     ves: tuple[VE, ...] = ()
+    rules: tuple[str, ...] | None = None  # None: the embedded default rules
     file: str = "<default>"
 
 
@@ -118,7 +119,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if root is None:
         return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
-                               "queue_size", "sources", "ves"))
+                               "queue_size", "sources", "ves", "rules"))
     kw: dict[str, Any] = {"file": file}
     if "state_dir" in top:
         kw["state_dir"] = r.scalar(top["state_dir"], "state_dir", str)
@@ -165,6 +166,9 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                 sc["fstypes"] = r.strings(fields["fstypes"], f"sources.{name}.fstypes")
             sources[name] = SourceConfig(**sc)
     kw["sources"] = sources
+    if "rules" in top:
+        base = os.path.dirname(os.path.abspath(file)) if not file.startswith("<") else os.getcwd()
+        kw["rules"] = tuple(os.path.join(base, p) for p in r.strings(top["rules"], "rules"))
     if "ves" in top:
         node = top["ves"]
         if not isinstance(node, yaml.SequenceNode):

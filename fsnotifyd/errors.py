@@ -29,3 +29,31 @@ class SourceUnavailable(FsnotifydError):
 
 class SourceFailed(FsnotifydError):
     """A source failed in a way worth retrying with backoff."""
+
+
+class RuleError(FsnotifydError):
+    """One mistake in a rules file: ``FILE:LINE:COLUMN: message (field 'x.y'); expected ...``.
+
+    ``line`` and ``column`` are 1-based and point at the offending key or value; both are
+    ``None`` when the file itself could not be read.
+    """
+
+    def __init__(self, message: str, *, file: str, line: int | None = None, column: int | None = None,
+                 field: str | None = None, expected: str | None = None) -> None:
+        self.message, self.file, self.line, self.column = message, file, line, column
+        self.field, self.expected = field, expected
+        where = ":".join(str(p) for p in (file, line, column) if p is not None)
+        text = f"{where}: {message}"
+        if field:
+            text += f" (field {field!r})"
+        if expected:
+            text += f"; expected {expected}"
+        super().__init__(text)
+
+
+class RuleErrors(FsnotifydError):
+    """Every mistake found in a set of rules files, one :class:`RuleError` per line of ``str()``."""
+
+    def __init__(self, errors: list[RuleError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))

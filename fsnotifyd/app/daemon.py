@@ -30,10 +30,19 @@ from ..sinks.socket import SocketSink
 from ..sinks.stdout import StdoutSink
 from ..sources.registry import REGISTRY
 from ..sources.sysfs import Ext4Counters
-from ..statefile import JsonStateStore
+from ..errors import RuleErrors
+from ..rules.engine import FIRED, Engine, decision_event
+from ..rules.loader import load_rules
+from ..statefile import JsonStateStore, read_json, write_json_atomic
 from ..typing import Sink, Source
 
 log = structlog.get_logger("fsnotifyd")
+
+
+def default_rules_path() -> str:
+    from importlib import resources
+
+    return str(resources.files("fsnotifyd").joinpath("rules", "default.yaml"))
 
 
 @dataclass
@@ -99,6 +108,45 @@ class Daemon:
         if self.ledger.load_error:
             log.warning("state.corrupt", detail=self.ledger.load_error)
 
+    def load_rules(self) -> None:
+        """Refuses to start on rules with errors (RuleErrors propagate to the CLI)."""
+        self.rule_paths = list(self.config.rules) if self.config.rules is not None else [default_rules_path()]
+        self.engine = self._new_engine(load_rules(self.rule_paths))
+        self.rules_state_path = os.path.join(self.config.state_dir, "rules-state.json")
+        saved, error = read_json(self.rules_state_path)
+        if error:
+            log.warning("state.corrupt", detail=error)
+        restored = self.engine.restore(saved) if isinstance(saved, dict) else 0
+        self.rules_status: dict[str, Any] = {"files": self.rule_paths, "rules": len(self.engine.compiled.rules),
+                                             "restored_state": restored, "last_reload_error": None}
+        log.info("rules.loaded", files=self.rule_paths, rules=len(self.engine.compiled.rules), restored_state=restored)
+
+    def _new_engine(self, ruleset) -> Engine:
+        labels = {ve.id: dict(ve.labels) for ve in self.config.ves}
+        return Engine(ruleset, labels_of=lambda ve: labels.get(ve, {}))
+
+    def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why."""
+        try:
+            engine = self._new_engine(load_rules(self.rule_paths))
+        except RuleErrors as e:
+            errors = [str(x) for x in e.errors]
+            self.rules_status["last_reload_error"] = errors
+            self.metrics.rules_reloads.labels("failed").inc()
+            log.error("rules.reload_failed", errors=errors, kept=len(self.engine.compiled.rules))
+            return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors}
+        engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
+        self.engine = engine
+        self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
+        self.metrics.rules_reloads.labels("ok").inc()
+        log.info("rules.reloaded", rules=len(engine.compiled.rules))
+        return {"ok": True, "rules": len(engine.compiled.rules)}
+
+    def save_rules_state(self) -> None:
+        if self.engine.dirty:
+            write_json_atomic(self.rules_state_path, self.engine.state())
+            self.engine.dirty = False
+
     def build_inventory(self) -> None:
         self.inventory = Inventory(ves=list(self.config.ves))
 
@@ -110,7 +158,7 @@ class Daemon:
             self.sinks.append(JournalSink(self.events_out, max_bytes=1 << 62, keep=1, name="events-out"))
         if cfg.stdout:
             self.sinks.append(StdoutSink())
-        self.socket = SocketSink(cfg.socket, status=self.status)
+        self.socket = SocketSink(cfg.socket, status=self.status, ops={"reload": self.reload_rules})
         await self.socket.start()
         self.sinks.append(self.socket)
         self.sinks.append(MetricsSink(self.metrics))
@@ -203,7 +251,7 @@ class Daemon:
         """Which running sources will report this kind of fact on this device."""
         up = {n for n, s in self.statuses.items() if s.up}
         want: set[str] = set()
-        if kind in ("fs.error", "fs.warning", "fs.shutdown", "blk.io_error"):
+        if kind in ("fs.error", "fs.warning", "fs.shutdown"):
             want.add("kmsg")
         if kind == "fs.error" and placement is not None and placement.device.devnum is not None:
             fan = self.sources.get("fanotify")
@@ -216,13 +264,20 @@ class Daemon:
         return frozenset(want & up)
 
     # -- publishing --------------------------------------------------------------------------
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, *, depth: int = 0) -> None:
         self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
         for sink in self.sinks:
             try:
                 sink.publish(event)
             except Exception:  # noqa: BLE001 - a broken sink must not cost the others the event
                 log.exception("sink.failed", sink=sink.name, event_id=event.id)
+        if depth > 1:
+            return  # rule.matched events may trigger rules once, never in a loop
+        as_dict = event.to_dict()
+        for decision in self.engine.process(as_dict):
+            self.metrics.decisions.labels(decision.rule, decision.outcome).inc()
+            if decision.outcome == FIRED:
+                self.publish(decision_event(decision, as_dict, event.host), depth=depth + 1)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -239,6 +294,7 @@ class Daemon:
                         "backing_file": p.backing_file} for p in self.inventory.mounts()],
             "events": dict(self.counts),
             "correlator": dataclasses.asdict(self.correlator.stats),
+            "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
             "lost": {"queue_full": self.bus.dropped},
         }
 
@@ -284,10 +340,12 @@ class Daemon:
                 reported_drops = self.bus.dropped
             if time.monotonic() - last_flush >= 1.0:
                 self.ledger.flush()
+                self.save_rules_state()
                 last_flush = time.monotonic()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self.open_state()
+        self.load_rules()
         self.build_inventory()
         await self.open_sinks()
         self.start_metrics()
@@ -329,6 +387,7 @@ class Daemon:
                 self.correlator.observe(item)
         self.correlator.flush()
         self.ledger.flush()
+        self.save_rules_state()
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 sink.close()

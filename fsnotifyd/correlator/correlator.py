@@ -67,6 +67,7 @@ class _Group:
     fanotify_count: int = 0
     lines: int = 0  # observations from event sources (not counter reports)
     last_time: float = 0.0
+    first_time: float | None = None  # earliest time a source stamped (kmsg: the kernel's own)
     details: dict[str, Any] = field(default_factory=dict)
     counter_report: Observation | None = None
     waiting_for: frozenset[str] = frozenset()
@@ -83,6 +84,7 @@ class _Group:
         if obs.source == "fanotify":
             self.fanotify_count += max(obs.count, 1)
         self.last_time = max(self.last_time, obs.time)
+        self.first_time = obs.time if self.first_time is None else min(self.first_time, obs.time)
         for k, v in obs.details.items():
             self.details.setdefault(k, v)
 
@@ -192,6 +194,8 @@ class Correlator:
             if self._nothing_new(obs):
                 self._close(gkey)
             return
+        if obs.kind == "blk.io_error":
+            return  # aggregated over its window, whoever reported it
         expected = self._expected(obs.kind, key, placement, now)
         group.waiting_for = expected - group.event_sources()
         if expected and not group.waiting_for:
@@ -298,7 +302,8 @@ class Correlator:
             self._close_state(group)
         else:
             self._emit(group.kind, group.first, group.placement, group.sources, group.kernel,
-                       count=max(group.lines, 1), last_time=group.last_time, details=group.details)
+                       count=max(group.lines, 1), last_time=group.last_time, details=group.details,
+                       time=group.first_time)
 
     def _close_error(self, group: _Group) -> None:
         sources = [s for s in group.sources if s != "sysfs"]
@@ -355,9 +360,10 @@ class Correlator:
         if group.counter_report is not None and "first_error" in group.counter_report.details:
             details.setdefault("first_error", group.counter_report.details["first_error"])
         self._last_error[group.key] = (kernel.function, kernel.line)
-        first_time = group.first.time if group.lines else (group.counter_report or group.first).time
+        first_time = group.first_time if group.lines and group.first_time is not None else \
+            (group.counter_report or group.first).time
         self._emit("fs.error", group.first, group.placement, sources or ["sysfs"], kernel,
-                   count=count, last_time=max(group.last_time, first_time), details=details)
+                   count=count, last_time=max(group.last_time, first_time), details=details, time=first_time)
 
     def _close_state(self, group: _Group) -> None:
         mount = group.placement.mount_seq if group.placement else None
@@ -371,15 +377,17 @@ class Correlator:
             return  # nothing was reported read-only on this mount, so nothing recovered
         self._state[group.key] = (group.kind, mount)
         self._emit(group.kind, group.first, group.placement, group.sources, group.kernel,
-                   count=1, last_time=group.last_time, details=group.details)
+                   count=1, last_time=group.last_time, details=group.details, time=group.first_time)
 
     def _emit(self, kind: str, first: Observation, placement: Placement | None,
               sources: Iterable[str], kernel: Kernel, *, count: int,
-              last_time: float | None = None, details: dict[str, Any] | None = None) -> None:
+              last_time: float | None = None, details: dict[str, Any] | None = None,
+              time: float | None = None) -> None:
         device: Device | None = placement.device if placement else first.device
+        t = first.time if time is None else time
         event = Event(
             kind=kind,
-            time=first.time,
+            time=t,
             host=self.host,
             severity=first.severity or DEFAULT_SEVERITY.get(kind, "info"),
             device=device,
@@ -389,7 +397,7 @@ class Correlator:
             kernel=kernel,
             sources=tuple(sources),
             count=count,
-            first_time=first.time if last_time is not None else None,
+            first_time=t if last_time is not None else None,
             last_time=last_time,
             details=details or {},
         )

@@ -1,0 +1,554 @@
+"""Read recorded events and kernel logs as one stream of event dicts, in event time.
+
+Each file is recognised by its first lines (:func:`~.kerneltext.detect_format`):
+
+* an fsnotifyd JSONL journal or recording (every line a JSON object whose ``schema`` starts
+  with ``fsnotifyd.event/``): events pass through unchanged, ids included;
+* kernel log text (``dmesg``, ``dmesg -T``, ``journalctl -k`` …): every line goes through the
+  daemon's own kmsg classifier and a real :class:`~fsnotifyd.correlator.Correlator` running
+  on a virtual clock set to each line's time, so a month of log replays in seconds and the
+  events are the ones the daemon would have published from kmsg alone.
+
+Files are merged into one stream ordered by event time (``heapq.merge`` on time, then the
+order within the file, then the order of the paths). Within a file, events are put in time
+order with a small buffer (the correlator publishes a state event up to its window after
+its time; a journal holds events in publish order, not time order), so a file whose times
+jump backwards by more than the buffer comes out in its own order there.
+
+Deterministic: the same paths and arguments give the same output, byte for byte. Replayed
+text events get ids derived from where they came from (uuid5 of path, line and kind) and carry
+``details.replay = {"file": path, "line": n}``; nothing of this machine leaks in: no sysfs
+look-ups (a replay elsewhere must not pick up this host's loop devices), no mount table, no
+error counters or ledger, and ``host`` is the one named by the log line (journalctl) or the
+``host`` argument (default ``unknown``), never this machine's name.
+
+What replay cannot know, compared with the live daemon: major/minor numbers and mount points
+(events name the device only; VE attribution is by device name — a map's ``mounts`` and
+``images`` are accepted but cannot match), fanotify and sysfs views (``sources`` is
+``["kmsg"]``, ``count`` is 1 per line: the kernel's ``errors_count`` is not in the log), mount
+refusals inferred from sysfs, and lines ext4 or printk rate-limited away.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import heapq
+import io
+import itertools
+import json
+import os
+import sys
+import uuid
+from dataclasses import replace
+from datetime import datetime, tzinfo
+from typing import Any, Iterable, Iterator, Mapping
+
+import yaml
+
+from ..correlator import Correlator, CorrelatorSettings
+from ..errors import ConfigError
+from ..events import Event, Observation
+from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
+from ..sources.kmsg import KmsgRecord, classify, ext4_message
+from .kerneltext import ReadReport, detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
+
+__all__ = ["ReadReport", "read_events", "load_ve_map", "REPLAY_NAMESPACE"]
+
+# uuid5 namespace of replayed text events (a fixed random UUID: ids are stable across releases).
+REPLAY_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-5e8f-9a0b-1c2d3e4f5a6b")
+
+KMSG_KINDS = frozenset({"fs.error", "fs.warning", "fs.readonly", "fs.shutdown", "fs.mount_failed",
+                        "blk.io_error", "events.lost"})
+_KMSG_ONLY = frozenset({"kmsg"})
+
+DETECT_LINES = 64
+TEXT_SLACK = 2.0  # seconds of reordering buffer for kernel text (stamps jitter across CPUs)
+JSONL_SLACK = 30.0  # a journal is in publish order: state events trail their time by ~1 s
+NEW_YEAR = 180 * 86400  # a yearless stamp this far before the previous one crossed New Year
+NEW_BOOT = 1.0  # a monotonic stamp this far back: a new boot (concatenated dmesg outputs)
+# As KmsgSource: "mount failed" follows its reason line within this many records and µs.
+_REASON_RECORDS = 8
+_REASON_USEC = 1_000_000
+
+_Item = tuple[float, int, dict[str, Any]]
+
+
+def _kmsg_expected(kind: str, placement: Placement | None) -> frozenset[str]:
+    # Only kmsg exists in a replay: every view is complete as soon as kmsg has reported it.
+    return _KMSG_ONLY if kind in KMSG_KINDS else frozenset()
+
+
+class _NoSysBlock(SysBlock):
+    """Knows no device: a replay must not look this host's sysfs up."""
+
+    def devnum(self, name: str) -> tuple[int, int] | None:
+        return None
+
+    def name(self, major: int, minor: int) -> str | None:
+        return None
+
+    def backing_file(self, name: str) -> str | None:
+        return None
+
+
+class _ReplayInventory(Inventory):
+    """An inventory with no mount table, that numbers the mounts the log itself announces.
+
+    The correlator reports a read-only state once per mount (``mount_seq``); without a mount
+    table every read-only of a device would be one state forever. ``EXT4-fs (D): mounted
+    filesystem …`` (and a ``re-mounted …`` that is not read-only) in the log starts a new mount
+    of D.
+    """
+
+    def __post_init__(self) -> None:
+        self._replay_mounts: dict[str, int] = {}
+        self._replay_next = 0
+        super().__post_init__()
+
+    def mounted(self, name: str) -> None:
+        self._replay_next += 1
+        self._replay_mounts[name] = self._replay_next
+
+    def place(self, device, mount=None):  # type: ignore[override]
+        p = super().place(device, mount)
+        if p is not None and p.device.name in self._replay_mounts:
+            p = replace(p, mount_seq=self._replay_mounts[p.device.name])
+        return p
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+def _open_lines(path: str) -> Iterator[str]:
+    if path == "-":
+        f: io.BufferedIOBase = sys.stdin.buffer  # type: ignore[assignment]
+        close = False
+    else:
+        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # type: ignore[assignment]
+        close = True
+    try:
+        for raw in f:
+            yield raw.decode("utf-8", "replace").rstrip("\r\n")
+    finally:
+        if close:
+            f.close()
+
+
+def _event_time(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt.timestamp() if dt.tzinfo is not None else None
+
+
+class _Reorder:
+    """A min-heap of (time, seq, event) released up to a watermark."""
+
+    def __init__(self) -> None:
+        self.heap: list[_Item] = []
+        self.seq = 0
+
+    def push(self, t: float, d: dict[str, Any]) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, d))
+
+    def release(self, watermark: float | None) -> Iterator[_Item]:
+        while self.heap and (watermark is None or self.heap[0][0] <= watermark):
+            yield heapq.heappop(self.heap)
+
+
+def _jsonl(path: str, lines: Iterable[str], report: ReadReport) -> Iterator[_Item]:
+    buf = _Reorder()
+    latest = float("-inf")
+    for lineno, line in enumerate(lines, 1):
+        report.lines += 1
+        text = line.strip()
+        if not text:
+            report.ignored += 1
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            report.skip(path, lineno, f"not JSON ({e.msg})", text)
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("schema"), str) \
+                or not obj["schema"].startswith("fsnotifyd.event/"):
+            report.skip(path, lineno, "not an fsnotifyd event", text)
+            continue
+        t = _event_time(obj.get("time"))
+        if t is None:
+            report.skip(path, lineno, "event without a valid time", text)
+            continue
+        report.jsonl_events += 1
+        report.events += 1
+        buf.push(t, obj)
+        latest = max(latest, t)
+        yield from buf.release(latest - JSONL_SLACK)
+    yield from buf.release(None)
+
+
+class _TextReplay:
+    """Kernel text of one file → events, through a correlator on a virtual clock."""
+
+    def __init__(self, path: str, ves: list[VE], *, year: int | None, boot_time: float | None,
+                 tz: tzinfo | None, host: str, report: ReadReport,
+                 settings: CorrelatorSettings) -> None:
+        self.path, self.ves, self.year, self.boot_time, self.tz = path, ves, year, boot_time, tz
+        self.host, self.report, self.settings = host, report, settings
+        self.max_window = max(settings.window, settings.state_window, settings.io_window)
+        self.buf = _Reorder()
+        # (first line, host) each time the lines' host changes (journalctl -m merges hosts)
+        self.host_lines: list[int] = []
+        self.host_names: list[str] = []
+        self._new_correlator()
+
+    def _new_correlator(self) -> None:
+        self.now = float("-inf")  # a new boot's stamps may start over
+        self.inventory = _ReplayInventory(ves=list(self.ves), mountinfo=lambda: [], sys=_NoSysBlock())
+        self.corr = Correlator(inventory=self.inventory, publish=self._publish, counters=None,
+                               ledger=None, expected=_kmsg_expected, settings=self.settings,
+                               host=self.host, clock=lambda: self.now)
+        self.reasons: dict[str, tuple[int, int, str]] = {}
+
+    def _publish(self, event: Event) -> None:
+        d = event.to_dict()
+        where = event.details.get("replay") if isinstance(event.details, Mapping) else None
+        line = where.get("line") if isinstance(where, Mapping) else None
+        d["id"] = str(uuid.uuid5(REPLAY_NAMESPACE, f"{self.path}:{line}:{event.kind}"))
+        d["host"] = self._host_of(line) if isinstance(line, int) else self.host
+        self.report.events += 1
+        self.buf.push(event.time, d)
+
+    def _host_of(self, line: int) -> str:
+        i = bisect.bisect_right(self.host_lines, line) - 1
+        return self.host_names[i] if i >= 0 else self.host
+
+    def _new_boot(self) -> Iterator[_Item]:
+        self.corr.flush()
+        yield from self.buf.release(None)
+        self._new_correlator()
+
+    def run(self, lines: Iterable[str]) -> Iterator[_Item]:
+        report, path = self.report, self.path
+        year = self.year
+        last_yearless: float | None = None
+        last_mono: float | None = None
+        after_entry = False
+        seq = 0
+        for lineno, line in enumerate(lines, 1):
+            report.lines += 1
+            if not line.strip() or is_marker(line):
+                report.ignored += 1
+                after_entry = False
+                if is_boot_marker(line):
+                    yield from self._new_boot()
+                continue
+            if after_entry and is_continuation(line):
+                report.ignored += 1
+                continue
+            entry = parse_entry(line, year=year, tz=self.tz)
+            if entry is None:
+                after_entry = False
+                report.skip(path, lineno, "not a kernel log line", line)
+                continue
+            after_entry = True
+            if entry.yearless:
+                if last_yearless is not None and entry.time < last_yearless - NEW_YEAR:
+                    year = (year if year is not None else datetime.now(self.tz).year) + 1
+                    entry = parse_entry(line, year=year, tz=self.tz) or entry
+                last_yearless = entry.time
+            if entry.monotonic:
+                if self.boot_time is None:
+                    report.monotonic_without_boot_time = True
+                if last_mono is not None and entry.time < last_mono - NEW_BOOT:
+                    yield from self._new_boot()
+                last_mono = entry.time
+            report.entries += 1
+            seq += 1
+            rec = to_record(entry, seq)
+            base = (self.boot_time or 0.0) if entry.monotonic else 0.0
+            obs = classify(rec, base)
+            if obs is None:
+                if rec.facility == 0:
+                    self._note(rec)
+                continue
+            if obs.kind == "fs.mount_failed":
+                obs = self._with_reason(rec, obs)
+            obs = replace(obs, details={**obs.details, "replay": {"file": path, "line": lineno}})
+            host = entry.host or self.host
+            if host != (self.host_names[-1] if self.host_names else self.host):
+                self.host_lines.append(lineno)
+                self.host_names.append(host)
+            report.observations += 1
+            yield from self._observe(obs)
+        self.corr.flush()
+        yield from self.buf.release(None)
+
+    def _observe(self, obs: Observation) -> Iterator[_Item]:
+        self.now = max(self.now, obs.time)
+        self.corr.expire()
+        self.corr.observe(obs)
+        watermark = self.now
+        deadline = self.corr.next_deadline()
+        if deadline is not None:
+            # An open group's event will carry its first observation's time, which is its
+            # deadline minus its window.
+            watermark = min(watermark, deadline - self.max_window)
+        yield from self.buf.release(watermark - TEXT_SLACK)
+
+    def _note(self, rec: KmsgRecord) -> None:
+        found = ext4_message(rec)
+        if found is None:
+            return
+        dev, text = found
+        # 6.18 prints "re-mounted UUID ro." for a remount read-only, "re-mounted UUID r/w."
+        # for read-only → writable and "re-mounted UUID." for writable → writable.
+        if text.startswith("mounted filesystem") or (text.startswith("re-mounted") and not text.endswith(" ro.")):
+            self.inventory.mounted(dev)
+        if dev not in self.reasons and len(self.reasons) >= 64:
+            self.reasons.pop(next(iter(self.reasons)))
+        self.reasons[dev] = (rec.seq, rec.ts_usec, text)
+
+    def _with_reason(self, rec: KmsgRecord, obs: Observation) -> Observation:
+        # The same rule as the live KmsgSource: ext4 prints the reason on the line before.
+        name = obs.device.name if obs.device is not None else None
+        found = self.reasons.pop(name, None) if name is not None else None
+        if found is None:
+            return obs
+        seq, ts, text = found
+        if not (0 < rec.seq - seq <= _REASON_RECORDS and 0 <= rec.ts_usec - ts <= _REASON_USEC):
+            return obs
+        return replace(obs, kernel=replace(obs.kernel, message=text), details={**obs.details, "reason": text})
+
+
+def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float | None,
+                 tz: tzinfo | None, host: str, report: ReadReport,
+                 settings: CorrelatorSettings) -> Iterator[_Item]:
+    lines = _open_lines(path)
+    head = list(itertools.islice(lines, DETECT_LINES))
+    fmt = detect_format(head)
+    report.files[path] = fmt
+    everything = itertools.chain(head, lines)
+    if fmt == "jsonl":
+        yield from _jsonl(path, everything, report)
+    else:
+        yield from _TextReplay(path, ves, year=year, boot_time=boot_time, tz=tz, host=host,
+                               report=report, settings=settings).run(everything)
+
+
+def _as_ves(ves: Iterable[VE] | Mapping[str, str]) -> list[VE]:
+    if isinstance(ves, Mapping):
+        by_ve: dict[str, list[str]] = {}
+        for device, ve in ves.items():
+            by_ve.setdefault(validate_ve_id(ve), []).append(device)
+        return [VE(ve, devices=tuple(devs)) for ve, devs in by_ve.items()]
+    return list(ves)
+
+
+def read_events(
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    ves: Iterable[VE] | Mapping[str, str] = (),
+    year: int | None = None,
+    boot_time: float | None = None,
+    report: ReadReport | None = None,
+    tz: tzinfo | None = None,
+    host: str | None = None,
+    settings: CorrelatorSettings = CorrelatorSettings(),
+) -> Iterator[dict[str, Any]]:
+    """Events (``Event.to_dict()`` form) from JSONL journals and kernel log files, merged in time.
+
+    ``ves``: VE objects (or a ``{"loop0": "101"}`` device → VE map) for attribution of kernel
+    text events. ``year``: the year of yearless ``journalctl`` stamps (default: this year).
+    ``boot_time``: epoch seconds of boot, to put ``dmesg`` stamps in wall time (default: used
+    as they are; relative timing still replays correctly). ``tz``: the zone of local times in
+    the logs (default: this machine's). ``host``: the host of lines that do not name one
+    (default ``unknown``). ``report`` is filled in while iterating: counts, and the file:line
+    of the first few lines skipped. ``"-"`` reads standard input; ``.gz`` files are read
+    decompressed.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    report = report if report is not None else ReadReport()
+    ve_list = _as_ves(ves)
+    Inventory(ves=list(ve_list), mountinfo=lambda: [], sys=_NoSysBlock())  # duplicate ids fail now
+    streams = [
+        _file_events(os.fspath(p), ves=ve_list, year=year, boot_time=boot_time, tz=tz,
+                     host=host or "unknown", report=report, settings=settings)
+        for p in paths
+    ]
+    for _, _, event in heapq.merge(*streams, key=_merge_key):
+        yield event
+
+
+def _merge_key(item: _Item) -> tuple[float, int]:
+    return item[0], item[1]
+
+
+# --------------------------------------------------------------------------------------------
+# VE maps
+
+
+class _N:
+    """A parsed value with the line it came from (None when unknown).
+
+    ``kind`` is ``map`` (value: list of (key, value) pairs, duplicates kept), ``seq`` (list),
+    ``str`` or ``null``.
+    """
+
+    __slots__ = ("kind", "value", "line")
+
+    def __init__(self, kind: str, value: Any, line: int | None) -> None:
+        self.kind, self.value, self.line = kind, value, line
+
+
+class _Pairs(list):  # a JSON object, as json's object_pairs_hook hands it over
+    pass
+
+
+def _from_yaml(node: yaml.Node) -> _N:
+    line = node.start_mark.line + 1 if node.start_mark is not None else None
+    if isinstance(node, yaml.MappingNode):
+        return _N("map", [(_from_yaml(k), _from_yaml(v)) for k, v in node.value], line)
+    if isinstance(node, yaml.SequenceNode):
+        return _N("seq", [_from_yaml(v) for v in node.value], line)
+    if node.tag.endswith(":null"):
+        return _N("null", None, line)
+    return _N("str", str(node.value), line)
+
+
+def _from_json(obj: Any) -> _N:
+    if isinstance(obj, _Pairs):
+        return _N("map", [(_from_json(k), _from_json(v)) for k, v in obj], None)
+    if isinstance(obj, list):
+        return _N("seq", [_from_json(v) for v in obj], None)
+    if obj is None:
+        return _N("null", None, None)
+    if isinstance(obj, bool):
+        return _N("str", "true" if obj else "false", None)
+    return _N("str", str(obj), None)
+
+
+_FIELDS = {"devices": "devices", "device": "devices", "mounts": "mounts", "mount": "mounts",
+           "images": "images", "image": "images", "labels": "labels", "cgroup": "cgroup"}
+
+
+def load_ve_map(path: str | os.PathLike[str]) -> tuple[VE, ...]:
+    """VEs from a small YAML or JSON map file, in either of two shapes (mixable)::
+
+        {"101": {"devices": ["loop0"], "mounts": ["/vz/root/101"], "images": [...],
+                 "labels": {"tier": "gold"}, "cgroup": "..."}}
+        {"loop0": "101", "loop1": "102"}          # device → VE id
+
+    A key whose value is a mapping is a VE id; a key whose value is a string is a device.
+    ``device``, ``mount`` and ``image`` are accepted for their plurals, and each takes one
+    string or a list. Errors are :class:`~fsnotifyd.errors.ConfigError` naming file and line.
+    """
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read VE map: {e.strerror or e}", file=file) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"VE map is not UTF-8 text: {e.reason}", file=file) from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = None if node is None else _from_yaml(node)
+    except yaml.YAMLError as e:
+        # JSON that PyYAML's YAML 1.1 reader refuses (tabs, "\\/") is still JSON.
+        try:
+            root = _from_json(json.loads(text, object_pairs_hook=_Pairs))
+        except ValueError:
+            mark = getattr(e, "problem_mark", None)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"VE map is neither YAML nor JSON: {problem}", file=file,
+                              line=mark.line + 1 if mark is not None else None) from None
+    return _ves_from(root, file)
+
+
+def _ves_from(root: _N | None, file: str) -> tuple[VE, ...]:
+    def err(msg: str, n: _N, field: str | None = None) -> ConfigError:
+        return ConfigError(msg, file=file, line=n.line, field=field)
+
+    if root is None or root.kind == "null":
+        return ()
+    if root.kind != "map":
+        raise err("a VE map is a mapping: {VE id: {devices: [...]}} or {device: VE id}", root)
+    found: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}  # device → VE id
+    keys_seen: set[str] = set()
+
+    def entry_of(ve: str) -> dict[str, Any]:
+        return found.setdefault(ve, {"devices": [], "mounts": [], "images": [], "labels": {}, "cgroup": None})
+
+    def ve_id(n: _N, field: str) -> str:
+        try:
+            return validate_ve_id(n.value)
+        except ConfigError as e:
+            raise ConfigError(str(e).split(" (field")[0], file=file, line=n.line, field=field) from None
+
+    def strings(n: _N, field: str) -> list[_N]:
+        items = n.value if n.kind == "seq" else [n]
+        for item in items:
+            if item.kind != "str" or not item.value:
+                raise err("expected a non-empty string or a list of them", item, field)
+        return items
+
+    def claim(device: str, ve: str, n: _N) -> None:
+        prior = owner.setdefault(device, ve)
+        if prior != ve:
+            raise err(f"device {device!r} is given to VE {prior!r} and to VE {ve!r}", n, device)
+
+    for k, v in root.value:
+        if k.kind != "str":
+            raise err("keys are VE ids or device names (strings)", k)
+        if k.value in keys_seen:
+            raise err(f"duplicate key {k.value!r}", k, k.value)
+        keys_seen.add(k.value)
+        if v.kind == "str":  # {"loop0": "101"}
+            ve = ve_id(v, k.value)
+            claim(k.value, ve, v)
+            entry_of(ve)["devices"].append(k.value)
+            continue
+        if v.kind != "map":
+            raise err(f"{k.value!r}: expected a VE id (device map) or a mapping of devices, mounts, "
+                      "images, labels (VE map)", v, k.value)
+        ve = ve_id(k, k.value)
+        entry = entry_of(ve)
+        for fk, fv in v.value:
+            name = _FIELDS.get(fk.value) if fk.kind == "str" else None
+            where = f"{ve}.{fk.value}"
+            if name is None:
+                raise err(f"unknown field {fk.value!r} (known: devices, mounts, images, labels, cgroup)", fk, where)
+            if name == "labels":
+                if fv.kind != "map":
+                    raise err("labels: expected a mapping of names to values", fv, where)
+                for lk, lv in fv.value:
+                    if lk.kind != "str" or lv.kind != "str":
+                        raise err("labels: names and values are strings", lk, where)
+                    entry["labels"][lk.value] = lv.value
+            elif name == "cgroup":
+                if fv.kind != "str":
+                    raise err("cgroup: expected a string", fv, where)
+                entry["cgroup"] = fv.value
+            else:
+                items = strings(fv, where)
+                if name == "devices":
+                    for item in items:
+                        claim(item.value, ve, item)
+                values = [item.value for item in items]
+                if name == "mounts":
+                    values = [os.path.normpath(m) for m in values]
+                entry[name].extend(values)
+    return tuple(
+        VE(ve, mounts=tuple(dict.fromkeys(e["mounts"])), devices=tuple(dict.fromkeys(e["devices"])),
+           images=tuple(dict.fromkeys(e["images"])), cgroup=e["cgroup"],
+           labels=tuple(sorted(e["labels"].items())))
+        for ve, e in found.items()
+    )
