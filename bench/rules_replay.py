@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -20,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsnotifyd.replay.reader import read_events  # noqa: E402
+from fsnotifyd.events import rfc3339  # noqa: E402
+from fsnotifyd.replay.reader import read_timed_events  # noqa: E402
 from fsnotifyd.rules.engine import Engine  # noqa: E402
 from fsnotifyd.rules.loader import load_rules  # noqa: E402
 
@@ -70,7 +70,7 @@ def write_log(path: Path, n: int) -> None:
             r = random.random()
             kind = "fs.error" if r < 0.85 else "fs.readonly" if r < 0.9 else "blk.io_error" if r < 0.97 else "fs.writable"
             errno_name, errno_num = random.choice(ERRNOS)
-            ev = {"schema": "fsnotifyd.event/1", "id": f"{i:032x}", "time": t, "host": "h", "kind": kind,
+            ev = {"schema": "fsnotifyd.event/1", "id": f"{i:032x}", "time": rfc3339(t), "host": "h", "kind": kind,
                   "severity": "error", "device": {"major": 7, "minor": ve, "name": f"loop{ve}"}, "fs": "ext4",
                   "mount": f"/vz/root/{ve}", "ve": str(ve),
                   "kernel": {"errno": {"name": errno_name, "number": errno_num}, "function": random.choice(FUNCS),
@@ -105,8 +105,8 @@ def main() -> int:
         decisions = fired = 0
         t0 = time.perf_counter()
         cpu0 = time.process_time()
-        for i, ev in enumerate(read_events([str(log_path)]), 1):
-            for d in engine.process(ev):
+        for i, (t, ev) in enumerate(read_timed_events([str(log_path)]), 1):
+            for d in engine.process(ev, t):
                 decisions += 1
                 fired += d.outcome == "fired"
             if i in marks:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence, TextIO
 
 from ..inventory import VE
-from ..replay.reader import ReadReport, load_ve_map, read_events
+from ..replay.reader import ReadReport, load_ve_map, read_timed_events
 from ..rules.engine import Decision, Engine
 from ..rules.loader import load_rules
 
@@ -61,9 +61,9 @@ def replay(rules: Sequence[str], logs: Sequence[str], *, ves: Sequence[VE] = (),
     report = ReadReport()
     decisions: list[Decision] = []
     n = 0
-    for event in read_events(logs, ves=ves, year=year, boot_time=boot_time, report=report):
+    for t, event in read_timed_events(logs, ves=ves, year=year, boot_time=boot_time, report=report):
         n += 1
-        decisions.extend(engine.process(event))
+        decisions.extend(engine.process(event, t))
     return RulesTestResult(decisions, n, report)
 
 

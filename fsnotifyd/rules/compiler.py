@@ -110,12 +110,22 @@ def ve_predicate(sel: VeSelector, labels_of: LabelsOf) -> Predicate:
     return match
 
 
-def match_predicate(m: Match, labels_of: LabelsOf) -> Predicate:
-    preds = [condition(c) for c in m.conditions]
+def _always(e: Event) -> bool:
+    return True
+
+
+def match_predicate(m: Match, labels_of: LabelsOf, skip: str | None = None) -> Predicate:
+    """The match as one predicate; ``skip`` names a field an index already guarantees."""
+    preds = [condition(c) for c in m.conditions
+             if not (skip is not None and c.field == skip and c.op in _INDEXABLE)]
     if m.ve is not None:
-        preds.append(ve_predicate(m.ve, labels_of))
+        sel = m.ve
+        if skip == "ve" and sel.ids and not any(c.field == "ve" and c.op in _INDEXABLE for c in m.conditions):
+            sel = VeSelector((), sel.labels)
+        if sel.ids or sel.labels:
+            preds.append(ve_predicate(sel, labels_of))
     if not preds:
-        return lambda e: True
+        return _always
     if len(preds) == 1:
         return preds[0]
     if len(preds) == 2:
@@ -155,7 +165,7 @@ class _KindIndex:
     rules that do not pin it, instead of every rule of its kind.
     """
 
-    def __init__(self, rules: list[CompiledRule]) -> None:
+    def __init__(self, rules: list[CompiledRule], labels_of: LabelsOf) -> None:
         self.rules = rules
         self.get: Callable[[Event], Any] | None = None
         self.cache: dict[Any, list[CompiledRule]] = {}
@@ -171,8 +181,12 @@ class _KindIndex:
         self.rest = [cr for cr in rules if field not in pinned[cr.index]]
         self.by_value: dict[Any, list[CompiledRule]] = {}
         for cr in rules:
-            for v in pinned[cr.index].get(field, ()):
-                self.by_value.setdefault(v, []).append(cr)
+            if field not in pinned[cr.index]:
+                continue
+            # Found through the index, the rule need not test the indexed field again.
+            residual = CompiledRule(cr.index, cr.rule, match_predicate(cr.rule.match, labels_of, skip=field))
+            for v in pinned[cr.index][field]:
+                self.by_value.setdefault(v, []).append(residual)
 
     def candidates(self, event: Event) -> list[CompiledRule]:
         if self.get is None:
@@ -199,6 +213,7 @@ class Compiled:
     by_kind: dict[str, list[CompiledRule]]
     wildcard: list[tuple[tuple[str, ...], CompiledRule]]  # prefix patterns / any kind
     _cache: dict[str, _KindIndex]
+    labels_of: LabelsOf = lambda ve: {}
 
     def for_kind(self, kind: str) -> list[CompiledRule]:
         return self._index(kind).rules
@@ -217,7 +232,7 @@ class Compiled:
             for prefixes, cr in self.wildcard:
                 if not prefixes or any(kind.startswith(p) for p in prefixes):
                     found[cr.index] = cr
-            hit = _KindIndex([found[i] for i in sorted(found)])
+            hit = _KindIndex([found[i] for i in sorted(found)], self.labels_of)
             if len(self._cache) < 4096:
                 self._cache[kind] = hit
         return hit
@@ -236,4 +251,4 @@ def compile_rules(ruleset: RuleSet, labels_of: LabelsOf = lambda ve: {}) -> Comp
             by_kind.setdefault(k, []).append(cr)
         if prefixes or not rule.match.kinds:
             wildcard.append((prefixes, cr))
-    return Compiled(rules, by_kind, wildcard, {})
+    return Compiled(rules, by_kind, wildcard, {}, labels_of)

@@ -17,12 +17,12 @@ away ends everything about it, and a rule's ``reset_on`` kinds end its own.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from ..events import Device, Event, Kernel
-from .compiler import Compiled, CompiledRule, LabelsOf, compile_rules
+from .compiler import Compiled, CompiledRule, LabelsOf, _always, compile_rules
 from .schema import RECOVERY, Action, RuleSet
 
 FIRED, THRESHOLD, COOLDOWN = "fired", "threshold", "cooldown"
@@ -41,8 +41,9 @@ def event_time(e: Mapping[str, Any]) -> float:
     return 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: immutable all the same, and built several times
+    # per event in a replay, where a frozen dataclass's per-field __setattr__ is the cost.
     time: float
     rule: str
     outcome: str  # fired | threshold | cooldown
@@ -134,7 +135,9 @@ class Engine:
         self._recovery_kinds = frozenset(RECOVERY) | frozenset(self._resets) | {"dev.change"}
 
     # -- processing --------------------------------------------------------------------------
-    def process(self, event: Mapping[str, Any]) -> list[Decision]:
+    def process(self, event: Mapping[str, Any], now: float | None = None) -> list[Decision]:
+        """Decide on one event; ``now`` is its time as epoch seconds when the caller already
+        parsed it (else it is read from the event's ``time``)."""
         self.stats.events += 1
         kind = event.get("kind")
         if not isinstance(kind, str):
@@ -144,11 +147,12 @@ class Engine:
         candidates = self.compiled.candidates(kind, event)
         if not candidates:
             return []
-        matched = [cr for cr in candidates if cr.predicate(event)]
+        matched = [cr for cr in candidates if cr.predicate is _always or cr.predicate(event)]
         if not matched:
             return []
         # What every decision on this event shares, computed once.
-        now = event_time(event)
+        if now is None:
+            now = event_time(event)
         ve = event.get("ve")
         dev = event.get("device")
         device = dev.get("name") if isinstance(dev, dict) else None
