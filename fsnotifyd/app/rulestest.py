@@ -93,6 +93,7 @@ def run(rules: Sequence[str], logs: Sequence[str], *, expect: str | None = None,
         print_table(result.decisions, out)
         fired = sum(d.outcome == "fired" for d in result.decisions)
         out.write(f"\n{result.events} events, {len(result.decisions)} decisions, {fired} fired\n")
+    out.flush()
     for line in result.report.summary():
         err.write(f"fsnotifyd: {line}\n")
     if expect is None:

@@ -195,9 +195,9 @@ class Engine:
             horizon = now - th.within
             while entries and entries[0][0] < horizon:
                 w.total -= entries.popleft()[1]
-            # Keep only the newest entries that still reach the threshold: enough to decide,
-            # and at most threshold.count of them however long the storm (or the cooldown).
-            while len(entries) > 1 and w.total - entries[0][1] >= th.count:
+            # At most threshold.count entries, however long the storm (or the cooldown): each
+            # stands for at least one fact, so the newest `count` of them still reach it.
+            while len(entries) > th.count:
                 w.total -= entries.popleft()[1]
             total, need, within = w.total, th.count, th.within
             self.dirty = True
@@ -299,8 +299,10 @@ class Engine:
 
 
 def _fmt(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
+    """A duration as people write it: 10m, 1h, 59m58s, 9.9s."""
+    if seconds < 60:
+        return f"{seconds:.1f}s".replace(".0s", "s")
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
