@@ -15,6 +15,7 @@ test: bootstrap
 bench: bootstrap
 	$(PY) bench/latency.py
 	$(PY) bench/memory.py
+	$(PY) bench/rules_replay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
