@@ -163,61 +163,63 @@ class Engine:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             count = 1
         out: list[Decision] = []
-        self.stats.matched += len(matched)
+        stats = self.stats
+        stats.matched += len(matched)
+        windows, cooldowns = self._windows, self._cooldowns
+        # The per-rule decision, inlined: in a replay this loop runs several times per event.
         for cr in matched:
             rule = cr.rule
             th = rule.threshold
             key = dev_key if th is not None and th.per == "device" else ve_key
-            d = self._decide(rule, th, key, now, ve, device, eid, count)
-            out.append(d)
-            if d.outcome == FIRED and not rule.continue_:
-                self.stats.matched -= len(matched) - len(out)
+            skey = (rule.name, key)
+            ids: tuple[str, ...] = (eid,)
+            total = need = 0
+            within = 0.0
+            if th is not None:
+                w = windows.get(skey)
+                if w is None:
+                    w = self._new_window(skey)
+                entries = w.entries
+                if count:
+                    entries.append((now, count, eid))
+                    w.total += count
+                horizon = now - th.within
+                while entries and entries[0][0] < horizon:
+                    w.total -= entries.popleft()[1]
+                # At most threshold.count entries, however long the storm (or the cooldown):
+                # each stands for at least one fact, so the newest `count` still reach it.
+                while len(entries) > th.count:
+                    w.total -= entries.popleft()[1]
+                total, need, within = w.total, th.count, th.within
+                self.dirty = True
+                if total < need:
+                    stats.suppressed_threshold += 1
+                    out.append(Decision(now, rule.name, THRESHOLD, ve, device, key, rule.actions, rule.dry_run,
+                                        ids, total, need, within))
+                    continue
+                ids = tuple([e[2] for e in entries])
+            if rule.cooldown > 0:
+                last = cooldowns.get(skey)
+                if last is not None and now - last < rule.cooldown:
+                    stats.suppressed_cooldown += 1
+                    out.append(Decision(now, rule.name, COOLDOWN, ve, device, key, rule.actions, rule.dry_run,
+                                        ids, total, need, within, last + rule.cooldown - now))
+                    continue
+                self._touch(cooldowns, skey, now)
+                self.dirty = True
+            if th is not None:
+                windows.pop(skey, None)  # a fired threshold starts counting afresh
+            stats.fired += 1
+            out.append(Decision(now, rule.name, FIRED, ve, device, key, rule.actions, rule.dry_run,
+                                ids, total, need, within))
+            if not rule.continue_:
+                stats.matched -= len(matched) - len(out)
                 break
         return out
 
     def process_all(self, events: Iterable[Mapping[str, Any]]) -> Iterable[Decision]:
         for e in events:
             yield from self.process(e)
-
-    def _decide(self, rule, th, key: str, now: float, ve, device, eid: str, count: int) -> Decision:
-        skey = (rule.name, key)
-        ids: tuple[str, ...] = (eid,)
-        total = need = 0
-        within = 0.0
-        if th is not None:
-            w = self._windows.get(skey)
-            if w is None:
-                w = self._new_window(skey)
-            entries = w.entries
-            if count:
-                entries.append((now, count, eid))
-                w.total += count
-            horizon = now - th.within
-            while entries and entries[0][0] < horizon:
-                w.total -= entries.popleft()[1]
-            # At most threshold.count entries, however long the storm (or the cooldown): each
-            # stands for at least one fact, so the newest `count` of them still reach it.
-            while len(entries) > th.count:
-                w.total -= entries.popleft()[1]
-            total, need, within = w.total, th.count, th.within
-            self.dirty = True
-            if total < need:
-                self.stats.suppressed_threshold += 1
-                return Decision(now, rule.name, THRESHOLD, ve, device, key, rule.actions, rule.dry_run, ids,
-                                total, need, within)
-            ids = tuple(e[2] for e in entries)
-        if rule.cooldown > 0:
-            last = self._cooldowns.get(skey)
-            if last is not None and now - last < rule.cooldown:
-                self.stats.suppressed_cooldown += 1
-                return Decision(now, rule.name, COOLDOWN, ve, device, key, rule.actions, rule.dry_run, ids,
-                                total, need, within, last + rule.cooldown - now)
-            self._touch(self._cooldowns, skey, now)
-            self.dirty = True
-        if th is not None:
-            self._windows.pop(skey, None)  # a fired threshold starts counting afresh
-        self.stats.fired += 1
-        return Decision(now, rule.name, FIRED, ve, device, key, rule.actions, rule.dry_run, ids, total, need, within)
 
     def _new_window(self, skey: tuple[str, str]) -> _Window:
         w = self._windows[skey] = _Window(collections.deque())
