@@ -115,15 +115,92 @@ def _always(e: Event) -> bool:
 
 
 def match_predicate(m: Match, labels_of: LabelsOf, skip: str | None = None) -> Predicate:
-    """The match as one predicate; ``skip`` names a field an index already guarantees."""
-    preds = [condition(c) for c in m.conditions
-             if not (skip is not None and c.field == skip and c.op in _INDEXABLE)]
+    """The match as one predicate; ``skip`` names a field an index already guarantees.
+
+    Generated as the source of one flat function (field reads and operators inline), because
+    in a replay predicates run several times per event and nested closure calls cost more
+    than the tests themselves. :func:`closure_predicate` is the plain reference version; a
+    property test holds the two to the same answers.
+    """
+    conds = [c for c in m.conditions if not (skip is not None and c.field == skip and c.op in _INDEXABLE)]
+    sel = m.ve
+    if sel is not None and skip == "ve" and sel.ids and not any(
+            c.field == "ve" and c.op in _INDEXABLE for c in m.conditions):
+        sel = VeSelector((), sel.labels)
+    if sel is not None and not (sel.ids or sel.labels):
+        sel = None
+    if not conds and sel is None:
+        return _always
+    return _generate(conds, sel, labels_of)
+
+
+_CODE = {
+    "equals": "v == {c}",
+    "ne": "v != {c}",
+    "in": "(v.__class__ is not list and v.__class__ is not dict and v in {c})",
+    "in_list": "(v.__class__ is not list and v.__class__ is not dict and v in {c})",
+    "not_in": "not (v.__class__ is not list and v.__class__ is not dict and v in {c})",
+    "regex": "(v is not None and {c}.fullmatch(v if v.__class__ is str else str(v)) is not None)",
+    "prefix": "(v.__class__ is str and v.startswith({c}))",
+    "suffix": "(v.__class__ is str and v.endswith({c}))",
+    "contains": "(v.__class__ is str and {c} in v)",
+    "gt": "((v.__class__ is int or v.__class__ is float) and v > {c})",
+    "ge": "((v.__class__ is int or v.__class__ is float) and v >= {c})",
+    "lt": "((v.__class__ is int or v.__class__ is float) and v < {c})",
+    "le": "((v.__class__ is int or v.__class__ is float) and v <= {c})",
+}
+
+
+def _read_field(path: str) -> list[str]:
+    parts = path.split(".")
+    lines = [f"v = e.get({parts[0]!r})"]
+    for p in parts[1:]:
+        lines.append(f"v = v.get({p!r}) if v.__class__ is dict else None")
+    return lines
+
+
+def _generate(conds: list[Condition], sel: VeSelector | None, labels_of: LabelsOf) -> Predicate:
+    ns: dict[str, Any] = {}
+    body: list[str] = []
+    for i, c in enumerate(conds):
+        name = f"C{i}"
+        if c.op in ("in", "in_list", "not_in"):
+            ns[name] = frozenset(c.value)
+        elif c.op == "regex":
+            ns[name] = re.compile(c.value)
+        else:
+            ns[name] = c.value
+        body += _read_field(c.field)
+        if c.op == "exists":
+            test = "v is not None" if c.value else "v is None"
+        else:
+            test = _CODE[c.op].format(c=name)
+        body.append(f"if not ({test}): return False")
+    if sel is not None:
+        body.append("v = e.get('ve')")
+        body.append("if v is None: return False")
+        if sel.ids:
+            ns["VE_IDS"] = frozenset(sel.ids)
+            body.append("if v not in VE_IDS: return False")
+        if sel.labels:
+            ns["LABELS"] = tuple(sel.labels)
+            ns["labels_of"] = labels_of
+            body.append("have = labels_of(v)")
+            body.append("for k, want in LABELS:")
+            body.append("    if have.get(k) != want: return False")
+    body.append("return True")
+    src = "def predicate(e):\n" + "\n".join("    " + line for line in body) + "\n"
+    exec(compile(src, "<fsnotifyd rule predicate>", "exec"), ns)  # noqa: S102 - built from checked rules
+    fn = ns["predicate"]
+    fn.source = src  # for debugging: print(rule predicate source)
+    return fn
+
+
+def closure_predicate(m: Match, labels_of: LabelsOf) -> Predicate:
+    """The reference predicate, built from the per-operator closures."""
+    preds = [condition(c) for c in m.conditions]
     if m.ve is not None:
-        sel = m.ve
-        if skip == "ve" and sel.ids and not any(c.field == "ve" and c.op in _INDEXABLE for c in m.conditions):
-            sel = VeSelector((), sel.labels)
-        if sel.ids or sel.labels:
-            preds.append(ve_predicate(sel, labels_of))
+        preds.append(ve_predicate(m.ve, labels_of))
     if not preds:
         return _always
     if len(preds) == 1:

@@ -120,8 +120,12 @@ class _Window:
 
 
 class Engine:
-    def __init__(self, ruleset: RuleSet, *, labels_of: LabelsOf = lambda ve: {}, max_keys: int = 100_000) -> None:
+    def __init__(self, ruleset: RuleSet, *, labels_of: LabelsOf = lambda ve: {}, max_keys: int = 100_000,
+                 explain: bool = True) -> None:
+        """``explain=False`` returns only fired decisions (suppressed ones are still counted in
+        ``stats``): a month of log replays without building millions of suppressed rows."""
         self.ruleset = ruleset
+        self.explain = explain
         self.compiled: Compiled = compile_rules(ruleset, labels_of)
         self.max_keys = max_keys
         self.stats = EngineStats()
@@ -165,7 +169,7 @@ class Engine:
         out: list[Decision] = []
         stats = self.stats
         stats.matched += len(matched)
-        windows, cooldowns = self._windows, self._cooldowns
+        windows, cooldowns, explain = self._windows, self._cooldowns, self.explain
         # The per-rule decision, inlined: in a replay this loop runs several times per event.
         for cr in matched:
             rule = cr.rule
@@ -194,16 +198,18 @@ class Engine:
                 self.dirty = True
                 if total < need:
                     stats.suppressed_threshold += 1
-                    out.append(Decision(now, rule.name, THRESHOLD, ve, device, key, rule.actions, rule.dry_run,
-                                        ids, total, need, within))
+                    if explain:
+                        out.append(Decision(now, rule.name, THRESHOLD, ve, device, key, rule.actions,
+                                            rule.dry_run, ids, total, need, within))
                     continue
                 ids = tuple([e[2] for e in entries])
             if rule.cooldown > 0:
                 last = cooldowns.get(skey)
                 if last is not None and now - last < rule.cooldown:
                     stats.suppressed_cooldown += 1
-                    out.append(Decision(now, rule.name, COOLDOWN, ve, device, key, rule.actions, rule.dry_run,
-                                        ids, total, need, within, last + rule.cooldown - now))
+                    if explain:
+                        out.append(Decision(now, rule.name, COOLDOWN, ve, device, key, rule.actions,
+                                            rule.dry_run, ids, total, need, within, last + rule.cooldown - now))
                     continue
                 self._touch(cooldowns, skey, now)
                 self.dirty = True
@@ -213,7 +219,7 @@ class Engine:
             out.append(Decision(now, rule.name, FIRED, ve, device, key, rule.actions, rule.dry_run,
                                 ids, total, need, within))
             if not rule.continue_:
-                stats.matched -= len(matched) - len(out)
+                stats.matched -= len(matched) - 1 - matched.index(cr)
                 break
         return out
 

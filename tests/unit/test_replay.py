@@ -526,3 +526,24 @@ class TestVeMap:
     def test_duplicate_ve_ids_in_read_events(self, tmp_path):
         with pytest.raises(ConfigError, match="duplicate VE id"):
             list(read_events([str(LOGS / "dmesg.txt")], ves=[VE("1"), VE("1")]))
+
+
+class TestFastEventTime:
+    from hypothesis import given as _given, settings as _settings, strategies as _st
+
+    @_settings(max_examples=300, deadline=None)
+    @_given(_st.datetimes(min_value=__import__("datetime").datetime(1971, 1, 1),
+                          max_value=__import__("datetime").datetime(2100, 1, 1)), _st.booleans())
+    def test_same_as_the_full_parser(self, dt, micro):
+        """The per-minute cache gives exactly what datetime.fromisoformat gives."""
+        from fsnotifyd.replay.reader import _event_time, _fast_event_time
+
+        stamp = dt.strftime("%Y-%m-%dT%H:%M:%S") + (dt.strftime(".%f") if micro else "") + "Z"
+        assert _fast_event_time(stamp) == _event_time(stamp)
+
+    def test_odd_seconds_fall_back(self):
+        """Anything but digits in the seconds goes to the full parser (and fails like it)."""
+        from fsnotifyd.replay.reader import _event_time, _fast_event_time
+
+        for stamp in ("2026-11-25T22:51:+9.5Z", "2026-11-25T22:51:1e1Z", "2026-11-25T22:51: 9Z", "2026-11-25T22:51:09.Z"):
+            assert _fast_event_time(stamp) == _event_time(stamp)
