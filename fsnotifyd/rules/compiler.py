@@ -98,7 +98,7 @@ def ve_predicate(sel: VeSelector, labels_of: LabelsOf) -> Predicate:
 
     def match(e: Event) -> bool:
         ve = e.get("ve")
-        if ve is None:
+        if not isinstance(ve, str):  # null, or garbage in a hand-edited log
             return False
         if ids and ve not in ids:
             return False
@@ -178,7 +178,7 @@ def _generate(conds: list[Condition], sel: VeSelector | None, labels_of: LabelsO
         body.append(f"if not ({test}): return False")
     if sel is not None:
         body.append("v = e.get('ve')")
-        body.append("if v is None: return False")
+        body.append("if v.__class__ is not str: return False")
         if sel.ids:
             ns["VE_IDS"] = frozenset(sel.ids)
             body.append("if v not in VE_IDS: return False")

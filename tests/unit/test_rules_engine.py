@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fsnotifyd.rules.compiler import condition, getter
 from fsnotifyd.rules.engine import COOLDOWN, FIRED, THRESHOLD, Engine
@@ -265,3 +266,22 @@ class TestGeneratedPredicates:
         m = Match(("fs.error",), conds, VeSelector(ids=("101",), labels=(("tier", "gold"),)) if with_ve else None)
         labels = lambda ve: {"tier": "gold"} if ve == "101" else {}  # noqa: E731
         assert match_predicate(m, labels)(event) == closure_predicate(m, labels)(event)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                     max_leaves=8)
+
+
+class TestGarbageEvents:
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["kind", "ve", "count", "time", "id", "device", "kernel", "details"]),
+                           _JSON, max_size=8))
+    def test_hand_edited_events_never_crash_the_engine(self, event):
+        """Whatever shape a (hand-edited) log event has, deciding on it never raises."""
+        event.setdefault("kind", "fs.error")
+        e = engine(rule("a", threshold=Threshold(2, 60.0), cooldown=5.0, ve=VeSelector(ids=("101",))),
+                   rule("b", kinds=("fs.*",), conds=(Condition("kernel.function", "in", ("x",)),)),
+                   rule("c", kinds=(), conds=(Condition("count", "ge", 1),)))
+        e.process(event)
+        e.process(dict(event, kind="dev.change", details={"what": "detach"}))
