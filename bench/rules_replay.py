@@ -99,26 +99,32 @@ def main() -> int:
         t0 = time.perf_counter()
         write_log(log_path, args.n)
         print(f"generated {args.n} events ({log_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
-        engine = Engine(load_rules([str(rules_path)]))
-        marks = {args.n // 10: "10%", args.n // 2: "50%"}
-        mem = {"start": rss_mb()}
-        decisions = fired = 0
-        t0 = time.perf_counter()
-        cpu0 = time.process_time()
-        for i, (t, ev) in enumerate(read_timed_events([str(log_path)]), 1):
-            for d in engine.process(ev, t):
-                decisions += 1
-                fired += d.outcome == "fired"
-            if i in marks:
-                mem[marks[i]] = rss_mb()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        mem["100%"] = rss_mb()
-    print(f"replayed {args.n} events through {len(engine.compiled.rules)} rules: "
-          f"{args.n / wall:,.0f} events/s wall, {args.n / cpu:,.0f} events/s CPU (one core)")
-    print(f"  decisions {decisions:,}, fired {fired:,}; engine states kept: "
-          f"{len(engine._windows)} windows, {len(engine._cooldowns)} cooldowns")
-    print("  RSS MB: " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
-    print(f"  target >= 200,000 events/s: {'MET' if args.n / wall >= 200_000 else 'NOT MET'}")
+        results = {}
+        for explain in (True, False):
+            engine = Engine(load_rules([str(rules_path)]), explain=explain)
+            marks = {args.n // 10: "10%", args.n // 2: "50%"}
+            mem = {"start": rss_mb()}
+            decisions = 0
+            t0 = time.perf_counter()
+            cpu0 = time.process_time()
+            for i, (t, ev) in enumerate(read_timed_events([str(log_path)]), 1):
+                decisions += len(engine.process(ev, t))
+                if i in marks:
+                    mem[marks[i]] = rss_mb()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            mem["100%"] = rss_mb()
+            results[explain] = args.n / wall
+            what = "every decision (the rules test table)" if explain else "fired decisions only (--only-fired)"
+            print(f"replayed {args.n:,} events through {len(engine.compiled.rules)} rules, {what}: "
+                  f"{args.n / wall:,.0f} events/s wall, {args.n / cpu:,.0f} events/s CPU, one core")
+            s = engine.stats
+            print(f"  {decisions:,} decisions listed; matched {s.matched:,}, fired {s.fired:,}, suppressed "
+                  f"{s.suppressed_threshold:,} by threshold and {s.suppressed_cooldown:,} by cooldown; state kept: "
+                  f"{len(engine._windows)} windows, {len(engine._cooldowns)} cooldowns")
+            print("  RSS MB: " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
+    best = max(results.values())
+    print(f"target >= 200,000 events/s: full table {'MET' if results[True] >= 200_000 else 'NOT MET'}, "
+          f"fired only {'MET' if results[False] >= 200_000 else 'NOT MET'} (best {best:,.0f})")
     return 0
 
 

@@ -159,7 +159,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         boot = float(args.boot_time) if args.boot_time.replace(".", "", 1).isdigit() else \
             datetime.fromisoformat(args.boot_time.replace("Z", "+00:00")).timestamp()
     return rulestest.run(args.rules, args.events, expect=args.expect, fmt=args.format,
-                         ve_map=args.ve_map, year=args.year, boot_time=boot)
+                         ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired)
 
 
 def cmd_rules_reload(args: argparse.Namespace) -> int:
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--expect", metavar="FILE", help="expected decisions (JSON lines from --format json); "
                     "exit 1 with a diff when they differ")
     rt.add_argument("--format", choices=["table", "json"], default="table")
+    rt.add_argument("--only-fired", action="store_true",
+                    help="list fired decisions only (suppressed ones are still counted): for long logs")
     rt.add_argument("--ve-map", metavar="FILE", help="device names to VEs for kernel text (YAML or JSON)")
     rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
     rt.add_argument("--boot-time", help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")

@@ -54,10 +54,10 @@ class RulesTestResult:
 
 
 def replay(rules: Sequence[str], logs: Sequence[str], *, ves: Sequence[VE] = (), year: int | None = None,
-           boot_time: float | None = None) -> RulesTestResult:
+           boot_time: float | None = None, only_fired: bool = False) -> RulesTestResult:
     ruleset = load_rules(rules)
     labels = {ve.id: dict(ve.labels) for ve in ves}
-    engine = Engine(ruleset, labels_of=lambda ve: labels.get(ve, {}))
+    engine = Engine(ruleset, labels_of=lambda ve: labels.get(ve, {}), explain=not only_fired)
     report = ReadReport()
     decisions: list[Decision] = []
     n = 0
@@ -83,9 +83,9 @@ def print_table(decisions: Sequence[Decision], out: TextIO) -> None:
 
 def run(rules: Sequence[str], logs: Sequence[str], *, expect: str | None = None, fmt: str = "table",
         ve_map: str | None = None, year: int | None = None, boot_time: float | None = None,
-        out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+        only_fired: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     ves = load_ve_map(ve_map) if ve_map else ()
-    result = replay(rules, logs, ves=ves, year=year, boot_time=boot_time)
+    result = replay(rules, logs, ves=ves, year=year, boot_time=boot_time, only_fired=only_fired)
     if fmt == "json":
         for d in result.decisions:
             out.write(json.dumps(canonical(d) | {"event_ids": list(d.event_ids)}, sort_keys=True) + "\n")
