@@ -70,14 +70,19 @@ async def _request(path: str, req: dict[str, Any]) -> tuple[asyncio.StreamReader
     return reader, writer
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, op: str) -> dict[str, Any]:
+    """One request to the daemon, one reply."""
     async def main() -> dict[str, Any]:
-        reader, writer = await _request(_socket_path(args), {"op": "status"})
+        reader, writer = await _request(_socket_path(args), {"op": op})
         line = await reader.readline()
         writer.close()
         return json.loads(line)
 
-    st = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(args, "status")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0 if st.get("ok") else 1
@@ -163,13 +168,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_reload(args: argparse.Namespace) -> int:
-    async def main() -> dict[str, Any]:
-        reader, writer = await _request(_socket_path(args), {"op": "reload"})
-        line = await reader.readline()
-        writer.close()
-        return json.loads(line)
-
-    reply = asyncio.run(main())
+    reply = _ask(args, "reload")
     if reply.get("ok"):
         print(f"rules reloaded: {reply['rules']} rules in force")
         return 0

@@ -52,7 +52,7 @@ from ..correlator import Correlator, CorrelatorSettings
 from ..errors import ConfigError
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
-from ..sources.kmsg import KmsgRecord, classify, ext4_message
+from ..sources.kmsg import KmsgRecord, MountFailureReasons, classify
 from .kerneltext import ReadReport, detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
 
 __all__ = ["ReadReport", "read_events", "load_ve_map", "REPLAY_NAMESPACE"]
@@ -70,8 +70,6 @@ JSONL_SLACK = 30.0  # a journal is in publish order: state events trail their ti
 NEW_YEAR = 180 * 86400  # a yearless stamp this far before the previous one crossed New Year
 NEW_BOOT = 1.0  # a monotonic stamp this far back: a new boot (concatenated dmesg outputs)
 # As KmsgSource: "mount failed" follows its reason line within this many records and µs.
-_REASON_RECORDS = 8
-_REASON_USEC = 1_000_000
 
 _Item = tuple[float, int, dict[str, Any]]
 
@@ -254,7 +252,7 @@ class _TextReplay:
         self.corr = Correlator(inventory=self.inventory, publish=self._publish, counters=None,
                                ledger=None, expected=_kmsg_expected, settings=self.settings,
                                host=self.host, clock=lambda: self.now)
-        self.reasons: dict[str, tuple[int, int, str]] = {}
+        self.reasons = MountFailureReasons()
 
     def _publish(self, event: Event) -> None:
         d = event.to_dict()
@@ -319,7 +317,7 @@ class _TextReplay:
                     self._note(rec)
                 continue
             if obs.kind == "fs.mount_failed":
-                obs = self._with_reason(rec, obs)
+                obs = self.reasons.explain(rec, obs)
             obs = replace(obs, details={**obs.details, "replay": {"file": path, "line": lineno}})
             host = entry.host or self.host
             if host != (self.host_names[-1] if self.host_names else self.host):
@@ -343,7 +341,7 @@ class _TextReplay:
         yield from self.buf.release(watermark - TEXT_SLACK)
 
     def _note(self, rec: KmsgRecord) -> None:
-        found = ext4_message(rec)
+        found = self.reasons.remember(rec)
         if found is None:
             return
         dev, text = found
@@ -351,20 +349,6 @@ class _TextReplay:
         # for read-only → writable and "re-mounted UUID." for writable → writable.
         if text.startswith("mounted filesystem") or (text.startswith("re-mounted") and not text.endswith(" ro.")):
             self.inventory.mounted(dev)
-        if dev not in self.reasons and len(self.reasons) >= 64:
-            self.reasons.pop(next(iter(self.reasons)))
-        self.reasons[dev] = (rec.seq, rec.ts_usec, text)
-
-    def _with_reason(self, rec: KmsgRecord, obs: Observation) -> Observation:
-        # The same rule as the live KmsgSource: ext4 prints the reason on the line before.
-        name = obs.device.name if obs.device is not None else None
-        found = self.reasons.pop(name, None) if name is not None else None
-        if found is None:
-            return obs
-        seq, ts, text = found
-        if not (0 < rec.seq - seq <= _REASON_RECORDS and 0 <= rec.ts_usec - ts <= _REASON_USEC):
-            return obs
-        return replace(obs, kernel=replace(obs.kernel, message=text), details={**obs.details, "reason": text})
 
 
 def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float | None,

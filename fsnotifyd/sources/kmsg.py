@@ -535,6 +535,38 @@ _REASON_USEC = 1_000_000  # ... and this many microseconds
 _REASON_DEVICES = 64  # bound of the per-device memory
 
 
+class MountFailureReasons:
+    """Per device, the last ``EXT4-fs (D): ...`` line nothing else claimed, so that a following
+    ``mount failed`` can say why (ext4 prints the reason on the line before). Pure: the live
+    source and the replay of kernel text share it."""
+
+    def __init__(self, limit: int = _REASON_DEVICES) -> None:
+        self.limit = limit
+        self._reasons: dict[str, tuple[int, int, str]] = {}
+
+    def remember(self, rec: KmsgRecord) -> tuple[str, str] | None:
+        """Keep the line if it is an ext4 message; returns its (device, text)."""
+        found = ext4_message(rec)
+        if found is None:
+            return None
+        dev, text = found
+        if dev not in self._reasons and len(self._reasons) >= self.limit:
+            self._reasons.pop(next(iter(self._reasons)))
+        self._reasons[dev] = (rec.seq, rec.ts_usec, text)
+        return found
+
+    def explain(self, rec: KmsgRecord, obs: Observation) -> Observation:
+        """``obs`` (a ``mount failed``) with the remembered reason, when it came just before."""
+        name = obs.device.name if obs.device is not None else None
+        found = self._reasons.pop(name, None) if name is not None else None
+        if found is None:
+            return obs
+        seq, ts, text = found
+        if not (0 < rec.seq - seq <= _REASON_RECORDS and 0 <= rec.ts_usec - ts <= _REASON_USEC):
+            return obs
+        return replace(obs, kernel=replace(obs.kernel, message=text), details={**obs.details, "reason": text})
+
+
 class KmsgSource:
     """Reads ``/dev/kmsg`` from the end and sends one observation per recognised record.
 
@@ -580,7 +612,7 @@ class KmsgSource:
         self.sent = 0
         self._last_seq: int | None = None
         self._overrun_pending = False
-        self._reasons: dict[str, tuple[int, int, str]] = {}
+        self._reasons = MountFailureReasons()
         self._poke: Callable[[], None] | None = None
         # device -> the error-level ext4 line seen while no filesystem of it was mounted
         self._refusals: dict[str, tuple[KmsgRecord, float]] = {}
@@ -674,11 +706,11 @@ class KmsgSource:
         obs = classify(rec, bw, kernel_only=self.kernel_only)
         if obs is None:
             if rec.facility == 0 or not self.kernel_only:
-                self._remember(rec)
+                self._reasons.remember(rec)
                 self._watch_refusal(rec, bw)
             return
         if obs.kind == "fs.mount_failed":
-            obs = self._with_reason(rec, obs)
+            obs = self._reasons.explain(rec, obs)
             if obs.device is not None and obs.device.name:
                 self._refusals.pop(obs.device.name, None)
         self.sent += 1
@@ -736,25 +768,6 @@ class KmsgSource:
             device=_device(dev, rec.props), kernel=Kernel(message=text), fs="ext4",
             details={"reason": text, "inferred": "no mount followed an error-level ext4 message"},
         ))
-
-    def _remember(self, rec: KmsgRecord) -> None:
-        found = ext4_message(rec)
-        if found is None:
-            return
-        dev, text = found
-        if dev not in self._reasons and len(self._reasons) >= _REASON_DEVICES:
-            self._reasons.pop(next(iter(self._reasons)))
-        self._reasons[dev] = (rec.seq, rec.ts_usec, text)
-
-    def _with_reason(self, rec: KmsgRecord, obs: Observation) -> Observation:
-        name = obs.device.name if obs.device is not None else None
-        found = self._reasons.pop(name, None) if name is not None else None
-        if found is None:
-            return obs
-        seq, ts, text = found
-        if not (0 < rec.seq - seq <= _REASON_RECORDS and 0 <= rec.ts_usec - ts <= _REASON_USEC):
-            return obs
-        return replace(obs, kernel=replace(obs.kernel, message=text), details={**obs.details, "reason": text})
 
 
 def _open_hint(e: OSError) -> str | None:
