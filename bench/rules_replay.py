@@ -99,6 +99,10 @@ def main() -> int:
         t0 = time.perf_counter()
         write_log(log_path, args.n)
         print(f"generated {args.n} events ({log_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        n_read = sum(1 for _ in read_timed_events([str(log_path)]))
+        read_rate = n_read / (time.perf_counter() - t0)
+        print(f"reading and decoding alone: {read_rate:,.0f} events/s ({1e6 / read_rate:.2f} us/event)")
         results = {}
         for explain in (True, False):
             engine = Engine(load_rules([str(rules_path)]), explain=explain)
