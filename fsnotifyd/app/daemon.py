@@ -1,7 +1,7 @@
 """Start-up, the main loop and teardown of the daemon.
 
-Start-up order: state and sinks first (so the first event has somewhere to go), then the
-sources, each supervised on its own: a source that cannot run on this host is reported down
+Start-up order: state and rules first (invalid rules stop the daemon before it touches
+anything), sinks (so the first event has somewhere to go), then the sources, each supervised on its own: a source that cannot run on this host is reported down
 with its reason and the daemon goes on with the rest; one that fails is retried with backoff.
 The daemon reports itself ready once every source is either up or down with a reason.
 """
@@ -20,7 +20,7 @@ import structlog
 
 from ..config import Config, SourceConfig
 from ..correlator import Correlator, CorrelatorSettings
-from ..errors import SourceUnavailable
+from ..errors import RuleErrors, SourceUnavailable
 from ..events import Event, Observation
 from ..inventory import Inventory, Placement
 from ..metrics import Metrics
@@ -30,7 +30,6 @@ from ..sinks.socket import SocketSink
 from ..sinks.stdout import StdoutSink
 from ..sources.registry import REGISTRY
 from ..sources.sysfs import Ext4Counters
-from ..errors import RuleErrors
 from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
