@@ -96,6 +96,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for ve in st["ves"]:
         print(f"  {ve['id']}: mounts={ve['mounts']} devices={ve['devices']} images={ve['images']}")
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
+    rules = st.get("rules") or {}
+    if rules:
+        print(f"rules: {rules['rules']} in force from {', '.join(rules['files'])}; fired {rules['fired']}, "
+              f"suppressed {rules['suppressed_threshold']} by threshold, {rules['suppressed_cooldown']} by cooldown")
+        for err in rules.get("last_reload_error") or []:
+            print(f"  last reload FAILED (old rules kept): {err}")
     return 0
 
 
