@@ -197,38 +197,57 @@ class _Reorder:
             yield items.popleft()
 
 
-def _jsonl(path: str, lines: Iterable[str], report: ReadReport) -> Iterator[_Item]:
+def _jsonl(path: str, lines: Iterable[str | bytes], report: ReadReport) -> Iterator[_Item]:
+    """fsnotifyd events from JSON lines (``str`` or raw ``bytes``), in time order.
+
+    This loop runs once per event of a journal that may hold millions, so it does only what
+    each line needs: decode (msgspec takes the bytes as they are), check, stamp, hold; the
+    counters are added once at the end.
+    """
     buf = _Reorder()
+    items = buf.items
     latest = float("-inf")
-    for lineno, line in enumerate(lines, 1):
-        report.lines += 1
-        text = line.strip()
-        if not text:
-            report.ignored += 1
-            continue
-        try:
-            obj = _decode(text)
-        except (ValueError, msgspec.DecodeError) as e:
-            report.skip(path, lineno, f"not JSON ({getattr(e, 'msg', e)})", text)
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("schema"), str) \
-                or not obj["schema"].startswith("fsnotifyd.event/"):
-            report.skip(path, lineno, "not an fsnotifyd event", text)
-            continue
-        t = _fast_event_time(obj.get("time"))
-        if t is None:
-            report.skip(path, lineno, "event without a valid time", text)
-            continue
-        report.jsonl_events += 1
-        report.events += 1
-        buf.push(t, obj)
-        if t > latest:
-            latest = t
-        # buf.release() inlined: this runs once per event of a journal.
-        items, watermark = buf.items, latest - JSONL_SLACK
-        while items and items[0][0] <= watermark:
-            yield items.popleft()
-    yield from buf.release(None)
+    decode, stamp, skip = _decode, _fast_event_time, report.skip
+    lineno = events = ignored = 0
+    try:
+        for lineno, line in enumerate(lines, 1):
+            try:
+                obj = decode(line)
+            except (ValueError, msgspec.DecodeError) as e:
+                text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+                if not text.strip():
+                    ignored += 1
+                else:
+                    skip(path, lineno, f"not JSON ({getattr(e, 'msg', e)})", text.strip())
+                continue
+            schema = obj.get("schema") if obj.__class__ is dict else None
+            if schema.__class__ is not str or not schema.startswith("fsnotifyd.event/"):
+                skip(path, lineno, "not an fsnotifyd event", _text(line))
+                continue
+            t = stamp(obj.get("time"))
+            if t is None:
+                skip(path, lineno, "event without a valid time", _text(line))
+                continue
+            events += 1
+            if t >= latest:  # in order: the common case, no search
+                latest = t
+                buf.seq += 1
+                items.append((t, buf.seq, obj))
+            else:
+                buf.push(t, obj)
+            watermark = latest - JSONL_SLACK
+            while items and items[0][0] <= watermark:
+                yield items.popleft()
+        yield from buf.release(None)
+    finally:
+        report.lines += lineno
+        report.ignored += ignored
+        report.jsonl_events += events
+        report.events += events
+
+
+def _text(line: str | bytes) -> str:
+    return (line.decode("utf-8", "replace") if isinstance(line, bytes) else line).strip()
 
 
 class _TextReplay:
@@ -359,7 +378,11 @@ def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float
     fmt = detect_format(head)
     report.files[path] = fmt
     everything = itertools.chain(head, lines)
-    if fmt == "jsonl":
+    if fmt == "jsonl" and path != "-":
+        lines.close()  # a journal is read again as raw bytes: no per-line text decoding
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as raw:
+            yield from _jsonl(path, raw, report)
+    elif fmt == "jsonl":
         yield from _jsonl(path, everything, report)
     else:
         yield from _TextReplay(path, ves, year=year, boot_time=boot_time, tz=tz, host=host,
