@@ -139,22 +139,19 @@ def _open_lines(path: str) -> Iterator[str]:
 _decode = msgspec.json.Decoder().decode  # about twice json.loads on event lines
 
 
-_MINUTES: dict[str, float] = {}
-
-
-def _fast_event_time(value: Any) -> float | None:
+def _fast_event_time(value: Any, minutes: dict[str, float]) -> float | None:
     """The time of an event as fsnotifyd writes it (``2026-11-25T22:51:09.791234Z``), parsing
-    each minute once: a journal holds millions of stamps from few minutes. Anything else goes
-    through :func:`_event_time`."""
+    each minute once (``minutes``, the caller's cache): a journal holds millions of stamps from
+    few minutes. Anything else goes through :func:`_event_time`."""
     if isinstance(value, str) and len(value) >= 20 and value[-1] == "Z" and value[16] == ":":
-        base = _MINUTES.get(value[:16])
+        base = minutes.get(value[:16])
         if base is None:
             full = _event_time(value[:16] + ":00Z")
             if full is None:
                 return _event_time(value)
-            if len(_MINUTES) > 100_000:
-                _MINUTES.clear()
-            base = _MINUTES[value[:16]] = full
+            if len(minutes) > 100_000:
+                minutes.clear()
+            base = minutes[value[:16]] = full
         sec = value[17:-1]
         if sec[:2].isdigit() and (len(sec) == 2 or (sec[2] == "." and sec[3:].isdigit())):
             return base + float(sec)
@@ -208,6 +205,7 @@ def _jsonl(path: str, lines: Iterable[str | bytes], report: ReadReport) -> Itera
     items = buf.items
     latest = float("-inf")
     decode, stamp, skip = _decode, _fast_event_time, report.skip
+    minutes: dict[str, float] = {}
     lineno = events = ignored = 0
     try:
         for lineno, line in enumerate(lines, 1):
@@ -224,7 +222,7 @@ def _jsonl(path: str, lines: Iterable[str | bytes], report: ReadReport) -> Itera
             if schema.__class__ is not str or not schema.startswith("fsnotifyd.event/"):
                 skip(path, lineno, "not an fsnotifyd event", _text(line))
                 continue
-            t = stamp(obj.get("time"))
+            t = stamp(obj.get("time"), minutes)
             if t is None:
                 skip(path, lineno, "event without a valid time", _text(line))
                 continue

@@ -539,11 +539,11 @@ class TestFastEventTime:
         from fsnotifyd.replay.reader import _event_time, _fast_event_time
 
         stamp = dt.strftime("%Y-%m-%dT%H:%M:%S") + (dt.strftime(".%f") if micro else "") + "Z"
-        assert _fast_event_time(stamp) == _event_time(stamp)
+        assert _fast_event_time(stamp, {}) == _event_time(stamp)
 
     def test_odd_seconds_fall_back(self):
         """Anything but digits in the seconds goes to the full parser (and fails like it)."""
         from fsnotifyd.replay.reader import _event_time, _fast_event_time
 
         for stamp in ("2026-11-25T22:51:+9.5Z", "2026-11-25T22:51:1e1Z", "2026-11-25T22:51: 9Z", "2026-11-25T22:51:09.Z"):
-            assert _fast_event_time(stamp) == _event_time(stamp)
+            assert _fast_event_time(stamp, {}) == _event_time(stamp)
