@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux)
+# gcc, libc6-dev and python3-dev build the C parts of the rules replay (setup.py).
+DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,3 +47,15 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
   ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
+
+# The C extensions (rules engine core, journal scanner) are built in place, again whenever a
+# C source is newer than its build. Without them everything still works, at half the speed
+# (tests/unit/test_rules_core.py fails then, so a broken build is not missed).
+for src in fsnotifyd/rules/_decide.c fsnotifyd/replay/_jsonl.c; do
+  so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -n1 || true)
+  if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ]; then
+    echo "bootstrap: building C extensions"
+    .venv/bin/python setup.py -q build_ext --inplace
+    break
+  fi
+done

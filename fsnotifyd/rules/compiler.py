@@ -8,9 +8,12 @@ kind, so an event is only tested against the rules that can match its kind.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
+from . import native
+from .decide import OPS, CompiledRule
 from .schema import Condition, Match, Rule, RuleSet, VeSelector
 
 Event = Mapping[str, Any]
@@ -114,6 +117,18 @@ def _always(e: Event) -> bool:
     return True
 
 
+def _residual(m: Match, skip: str | None) -> tuple[list[Condition], VeSelector | None]:
+    """The conditions and VE selector left to test when an index guarantees field ``skip``."""
+    conds = [c for c in m.conditions if not (skip is not None and c.field == skip and c.op in _INDEXABLE)]
+    sel = m.ve
+    if sel is not None and skip == "ve" and sel.ids and not any(
+            c.field == "ve" and c.op in _INDEXABLE for c in m.conditions):
+        sel = VeSelector((), sel.labels)
+    if sel is not None and not (sel.ids or sel.labels):
+        sel = None
+    return conds, sel
+
+
 def match_predicate(m: Match, labels_of: LabelsOf, skip: str | None = None) -> Predicate:
     """The match as one predicate; ``skip`` names a field an index already guarantees.
 
@@ -122,16 +137,31 @@ def match_predicate(m: Match, labels_of: LabelsOf, skip: str | None = None) -> P
     than the tests themselves. :func:`closure_predicate` is the plain reference version; a
     property test holds the two to the same answers.
     """
-    conds = [c for c in m.conditions if not (skip is not None and c.field == skip and c.op in _INDEXABLE)]
-    sel = m.ve
-    if sel is not None and skip == "ve" and sel.ids and not any(
-            c.field == "ve" and c.op in _INDEXABLE for c in m.conditions):
-        sel = VeSelector((), sel.labels)
-    if sel is not None and not (sel.ids or sel.labels):
-        sel = None
+    conds, sel = _residual(m, skip)
     if not conds and sel is None:
         return _always
     return _generate(conds, sel, labels_of)
+
+
+def match_program(m: Match, skip: str | None = None) -> tuple | None:
+    """The same test as :func:`match_predicate`, as data for the C core: a tuple of
+    (path, opcode, constant). None when it needs Python (VE labels come from the inventory)."""
+    conds, sel = _residual(m, skip)
+    prog: list[tuple[tuple[str, ...], int, Any]] = []
+    for c in conds:
+        name, value = c.op, c.value
+        if name in ("in", "in_list", "not_in"):
+            name, value = ("not_in" if name == "not_in" else "in"), frozenset(value)
+        elif name == "regex":
+            value = re.compile(value)
+        elif name == "exists":
+            name, value = ("exists" if value else "missing"), None
+        prog.append((tuple(c.field.split(".")), OPS.index(name), value))
+    if sel is not None:
+        if sel.labels:
+            return None
+        prog.append((("ve",), OPS.index("ve_in"), frozenset(sel.ids)))
+    return tuple(prog)
 
 
 _CODE = {
@@ -211,11 +241,10 @@ def closure_predicate(m: Match, labels_of: LabelsOf) -> Predicate:
     return lambda e: all(p(e) for p in preds)
 
 
-@dataclass(frozen=True, slots=True)
-class CompiledRule:
-    index: int
-    rule: Rule
-    predicate: Predicate
+def compiled_rule(index: int, rule: Rule, labels_of: LabelsOf, skip: str | None = None,
+                  impl: ModuleType = native.impl) -> CompiledRule:
+    """The rule ready to run, as the chosen implementation's ``CompiledRule``."""
+    return impl.CompiledRule(index, rule, match_predicate(rule.match, labels_of, skip), match_program(rule.match, skip))
 
 
 _INDEXABLE = ("equals", "in", "in_list")
@@ -242,9 +271,10 @@ class _KindIndex:
     rules that do not pin it, instead of every rule of its kind.
     """
 
-    def __init__(self, rules: list[CompiledRule], labels_of: LabelsOf) -> None:
+    def __init__(self, rules: list[CompiledRule], labels_of: LabelsOf, impl: ModuleType) -> None:
         self.rules = rules
         self.get: Callable[[Event], Any] | None = None
+        self.path: tuple[str, ...] | None = None  # the indexed field, for the C core
         self.cache: dict[Any, list[CompiledRule]] = {}
         pinned = {cr.index: _equality_fields(cr.rule) for cr in rules}
         counts: dict[str, int] = {}
@@ -255,13 +285,14 @@ class _KindIndex:
             return
         field = max(counts, key=lambda f: (counts[f], f))
         self.get = getter(field)
+        self.path = tuple(field.split("."))
         self.rest = [cr for cr in rules if field not in pinned[cr.index]]
         self.by_value: dict[Any, list[CompiledRule]] = {}
         for cr in rules:
             if field not in pinned[cr.index]:
                 continue
             # Found through the index, the rule need not test the indexed field again.
-            residual = CompiledRule(cr.index, cr.rule, match_predicate(cr.rule.match, labels_of, skip=field))
+            residual = compiled_rule(cr.index, cr.rule, labels_of, skip=field, impl=impl)
             for v in pinned[cr.index][field]:
                 self.by_value.setdefault(v, []).append(residual)
 
@@ -291,6 +322,9 @@ class Compiled:
     wildcard: list[tuple[tuple[str, ...], CompiledRule]]  # prefix patterns / any kind
     _cache: dict[str, _KindIndex]
     labels_of: LabelsOf = lambda ve: {}
+    impl: ModuleType = native.impl
+    # kind -> (indexed path or None, value cache, rules): the index as the C core reads it
+    fast: dict[str, tuple] = field(default_factory=dict)
 
     def for_kind(self, kind: str) -> list[CompiledRule]:
         return self._index(kind).rules
@@ -309,18 +343,20 @@ class Compiled:
             for prefixes, cr in self.wildcard:
                 if not prefixes or any(kind.startswith(p) for p in prefixes):
                     found[cr.index] = cr
-            hit = _KindIndex([found[i] for i in sorted(found)], self.labels_of)
+            hit = _KindIndex([found[i] for i in sorted(found)], self.labels_of, self.impl)
             if len(self._cache) < 4096:
                 self._cache[kind] = hit
+                self.fast[kind] = (hit.path, hit.cache, hit.rules)
         return hit
 
 
-def compile_rules(ruleset: RuleSet, labels_of: LabelsOf = lambda ve: {}) -> Compiled:
+def compile_rules(ruleset: RuleSet, labels_of: LabelsOf = lambda ve: {}, impl: ModuleType = native.impl) -> Compiled:
+    """``impl``: :mod:`.decide` or the C ``_decide`` (default: :data:`.native.impl`)."""
     rules: list[CompiledRule] = []
     by_kind: dict[str, list[CompiledRule]] = {}
     wildcard: list[tuple[tuple[str, ...], CompiledRule]] = []
     for i, rule in enumerate(r for r in ruleset.rules if r.enabled):
-        cr = CompiledRule(i, rule, match_predicate(rule.match, labels_of))
+        cr = compiled_rule(i, rule, labels_of, impl=impl)
         rules.append(cr)
         exact = [k for k in rule.match.kinds if not k.endswith("*")]
         prefixes = tuple(k[:-1] for k in rule.match.kinds if k.endswith("*"))
@@ -328,4 +364,4 @@ def compile_rules(ruleset: RuleSet, labels_of: LabelsOf = lambda ve: {}) -> Comp
             by_kind.setdefault(k, []).append(cr)
         if prefixes or not rule.match.kinds:
             wildcard.append((prefixes, cr))
-    return Compiled(rules, by_kind, wildcard, {}, labels_of)
+    return Compiled(rules, by_kind, wildcard, {}, labels_of, impl)

@@ -12,20 +12,26 @@ exactly as the daemon did. Memory is bounded: a window keeps at most ``threshold
 entries, and at most ``max_keys`` (rule, VE) states are kept (least recently used dropped).
 Recovery events clear state: ``fs.writable`` ends a read-only condition, a device that goes
 away ends everything about it, and a rule's ``reset_on`` kinds end its own.
+
+The per-event path itself (candidates, matches, windows, cooldowns, decisions) is
+:mod:`.decide`, run by its C twin ``_decide`` when built (:mod:`.native`); this module owns
+the rest: compiling, recovery, persistence and the decision's event form.
 """
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Mapping, NamedTuple
+from types import ModuleType
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from ..events import Device, Event, Kernel
-from .compiler import Compiled, CompiledRule, LabelsOf, _always, compile_rules
+from . import decide, native
+from .compiler import Compiled, LabelsOf, compile_rules
+from .decide import COOLDOWN, FIRED, MAX_FACTS, THRESHOLD, CompiledRule
 from .schema import RECOVERY, Action, RuleSet
 
-FIRED, THRESHOLD, COOLDOWN = "fired", "threshold", "cooldown"
+__all__ = ["Engine", "EngineStats", "Decision", "decision_event", "event_time", "FIRED", "THRESHOLD", "COOLDOWN"]
 STATE_VERSION = 1
 
 
@@ -113,135 +119,65 @@ class EngineStats:
     evicted: int = 0
 
 
-@dataclass
-class _Window:
-    entries: collections.deque  # (time, count, event id)
-    total: int = 0
-
-
 class Engine:
     def __init__(self, ruleset: RuleSet, *, labels_of: LabelsOf = lambda ve: {}, max_keys: int = 100_000,
-                 explain: bool = True) -> None:
+                 explain: bool = True, impl: ModuleType | None = None) -> None:
         """``explain=False`` returns only fired decisions (suppressed ones are still counted in
-        ``stats``): a month of log replays without building millions of suppressed rows."""
+        ``stats``): a month of log replays without building millions of suppressed rows.
+        ``impl``: the per-event path, :mod:`.decide` or the C ``_decide`` (default: the C one
+        when built, see :mod:`.native`)."""
         self.ruleset = ruleset
         self.explain = explain
-        self.compiled: Compiled = compile_rules(ruleset, labels_of)
+        self.impl = impl or native.impl
+        self.compiled: Compiled = compile_rules(ruleset, labels_of, self.impl)
         self.max_keys = max_keys
-        self.stats = EngineStats()
-        self._windows: dict[tuple[str, str], _Window] = {}
+        # (rule, key) -> [total, [(time, count, event id), ...]] and (rule, key) -> last fired
+        self._windows: dict[tuple[str, str], list] = {}
         self._cooldowns: dict[tuple[str, str], float] = {}
-        self.dirty = False
         self._resets: dict[str, list[CompiledRule]] = {}
         for cr in self.compiled.rules:
             for kind in cr.rule.reset_on:
                 self._resets.setdefault(kind, []).append(cr)
-        self._recovery_kinds = frozenset(RECOVERY) | frozenset(self._resets) | {"dev.change"}
+        recovery = frozenset(RECOVERY) | frozenset(self._resets) | {"dev.change"}
+        self._recovering: dict[str, tuple[str, ...]] = {}
+        self._core = self.impl.Core(self.compiled.fast, self.compiled.candidates, recovery, self._recover,
+                                    self._windows, self._cooldowns, Decision, event_time, max_keys, explain)
+        # The hot path is the core's own method: no Python frame of ours per event.
+        self.process: Callable[..., list[Decision]] = self._core.process
+        self.process_timed: Callable[[Iterable[tuple]], list[Decision]] = self._core.process_timed
 
-    # -- processing --------------------------------------------------------------------------
-    def process(self, event: Mapping[str, Any], now: float | None = None) -> list[Decision]:
-        """Decide on one event; ``now`` is its time as epoch seconds when the caller already
-        parsed it (else it is read from the event's ``time``)."""
-        self.stats.events += 1
-        kind = event.get("kind")
-        if not isinstance(kind, str):
-            return []
-        if kind in self._recovery_kinds:
-            self._recover(kind, event)
-        candidates = self.compiled.candidates(kind, event)
-        if not candidates:
-            return []
-        matched = [cr for cr in candidates if cr.predicate is _always or cr.predicate(event)]
-        if not matched:
-            return []
-        # What every decision on this event shares, computed once.
-        if now is None:
-            now = event_time(event)
-        ve = event.get("ve")
-        dev = event.get("device")
-        device = dev.get("name") if isinstance(dev, dict) else None
-        dev_key = f"dev:{device}"
-        ve_key = dev_key if ve is None else f"ve:{ve}"
-        eid = str(event.get("id", ""))
-        count = event.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            count = 1
-        out: list[Decision] = []
-        stats = self.stats
-        stats.matched += len(matched)
-        windows, cooldowns, explain = self._windows, self._cooldowns, self.explain
-        # The per-rule decision, inlined: in a replay this loop runs several times per event.
-        for cr in matched:
-            rule = cr.rule
-            th = rule.threshold
-            key = dev_key if th is not None and th.per == "device" else ve_key
-            skey = (rule.name, key)
-            ids: tuple[str, ...] = (eid,)
-            total = need = 0
-            within = 0.0
-            if th is not None:
-                w = windows.get(skey)
-                if w is None:
-                    w = self._new_window(skey)
-                entries = w.entries
-                if count:
-                    entries.append((now, count, eid))
-                    w.total += count
-                horizon = now - th.within
-                while entries and entries[0][0] < horizon:
-                    w.total -= entries.popleft()[1]
-                # At most threshold.count entries, however long the storm (or the cooldown):
-                # each stands for at least one fact, so the newest `count` still reach it.
-                while len(entries) > th.count:
-                    w.total -= entries.popleft()[1]
-                total, need, within = w.total, th.count, th.within
-                self.dirty = True
-                if total < need:
-                    stats.suppressed_threshold += 1
-                    if explain:
-                        out.append(Decision(now, rule.name, THRESHOLD, ve, device, key, rule.actions,
-                                            rule.dry_run, ids, total, need, within))
-                    continue
-                ids = tuple([e[2] for e in entries])
-            if rule.cooldown > 0:
-                last = cooldowns.get(skey)
-                if last is not None and now - last < rule.cooldown:
-                    stats.suppressed_cooldown += 1
-                    if explain:
-                        out.append(Decision(now, rule.name, COOLDOWN, ve, device, key, rule.actions,
-                                            rule.dry_run, ids, total, need, within, last + rule.cooldown - now))
-                    continue
-                self._touch(cooldowns, skey, now)
-                self.dirty = True
-            if th is not None:
-                windows.pop(skey, None)  # a fired threshold starts counting afresh
-            stats.fired += 1
-            out.append(Decision(now, rule.name, FIRED, ve, device, key, rule.actions, rule.dry_run,
-                                ids, total, need, within))
-            if not rule.continue_:
-                stats.matched -= len(matched) - 1 - matched.index(cr)
-                break
-        return out
+    @property
+    def native(self) -> bool:
+        return self.impl is not decide
+
+    @property
+    def stats(self) -> EngineStats:
+        c = self._core
+        return EngineStats(c.events, c.matched, c.fired, c.suppressed_threshold, c.suppressed_cooldown,
+                           c.cleared, c.evicted)
+
+    @property
+    def dirty(self) -> bool:
+        """State changed since the daemon last saved it (it resets this after saving)."""
+        return bool(self._core.dirty)
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self._core.dirty = value
 
     def process_all(self, events: Iterable[Mapping[str, Any]]) -> Iterable[Decision]:
         for e in events:
             yield from self.process(e)
 
-    def _new_window(self, skey: tuple[str, str]) -> _Window:
-        w = self._windows[skey] = _Window(collections.deque())
-        if len(self._windows) > self.max_keys:
-            # Oldest created first: a window is re-created after every firing, so creation
-            # order is close to use order without paying for move-to-end on every event.
-            self._windows.pop(next(iter(self._windows)))
-            self.stats.evicted += 1
+    def _new_window(self, skey: tuple[str, str]) -> list:
+        w = self._windows[skey] = [0, []]
+        self._evict_oldest(self._windows)
         return w
 
-    def _touch(self, d: dict, skey: tuple[str, str], value: float) -> None:
-        d.pop(skey, None)
-        d[skey] = value
+    def _evict_oldest(self, d: dict) -> None:
         if len(d) > self.max_keys:
             d.pop(next(iter(d)))
-            self.stats.evicted += 1
+            self._core.evicted += 1
 
     # -- recovery ----------------------------------------------------------------------------
     def _recover(self, kind: str, event: Mapping[str, Any]) -> None:
@@ -254,16 +190,19 @@ class Engine:
         dev = event.get("device")
         device = dev.get("name") if isinstance(dev, dict) else None
         keys = {f"dev:{device}"} | ({f"ve:{ve}"} if ve is not None else set())
-        watched = RECOVERY.get(kind, frozenset())
-        rules = [cr.rule for cr in self.compiled.rules
-                 if "*" in watched or watched & set(cr.rule.match.kinds)]
-        rules += [cr.rule for cr in self._resets.get(kind, ())]
-        for rule in rules:
+        names = self._recovering.get(kind)
+        if names is None:  # the rules a kind clears, found once per kind
+            watched = RECOVERY.get(kind, frozenset())
+            rules = [cr.rule for cr in self.compiled.rules
+                     if "*" in watched or watched & set(cr.rule.match.kinds)]
+            rules += [cr.rule for cr in self._resets.get(kind, ())]
+            names = self._recovering[kind] = tuple(dict.fromkeys(r.name for r in rules))
+        for name in names:
             for key in keys:
-                hit = self._windows.pop((rule.name, key), None) is not None
-                hit |= self._cooldowns.pop((rule.name, key), None) is not None
+                hit = self._windows.pop((name, key), None) is not None
+                hit |= self._cooldowns.pop((name, key), None) is not None
                 if hit:
-                    self.stats.cleared += 1
+                    self._core.cleared += 1
                     self.dirty = True
 
     # -- persistence -------------------------------------------------------------------------
@@ -271,7 +210,7 @@ class Engine:
         """Windows and cooldowns, to outlive a restart (JSON-serialisable)."""
         return {
             "version": STATE_VERSION,
-            "windows": [[r, k, [list(e) for e in w.entries]] for (r, k), w in self._windows.items() if w.entries],
+            "windows": [[r, k, [list(e) for e in w[1]]] for (r, k), w in self._windows.items() if w[1]],
             "cooldowns": [[r, k, t] for (r, k), t in self._cooldowns.items()],
         }
 
@@ -290,8 +229,9 @@ class Engine:
                     continue
                 w = self._windows.get((name, key)) or self._new_window((name, key))
                 for t, c, eid in entries[-rule.threshold.count:]:
-                    w.entries.append((float(t), int(c), str(eid)))
-                    w.total += int(c)
+                    c = min(int(c), MAX_FACTS)
+                    w[1].append((float(t), c, str(eid)))
+                    w[0] += c
                 n += 1
             except (TypeError, ValueError):
                 continue
@@ -299,7 +239,9 @@ class Engine:
             try:
                 name, key, t = item
                 if name in rules and rules[name].cooldown > 0:
-                    self._touch(self._cooldowns, (name, key), float(t))
+                    self._cooldowns.pop((name, key), None)
+                    self._cooldowns[(name, key)] = float(t)
+                    self._evict_oldest(self._cooldowns)
                     n += 1
             except (TypeError, ValueError):
                 continue

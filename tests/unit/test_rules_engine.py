@@ -121,8 +121,8 @@ class TestThreshold:
         e = engine(rule(threshold=Threshold(3, 600.0), cooldown=3600.0))
         for i in range(10_000):
             e.process(ev(id=f"e{i}", time=100.0 + i * 0.01))
-        [w] = e._windows.values()
-        assert len(w.entries) <= 3 and w.total == sum(c for _, c, _ in w.entries)
+        [(total, entries)] = e._windows.values()
+        assert len(entries) <= 3 and total == sum(c for _, c, _ in entries)
 
 
 class TestCooldown:
