@@ -55,7 +55,7 @@ from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
 from ..sources.kmsg import KmsgRecord, MountFailureReasons, classify
 from .kerneltext import ReadReport, detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
 
-__all__ = ["ReadReport", "read_events", "load_ve_map", "REPLAY_NAMESPACE"]
+__all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "load_ve_map", "REPLAY_NAMESPACE"]
 
 # uuid5 namespace of replayed text events (a fixed random UUID: ids are stable across releases).
 REPLAY_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-5e8f-9a0b-1c2d3e4f5a6b")
@@ -368,9 +368,48 @@ class _TextReplay:
             self.inventory.mounted(dev)
 
 
+def _jsonl_file(path: str, f: io.BufferedIOBase, report: ReadReport, scanner: Any) -> Iterator[_Item]:
+    """A journal file's items: through the C scanner (``_jsonl.Scanner``) when built, which
+    takes the same steps as :func:`_jsonl` and calls back here for what is rare."""
+    if scanner is None:
+        return _closing(_jsonl(path, f, report), f)
+    minutes: dict[str, float] = {}
+    ignored = 0
+
+    def stamp(value: Any) -> float | None:
+        return _fast_event_time(value, minutes)
+
+    def bad(lineno: int, line: bytes, why: Any) -> None:
+        nonlocal ignored
+        text = line.decode("utf-8", "replace")
+        if isinstance(why, str):
+            report.skip(path, lineno, why, text.strip())
+        elif not text.strip():
+            ignored += 1
+        else:
+            report.skip(path, lineno, f"not JSON ({getattr(why, 'msg', why)})", text.strip())
+
+    def finish(lines: int, events: int) -> None:
+        report.lines += lines
+        report.ignored += ignored
+        report.jsonl_events += events
+        report.events += events
+        f.close()
+
+    return scanner(f, _decode, stamp, bad, finish, JSONL_SLACK)
+
+
+def _closing(items: Iterator[_Item], f: io.BufferedIOBase) -> Iterator[_Item]:
+    try:
+        yield from items
+    finally:
+        f.close()
+
+
 def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float | None,
                  tz: tzinfo | None, host: str, report: ReadReport,
-                 settings: CorrelatorSettings) -> Iterator[_Item]:
+                 settings: CorrelatorSettings, scanner: Any) -> Iterator[_Item]:
+    """One file's items; the file is opened (and its format detected) now."""
     lines = _open_lines(path)
     head = list(itertools.islice(lines, DETECT_LINES))
     fmt = detect_format(head)
@@ -378,13 +417,23 @@ def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float
     everything = itertools.chain(head, lines)
     if fmt == "jsonl" and path != "-":
         lines.close()  # a journal is read again as raw bytes: no per-line text decoding
-        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as raw:
-            yield from _jsonl(path, raw, report)
-    elif fmt == "jsonl":
-        yield from _jsonl(path, everything, report)
-    else:
-        yield from _TextReplay(path, ves, year=year, boot_time=boot_time, tz=tz, host=host,
-                               report=report, settings=settings).run(everything)
+        raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        return _jsonl_file(path, raw, report, scanner)  # type: ignore[arg-type]
+    if fmt == "jsonl":
+        return _jsonl(path, everything, report)
+    return _TextReplay(path, ves, year=year, boot_time=boot_time, tz=tz, host=host,
+                       report=report, settings=settings).run(everything)
+
+
+def _native_scanner() -> Any:
+    """The C journal scanner, or None (then :func:`_jsonl` reads journals); see rules.native."""
+    if os.environ.get("FSNOTIFYD_PURE_PYTHON"):
+        return None
+    try:
+        from ._jsonl import Scanner  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return Scanner
 
 
 def _as_ves(ves: Iterable[VE] | Mapping[str, str]) -> list[VE]:
@@ -394,6 +443,39 @@ def _as_ves(ves: Iterable[VE] | Mapping[str, str]) -> list[VE]:
             by_ve.setdefault(validate_ve_id(ve), []).append(device)
         return [VE(ve, devices=tuple(devs)) for ve, devs in by_ve.items()]
     return list(ves)
+
+
+def read_items(
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    ves: Iterable[VE] | Mapping[str, str] = (),
+    year: int | None = None,
+    boot_time: float | None = None,
+    report: ReadReport | None = None,
+    tz: tzinfo | None = None,
+    host: str | None = None,
+    settings: CorrelatorSettings = CorrelatorSettings(),
+    native: bool = True,
+) -> Iterator[tuple[float, int, dict[str, Any]]]:
+    """Events as ``(time as epoch seconds, order, event)`` items, merged in time.
+
+    The form the replay loop takes as it is (``Engine.process_timed``): a single journal's
+    items come straight from its reader, with no generator in between. Arguments as
+    :func:`read_events`; ``native=False`` reads journals with the Python reference reader.
+    Files are opened when this is called.
+    """
+    scanner = _native_scanner() if native else None
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    report = report if report is not None else ReadReport()
+    ve_list = _as_ves(ves)
+    Inventory(ves=list(ve_list), mountinfo=lambda: [], sys=_NoSysBlock())  # duplicate ids fail now
+    streams = [
+        _file_events(os.fspath(p), ves=ve_list, year=year, boot_time=boot_time, tz=tz,
+                     host=host or "unknown", report=report, settings=settings, scanner=scanner)
+        for p in paths
+    ]
+    return streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_merge_key)
 
 
 def read_events(
@@ -418,37 +500,15 @@ def read_events(
     of the first few lines skipped. ``"-"`` reads standard input; ``.gz`` files are read
     decompressed.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    report = report if report is not None else ReadReport()
-    ve_list = _as_ves(ves)
-    Inventory(ves=list(ve_list), mountinfo=lambda: [], sys=_NoSysBlock())  # duplicate ids fail now
-    streams = [
-        _file_events(os.fspath(p), ves=ve_list, year=year, boot_time=boot_time, tz=tz,
-                     host=host or "unknown", report=report, settings=settings)
-        for p in paths
-    ]
-    for _, _, event in streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_merge_key):
+    for _, _, event in read_items(paths, ves=ves, year=year, boot_time=boot_time, report=report, tz=tz,
+                                  host=host, settings=settings):
         yield event
 
 
 def read_timed_events(paths, **kw) -> Iterator[tuple[float, dict[str, Any]]]:
     """Like :func:`read_events`, with each event's time as epoch seconds (already parsed for
     ordering; the rules engine takes it instead of parsing the RFC 3339 string again)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    report = kw.pop("report", None)
-    report = report if report is not None else ReadReport()
-    ve_list = _as_ves(kw.pop("ves", ()))
-    Inventory(ves=list(ve_list), mountinfo=lambda: [], sys=_NoSysBlock())
-    settings = kw.pop("settings", CorrelatorSettings())
-    host = kw.pop("host", None) or "unknown"
-    streams = [
-        _file_events(os.fspath(p), ves=ve_list, year=kw.get("year"), boot_time=kw.get("boot_time"),
-                     tz=kw.get("tz"), host=host, report=report, settings=settings)
-        for p in paths
-    ]
-    for t, _, event in streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_merge_key):
+    for t, _, event in read_items(paths, **kw):
         yield t, event
 
 
