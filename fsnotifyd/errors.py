@@ -57,3 +57,14 @@ class RuleErrors(FsnotifydError):
     def __init__(self, errors: list[RuleError]) -> None:
         self.errors = list(errors)
         super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class ImageError(FsnotifydError):
+    """An image file or disk descriptor is wrong or cannot be used: names the file, and the
+    field (header field, ``bat[N]``, descriptor element) when one is at fault."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None) -> None:
+        self.message, self.file, self.field = message, file, field
+        prefix = f"{file}: " if file else ""
+        suffix = f" (field {field!r})" if field else ""
+        super().__init__(f"{prefix}{message}{suffix}")

@@ -1,0 +1,346 @@
+"""One delta file, open: its BAT in memory, clusters read and written, allocation made durable.
+
+Crash safety (the ploop rule): a BAT entry reaches the disk only after the data it points to.
+New mappings (allocations, moves) and unmappings (discards) are *pending* until
+:meth:`Delta.commit`: ``fdatasync`` the data, write the changed BAT entries, ``fdatasync``
+again. A crash before the commit leaves the old BAT, whose clusters still hold their old data;
+the new clusters are unreferenced space that :mod:`.check` and compaction reclaim. A physical
+cluster freed by a discard is reused only after the unmapping is committed, so no two BAT
+entries on disk ever name the same cluster.
+
+Memory: the BAT is an ``array('I')`` (4 bytes per virtual cluster: 256 KiB for a 64 GiB disk of
+1 MiB clusters).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+from dataclasses import dataclass, field
+
+from ..errors import ImageError
+from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, BatProblem, Header, bat_region, capacity,
+                     new_header, parse_header, validate_bat)
+
+if sys.byteorder != "little":  # the BAT is little-endian and read straight into an array
+    raise ImportError("fsnotifyd.image needs a little-endian host")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (``os.posix_fallocate`` has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:  # a host fs without holes: write zeros instead
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        os.pwrite(fd, bytes(length), offset)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class Delta:
+    path: str
+    fd: int
+    header: Header
+    bat: array.array
+    writable: bool
+    problems: list[BatProblem] = field(default_factory=list)  # only when opened with strict=False
+    file_clusters: int = 0  # physical clusters the file spans (rounded up)
+    _pending: dict[int, int] = field(default_factory=dict)  # virtual -> physical (0: unmapped)
+    _free: list[int] = field(default_factory=list)  # reusable physical clusters, kept sorted
+    _freed: list[int] = field(default_factory=list)  # freed by pending unmappings: reusable after commit
+    _fresh: set[int] = field(default_factory=set)  # physical clusters allocated since the last commit
+
+    # -- creating and opening ----------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, size: int, cluster: int = DEFAULT_CLUSTER, *, reserve: int | None = None) -> "Delta":
+        """A new empty delta (header and zeroed BAT, durable); fails if ``path`` exists."""
+        header = new_header(size, cluster, reserve=reserve)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, header.first_block)
+            os.pwrite(fd, header.pack(), 0)
+            os.fsync(fd)
+            fsync_dir(path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        bat = array.array("I", bytes(header.entries * BAT_ENTRY))
+        return cls(path, fd, header, bat, True, file_clusters=header.first_cluster)
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False, strict: bool = True) -> "Delta":
+        """Open and validate. ``strict`` refuses any BAT problem; without it the problems are
+        listed in ``problems`` (for ``image check``) and the bad entries read as unmapped."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise ImageError(f"cannot open delta: {e.strerror}", file=path) from e
+        try:
+            size = os.fstat(fd).st_size
+            header = parse_header(os.pread(fd, HEADER_SIZE, 0), size, file=path)
+            raw = os.pread(fd, header.entries * BAT_ENTRY, HEADER_SIZE)
+            if len(raw) != header.entries * BAT_ENTRY:
+                raise ImageError(f"truncated BAT: {len(raw)} of {header.entries * BAT_ENTRY} bytes", file=path,
+                                 field="bat")
+            bat = array.array("I", raw)
+            problems = validate_bat(bat, header, size)
+            if problems and strict:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise ImageError(f"{problems[0]}{more}; run `fsnotifyd image check --repair`", file=path,
+                                 field=f"bat[{problems[0].index}]")
+            for p in problems:
+                bat[p.index] = 0  # never read or write through a bad entry (a duplicate's first owner keeps it)
+        except BaseException:
+            os.close(fd)
+            raise
+        d = cls(path, fd, header, bat, writable, problems=problems,
+                file_clusters=-(-size // header.cluster))
+        d._free = d.unreferenced()
+        return d
+
+    def unreferenced(self) -> list[int]:
+        """Physical data clusters inside the file that no BAT entry names (holes left by
+        discards, or data of allocations a crash kept from being committed)."""
+        used = set(self.bat) | set(self._pending.values())
+        return [p for p in range(self.header.first_cluster, self.file_clusters) if p not in used]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                if self.writable:
+                    self.commit()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def __enter__(self) -> "Delta":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def cluster(self) -> int:
+        return self.header.cluster
+
+    def physical(self, vc: int) -> int:
+        """The physical cluster holding virtual cluster ``vc`` here (0: not in this delta)."""
+        if vc >= len(self.bat):
+            return 0
+        p = self._pending.get(vc)
+        return self.bat[vc] if p is None else p
+
+    def read(self, phys: int, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` within physical cluster ``phys`` (zeros past EOF)."""
+        data = os.pread(self.fd, length, phys * self.cluster + offset)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def allocated(self) -> int:
+        return sum(1 for vc in range(len(self.bat)) if self.physical(vc))
+
+    # -- writing -----------------------------------------------------------------------------
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise ImageError("delta is open read-only", file=self.path)
+
+    def write(self, phys: int, offset: int, data: bytes | memoryview) -> None:
+        """Overwrite bytes inside an allocated cluster (durable at the next commit)."""
+        self._need_writable()
+        n = os.pwrite(self.fd, data, phys * self.cluster + offset)
+        if n != len(data):
+            raise OSError(errno.EIO, f"short write to {self.path}")
+
+    def take_cluster(self) -> int:
+        """A physical cluster for new data: the lowest free one, else the end of the file."""
+        if self._free:
+            return self._free.pop(0)
+        p = self.file_clusters
+        self.file_clusters += 1
+        return p
+
+    def allocate(self, vc: int, data: bytes | memoryview) -> int:
+        """Map virtual cluster ``vc`` to a new physical cluster holding ``data`` (a whole
+        cluster). The mapping is pending until :meth:`commit`."""
+        self._need_writable()
+        if len(data) != self.cluster:
+            raise ValueError("allocate takes a whole cluster")
+        if vc >= self.header.entries:
+            raise ImageError(f"virtual cluster {vc} past the disk ({self.header.entries} clusters)", file=self.path)
+        old = self.physical(vc)
+        p = self.take_cluster()
+        try:
+            self.write(p, 0, data)
+        except BaseException:
+            self._release(p)
+            raise
+        self._pending[vc] = p
+        self._fresh.add(p)
+        if old:
+            self._release(old)
+        return p
+
+    def unmap(self, vc: int) -> None:
+        """Drop this delta's data for ``vc`` (reads fall through below); the space is freed."""
+        self._need_writable()
+        old = self.physical(vc)
+        if not old:
+            return
+        self._pending[vc] = 0
+        self._release(old)
+        punch_hole(self.fd, old * self.cluster, self.cluster)
+
+    def _release(self, p: int) -> None:
+        if p in self._fresh:  # never on disk in any BAT entry: reusable at once
+            self._fresh.discard(p)
+            _insort(self._free, p)
+        else:
+            self._freed.append(p)
+
+    def commit(self) -> None:
+        """Make pending mappings durable: data first, then the BAT entries."""
+        if not self._pending:
+            if self.writable and self.fd >= 0:
+                os.fdatasync(self.fd)
+            return
+        os.fdatasync(self.fd)
+        for vc, p in self._pending.items():
+            self.bat[vc] = p
+        self._write_bat_entries(sorted(self._pending))
+        os.fdatasync(self.fd)
+        self._pending.clear()
+        self._fresh.clear()
+        for p in self._freed:
+            _insort(self._free, p)
+        self._freed.clear()
+
+    def _write_bat_entries(self, vcs: list[int]) -> None:
+        # Whole 4 KiB pages of the BAT around the changed entries, a run of pages per write.
+        page = 4096
+        pages = sorted({(HEADER_SIZE + vc * BAT_ENTRY) // page for vc in vcs})
+        raw = memoryview(self.bat).cast("B")
+        run: list[int] = []
+        for pg in pages + [None]:
+            if run and (pg is None or pg != run[-1] + 1):
+                start = max(run[0] * page, HEADER_SIZE)
+                end = min((run[-1] + 1) * page, HEADER_SIZE + len(raw))
+                os.pwrite(self.fd, raw[start - HEADER_SIZE:end - HEADER_SIZE], start)
+                run = []
+            if pg is not None:
+                run.append(pg)
+
+    def set_in_use(self, in_use: bool) -> None:
+        """The header's in-use marker: set while a writer has the delta, cleared on a clean close."""
+        self._need_writable()
+        self.commit()
+        self.header = Header(self.header.cluster, self.header.entries, self.header.size, self.header.first_block,
+                             in_use, self.header.flags)
+        os.pwrite(self.fd, self.header.pack(), 0)
+        os.fdatasync(self.fd)
+
+    # -- size and layout ---------------------------------------------------------------------
+    def resize(self, size: int) -> None:
+        """Change the virtual size. Growing past the BAT region's room first moves the data
+        clusters in the way to the end of the file; shrinking unmaps the clusters past the end."""
+        self._need_writable()
+        cluster = self.cluster
+        entries = -(-size // cluster)
+        new_header(size, cluster)  # checks the geometry
+        self.commit()
+        if entries < self.header.entries:
+            for vc in range(entries, self.header.entries):
+                if self.physical(vc):
+                    self.unmap(vc)
+            self.commit()
+            self._write_header(Header(cluster, entries, size, self.header.first_block, self.header.in_use,
+                                      self.header.flags))
+            del self.bat[entries:]
+            return
+        first_block = self.header.first_block
+        if entries > capacity(cluster, first_block):
+            first_block = bat_region(cluster, entries)
+            self._evacuate(first_block // cluster)
+        # New entries start zeroed on disk before the header says they exist.
+        extra = entries - self.header.entries
+        if extra:
+            os.pwrite(self.fd, bytes(extra * BAT_ENTRY), HEADER_SIZE + self.header.entries * BAT_ENTRY)
+            os.fdatasync(self.fd)
+        self._write_header(Header(cluster, entries, size, first_block, self.header.in_use, self.header.flags))
+        self.bat.extend([0] * extra)
+
+    def _evacuate(self, first_cluster: int) -> None:
+        """Move every data cluster below ``first_cluster`` past it (the BAT grows there)."""
+        self._free = [p for p in self._free if p >= first_cluster]
+        self.file_clusters = max(self.file_clusters, first_cluster)
+        for vc in range(len(self.bat)):
+            p = self.physical(vc)
+            if p and p < first_cluster:
+                q = self.take_cluster()
+                self.write(q, 0, self.read(p, 0, self.cluster))
+                self._pending[vc] = q
+                self._fresh.add(q)
+                # p is not freed: it becomes part of the BAT region
+        self.commit()
+
+    def _write_header(self, header: Header) -> None:
+        self.header = header
+        os.pwrite(self.fd, header.pack(), 0)
+        os.fdatasync(self.fd)
+
+    def move(self, vc: int, to: int) -> None:
+        """Copy ``vc``'s data to free physical cluster ``to`` and map it there (pending)."""
+        old = self.physical(vc)
+        self._free.remove(to)
+        self.write(to, 0, self.read(old, 0, self.cluster))
+        self._pending[vc] = to
+        self._fresh.add(to)
+        self._release(old)
+
+    def truncate_tail(self) -> int:
+        """Cut the file after its last used cluster; returns the bytes released. Call after a
+        commit (pending clusters are kept)."""
+        used = [p for p in (self.physical(vc) for vc in range(len(self.bat))) if p]
+        last = max(used, default=self.header.first_cluster - 1) + 1
+        last = max(last, self.header.first_cluster)
+        if last >= self.file_clusters:
+            return 0
+        before = os.fstat(self.fd).st_size
+        os.ftruncate(self.fd, last * self.cluster)
+        os.fsync(self.fd)
+        self.file_clusters = last
+        self._free = [p for p in self._free if p < last]
+        self._freed = [p for p in self._freed if p < last]
+        return before - last * self.cluster
+
+
+def _insort(xs: list[int], x: int) -> None:
+    import bisect
+
+    bisect.insort(xs, x)
