@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(rr)
     rr.set_defaults(func=cmd_rules_reload)
 
+    from .app import imagecli
+
+    imagecli.add_commands(sub)
+
     c = sub.add_parser("config", help="check or show the configuration")
     c.add_argument("action", choices=["check", "show"])
     common(c, socket=False)

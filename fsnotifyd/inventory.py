@@ -13,9 +13,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
+import structlog
+
 from .errors import ConfigError
 from .events import Device
 from .mountinfo import MountEntry, read_mountinfo
+
+log = structlog.get_logger("fsnotifyd.inventory")
 
 _VE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
@@ -102,6 +106,11 @@ class Inventory:
     ves: list[VE] = field(default_factory=list)
     mountinfo: Callable[[], Iterable[MountEntry]] = read_mountinfo
     sys: SysBlock = field(default_factory=SysBlock)
+    # More VEs, asked for on every refresh (the image manager's VE registry: a VE started by
+    # the CLI mounts its filesystem, the mount table changes, and the VE is known from then).
+    # The VEs given in ``ves`` win over a provided one of the same id.
+    provider: Callable[[], Iterable[VE]] | None = None
+    _static: list[VE] = field(default_factory=list, init=False)
     _by_devnum: dict[tuple[int, int], Placement] = field(default_factory=dict, init=False)
     _by_name: dict[str, Placement] = field(default_factory=dict, init=False)
     _last_seen: dict[str, Placement] = field(default_factory=dict, init=False)
@@ -114,11 +123,21 @@ class Inventory:
             if ve.id in seen:
                 raise ConfigError(f"duplicate VE id {ve.id!r}", field="id")
             seen.add(ve.id)
+        self._static = list(self.ves)
         self.refresh()
 
     # -- maintenance -------------------------------------------------------------------------
     def refresh(self) -> None:
         """Rebuild the device → mount map from the mount table (call on every table change)."""
+        if self.provider is not None:
+            try:
+                extra = list(self.provider())
+            except Exception as e:  # a broken registry must not stop placing events
+                log.warning("inventory.provider_failed", error=str(e))
+                extra = None
+            if extra is not None:
+                known = {v.id for v in self._static}
+                self.ves = self._static + [v for v in extra if v.id not in known]
         by_devnum: dict[tuple[int, int], Placement] = {}
         for entry in self.mountinfo():
             if entry.major == 0:  # no block device behind it (tmpfs, proc, fuse, overlay, ...)
@@ -156,10 +175,12 @@ class Inventory:
     def register(self, ve: VE) -> None:
         """Add or replace a VE at run time (the image manager registers the VEs it attaches)."""
         self.ves = [v for v in self.ves if v.id != ve.id] + [ve]
+        self._static = [v for v in self._static if v.id != ve.id] + [ve]
         self.refresh()
 
     def unregister(self, ve_id: str) -> None:
         self.ves = [v for v in self.ves if v.id != ve_id]
+        self._static = [v for v in self._static if v.id != ve_id]
         self.refresh()
         self._last_seen = {k: self._with_ve(p) for k, p in self._last_seen.items()}
 

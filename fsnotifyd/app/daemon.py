@@ -34,6 +34,7 @@ from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
 from ..typing import Sink, Source
+from ..ve.registry import Registry
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -121,8 +122,16 @@ class Daemon:
         log.info("rules.loaded", files=self.rule_paths, rules=len(self.engine.compiled.rules), restored_state=restored)
 
     def _new_engine(self, ruleset) -> Engine:
-        labels = {ve.id: dict(ve.labels) for ve in self.config.ves}
-        return Engine(ruleset, labels_of=lambda ve: labels.get(ve, {}))
+        return Engine(ruleset, labels_of=self._labels_of)
+
+    def _labels_of(self, ve_id: str) -> dict[str, str]:
+        # The inventory's VEs, not only the config's: VEs created with `fsnotifyd ve` come and
+        # go while the daemon runs.
+        inventory = getattr(self, "inventory", None)
+        for ve in (inventory.ves if inventory is not None else self.config.ves):
+            if ve.id == ve_id:
+                return dict(ve.labels)
+        return {}
 
     def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why."""
@@ -147,7 +156,8 @@ class Daemon:
             self.engine.dirty = False
 
     def build_inventory(self) -> None:
-        self.inventory = Inventory(ves=list(self.config.ves))
+        registry = Registry(self.config.state_dir)
+        self.inventory = Inventory(ves=list(self.config.ves), provider=registry.ves)
 
     async def open_sinks(self) -> None:
         cfg = self.config
@@ -287,7 +297,7 @@ class Daemon:
                             **self._source_detail(n)}
                         for n, s in self.statuses.items()},
             "ves": [{"id": v.id, "mounts": list(v.mounts), "devices": list(v.devices),
-                     "images": list(v.images), "cgroup": v.cgroup} for v in self.config.ves],
+                     "images": list(v.images), "cgroup": v.cgroup} for v in self.inventory.ves],
             "mounts": [{"device": p.device.name, "devnum": "%d:%d" % p.device.devnum if p.device.devnum else None,
                         "mount": p.mount, "fs": p.fs, "ve": p.ve, "readonly": p.readonly,
                         "backing_file": p.backing_file} for p in self.inventory.mounts()],

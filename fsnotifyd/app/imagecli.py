@@ -1,0 +1,414 @@
+"""``fsnotifyd image ...`` and ``fsnotifyd ve ...``: the image manager and VEs from the shell.
+
+Image commands take the image directory (its ``DiskDescriptor.xml`` and deltas); attachments
+are recorded under ``<state-dir>/run`` so any later command (or ``detach`` after a crash) finds
+them. VE commands work on the registry under ``<state-dir>/ves``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ..errors import ConfigError, FsnotifydError
+from ..image import ops
+from ..image.info import human, image_info, parse_size
+
+DEFAULT_STATE_DIR = "/var/lib/fsnotifyd"
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    if args.state_dir:
+        return args.state_dir
+    if getattr(args, "config", None):
+        from ..config import load_config
+
+        return load_config(args.config).state_dir
+    return DEFAULT_STATE_DIR
+
+
+def _run_dir(args: argparse.Namespace) -> str:
+    return os.path.join(_state_dir(args), "run")
+
+
+def _attached(args: argparse.Namespace, image: str):
+    from ..image import attach
+
+    real = os.path.realpath(image)
+    for a in attach.attached(_run_dir(args)):
+        if os.path.realpath(a.image) == real and not a.upto:
+            return a
+    return None
+
+
+def _need_attached(args: argparse.Namespace, image: str):
+    a = _attached(args, image)
+    if a is None:
+        raise FsnotifydError(f"{image} is not attached (fsnotifyd image attach {image})")
+    return a
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- image commands ------------------------------------------------------------------------------
+
+def cmd_create(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    kw: dict[str, Any] = {"profile": args.profile, "fs": None if args.no_mkfs else "ext4"}
+    if args.cluster:
+        kw["cluster"] = parse_size(args.cluster)
+    t0 = time.monotonic()
+    desc = ops.create(args.image, size, **kw)
+    print(f"{args.image}: {human(desc.size)} image, {human(desc.cluster)} clusters"
+          f"{'' if args.no_mkfs else ', ext4 (' + args.profile + ' profile)'} in {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = image_info(args.image)
+    a = _attached(args, args.image)
+    if args.json:
+        d = info.to_dict() | {"attached": None if a is None else {"loop": a.loop, "mountpoint": a.mountpoint,
+                                                                  "pid": a.pid, "readonly": a.readonly}}
+        _print(d, True)
+        return 0
+    print(f"image      {info.directory}")
+    print(f"virtual    {human(info.size)} ({info.size} bytes), clusters of {human(info.cluster)}")
+    print(f"allocated  {human(info.allocated_bytes)} ({100 * info.allocated_bytes / info.size:.1f} %)")
+    print(f"files      {human(info.file_bytes)} long, {human(info.physical_bytes)} on disk")
+    if a is not None:
+        print(f"attached   {a.loop} (exporter pid {a.pid}){', mounted at ' + a.mountpoint if a.mountpoint else ''}"
+              f"{', read-only' if a.readonly else ''}")
+    for d in info.deltas:
+        role = "top" if d.top else f"snapshot{' ' + repr(d.name) if d.name else ''}"
+        print(f"  {d.guid}  {role:<20} {d.file:<50} {human(d.allocated_bytes):>8} allocated, "
+              f"{human(d.physical_bytes):>8} on disk{', IN USE' if d.in_use else ''}")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    a = attach.attach(args.image, run_dir=_run_dir(args), readonly=args.readonly, upto=args.snapshot)
+    if args.mount:
+        attach.mount(a, args.mount, readonly=args.readonly or bool(args.snapshot))
+    print(a.loop)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    a = _attached(args, args.image) or attach.attach(args.image, run_dir=_run_dir(args))
+    attach.mount(a, args.mountpoint, readonly=args.readonly)
+    print(f"{args.image} on {a.loop} mounted at {args.mountpoint}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    attach.umount(_need_attached(args, args.image))
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    real = os.path.realpath(args.image)
+    found = [a for a in attach.attached(_run_dir(args)) if os.path.realpath(a.image) == real]
+    if not found:
+        print(f"{args.image}: not attached")
+        return 0
+    for a in found:  # the image and any of its snapshots mounted for checks
+        attach.detach(a, run_dir=_run_dir(args))
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from ..image import attach
+    from ..image.stack import Stack
+
+    a = _attached(args, args.image)
+    t0 = time.monotonic()
+    if a is not None:
+        guid = attach.snapshot(a, name=args.name) if _takes_name(attach.snapshot) else attach.snapshot(a)
+    else:
+        with Stack.open(args.image) as stack:
+            guid = ops.snapshot(stack, args.image, name=args.name)
+    print(f"{guid} ({(time.monotonic() - t0) * 1000:.0f} ms)")
+    return 0
+
+
+def _takes_name(fn: Any) -> bool:
+    import inspect
+
+    return "name" in inspect.signature(fn).parameters
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    info = image_info(args.image)
+    rows = [{"guid": d.guid, "name": d.name, "created": d.created, "parent": d.parent,
+             "allocated_bytes": d.allocated_bytes} for d in info.deltas if not d.top]
+    if args.json:
+        _print(rows, True)
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "-"
+        print(f"{r['guid']}  {when}  {human(r['allocated_bytes']):>8}  {r['name'] or ''}")
+    return 0
+
+
+def cmd_mount_snapshot(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    a = attach.attach(args.image, run_dir=_run_dir(args), readonly=True, upto=args.guid)
+    attach.mount(a, args.mountpoint, readonly=True)
+    print(f"snapshot {args.guid} on {a.loop} mounted read-only at {args.mountpoint}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..image import attach
+
+    a = _attached(args, args.image)
+    if a is not None:
+        r = attach.control(a, {"op": "merge", "guid": args.guid}, timeout=3600)
+        if not r.get("ok"):
+            raise FsnotifydError(f"merge failed: {r.get('error')}")
+    else:
+        ops.merge(args.image, args.guid)
+    print(f"snapshot {args.guid} merged into its child and deleted")
+    return 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from ..image import attach
+    from ..image.stack import Stack
+
+    size = parse_size(args.size)
+    a = _attached(args, args.image)
+    if a is not None:
+        attach.grow(a, size)
+    else:
+        with Stack.open(args.image) as stack:
+            ops.grow_stack(stack, args.image, size)
+        print("grown; the filesystem grows with it at the next mount (resize2fs) or now if attached")
+    return 0
+
+
+def cmd_shrink(args: argparse.Namespace) -> int:
+    from ..image import attach, resize
+
+    if args.online is not None:
+        a = _need_attached(args, args.image)
+        if not a.mountpoint:
+            raise FsnotifydError("online shrink needs the image mounted")
+        if args.online == "0":
+            resize.deflate(a.mountpoint)
+            print("balloon deflated: the VE has its space back")
+            return 0
+        r = resize.inflate(a.mountpoint, a.loop, parse_size(args.online))
+        print(f"balloon of {human(r.size)}: {human(r.discarded)} given back to the host in {r.extents} extents")
+        return 0
+    if _attached(args, args.image) is not None:
+        raise FsnotifydError("offline shrink needs the image detached (or use --online SIZE, the balloon)")
+    a = attach.attach(args.image, run_dir=_run_dir(args))
+    try:
+        new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None)
+    finally:
+        attach.detach(a, run_dir=_run_dir(args))
+    result = resize.cut_and_compact(args.image, new)
+    print(f"filesystem and image cut to {human(new)}; {human(result.released)} released")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from ..image.stack import Stack
+
+    if _attached(args, args.image) is not None:
+        raise FsnotifydError("compact needs the image detached")
+    t0 = time.monotonic()
+    with Stack.open(args.image) as stack:
+        r = ops.compact(stack.top)
+    print(f"moved {r.moved} clusters, released {human(r.released)} in {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..image.check import check
+
+    if args.repair and _attached(args, args.image) is not None:
+        raise FsnotifydError("repair needs the image detached")
+    report = check(args.image, repair=args.repair)
+    print(report)
+    return 0 if report.clean or (args.repair and check(args.image).clean) else 1
+
+
+# -- VE commands ---------------------------------------------------------------------------------
+
+def _labels(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"label {item!r}: expected KEY=VALUE", field="label")
+        out[k] = v
+    return out
+
+
+def cmd_ve_create(args: argparse.Namespace) -> int:
+    from ..ve import lifecycle
+
+    rec = lifecycle.create(_state_dir(args), args.id, parse_size(args.size), mountpoint=args.mountpoint,
+                           image=args.image, labels=_labels(args.label), profile=args.profile)
+    print(f"VE {rec.id}: image {rec.image}, mount point {rec.mountpoint}")
+    if args.start:
+        lifecycle.start(_state_dir(args), rec.id)
+    return 0
+
+
+def cmd_ve_list(args: argparse.Namespace) -> int:
+    from ..ve.registry import Registry
+
+    recs = Registry(_state_dir(args)).all()
+    if args.json:
+        _print([{"id": r.id, "image": r.image, "mountpoint": r.mountpoint, "running": r.running, "loop": r.loop,
+                 "labels": r.labels, "created": r.created} for r in recs], True)
+        return 0
+    for r in recs:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
+        print(f"{r.id:<12} {'running' if r.running else 'stopped':<8} {r.loop or '-':<12} {r.mountpoint}  {labels}")
+    return 0
+
+
+def cmd_ve_show(args: argparse.Namespace) -> int:
+    from ..ve.registry import Registry
+
+    rec = Registry(_state_dir(args)).get(args.id)
+    print(f"VE {rec.id}: {'running on ' + str(rec.loop) if rec.running else 'stopped'}")
+    print(f"mount point {rec.mountpoint}; labels {rec.labels or '-'}")
+    args.image, args.json = rec.image, False
+    return cmd_info(args)
+
+
+def cmd_ve_start(args: argparse.Namespace) -> int:
+    from ..ve import lifecycle
+
+    rec = lifecycle.start(_state_dir(args), args.id)
+    print(f"VE {rec.id} running: {rec.loop} mounted at {rec.mountpoint}")
+    return 0
+
+
+def cmd_ve_stop(args: argparse.Namespace) -> int:
+    from ..ve import lifecycle
+
+    lifecycle.stop(_state_dir(args), args.id)
+    print(f"VE {args.id} stopped")
+    return 0
+
+
+def cmd_ve_destroy(args: argparse.Namespace) -> int:
+    from ..ve import lifecycle
+
+    lifecycle.destroy(_state_dir(args), args.id, keep_image=args.keep_image)
+    print(f"VE {args.id} destroyed{' (image kept)' if args.keep_image else ''}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    def state(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--state-dir", help=f"where attachments and VEs are kept (default {DEFAULT_STATE_DIR}, "
+                        "or the config's state_dir)")
+        sp.add_argument("--config", help="YAML config to take state_dir from")
+
+    im = sub.add_parser("image", help="ploop-style thin images: create, attach, snapshot, compact, check")
+    isub = im.add_subparsers(dest="image_command", required=True)
+
+    def cmd(name: str, func, help: str, image: bool = True) -> argparse.ArgumentParser:
+        sp = isub.add_parser(name, help=help)
+        if image:
+            sp.add_argument("image", help="image directory (holds DiskDescriptor.xml)")
+        state(sp)
+        sp.set_defaults(func=run, image_func=func)
+        return sp
+
+    c = cmd("create", cmd_create, "a new image, formatted ext4")
+    c.add_argument("--size", required=True, help="virtual size: 10G, 512M, ...")
+    c.add_argument("--cluster", help="cluster size (default 1M)")
+    c.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES),
+                   help="mkfs.ext4 options: 'thin' keeps allocations compact (default), 'default' is mkfs's own")
+    c.add_argument("--no-mkfs", action="store_true", help="leave the disk blank")
+    i = cmd("info", cmd_info, "sizes, allocation and deltas")
+    i.add_argument("--json", action="store_true")
+    a = cmd("attach", cmd_attach, "start the exporter and a loop device (prints the device)")
+    a.add_argument("--readonly", action="store_true")
+    a.add_argument("--snapshot", metavar="GUID", help="attach a snapshot (read-only)")
+    a.add_argument("--mount", metavar="DIR", help="also mount it there")
+    m = cmd("mount", cmd_mount, "mount (attaching first if needed)")
+    m.add_argument("mountpoint")
+    m.add_argument("--readonly", action="store_true")
+    cmd("umount", cmd_umount, "unmount (stays attached)")
+    cmd("detach", cmd_detach, "unmount, detach the loop, stop the exporter (also after a crash)")
+    s = cmd("snapshot", cmd_snapshot, "freeze, stack a new delta, thaw: O(1) in the image size")
+    s.add_argument("--name")
+    sl = cmd("snapshots", cmd_snapshots, "list snapshots")
+    sl.add_argument("--json", action="store_true")
+    ms = cmd("mount-snapshot", cmd_mount_snapshot, "mount a snapshot read-only (for checks)")
+    ms.add_argument("guid")
+    ms.add_argument("mountpoint")
+    mg = cmd("merge", cmd_merge, "delete a snapshot, merging its data into the delta above")
+    mg.add_argument("guid")
+    g = cmd("grow", cmd_grow, "grow the disk (online: the filesystem too)")
+    g.add_argument("size")
+    sh = cmd("shrink", cmd_shrink, "shrink: offline (resize2fs, cut, compact) or online with --online (balloon)")
+    sh.add_argument("size", nargs="?", help="offline: new filesystem size (default: as small as it goes)")
+    sh.add_argument("--online", metavar="SIZE", help="inflate the balloon to SIZE (0 deflates it)")
+    cmd("compact", cmd_compact, "move clusters into holes and cut the file (detached)")
+    ck = cmd("check", cmd_check, "check the image's metadata (exit 1 on problems)")
+    ck.add_argument("--repair", action="store_true")
+
+    ve = sub.add_parser("ve", help="VEs: an id paired with an image and a mount point")
+    vsub = ve.add_subparsers(dest="ve_command", required=True)
+
+    def vcmd(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = vsub.add_parser(name, help=help)
+        state(sp)
+        sp.set_defaults(func=run, image_func=func)
+        return sp
+
+    vc = vcmd("create", cmd_ve_create, "create a VE with a new image")
+    vc.add_argument("id")
+    vc.add_argument("--size", required=True)
+    vc.add_argument("--mountpoint", help="default <state-dir>/root/ID")
+    vc.add_argument("--image", help="image directory (default <state-dir>/images/ID)")
+    vc.add_argument("--label", action="append", metavar="KEY=VALUE")
+    vc.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES))
+    vc.add_argument("--start", action="store_true")
+    vl = vcmd("list", cmd_ve_list, "list VEs")
+    vl.add_argument("--json", action="store_true")
+    vs = vcmd("show", cmd_ve_show, "one VE and its image")
+    vs.add_argument("id")
+    vst = vcmd("start", cmd_ve_start, "check, attach and mount (also after a crash or reboot)")
+    vst.add_argument("id")
+    vsp = vcmd("stop", cmd_ve_stop, "unmount and detach")
+    vsp.add_argument("id")
+    vd = vcmd("destroy", cmd_ve_destroy, "stop and remove a VE (and its image)")
+    vd.add_argument("id")
+    vd.add_argument("--keep-image", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Image and VE errors (a bad image, a missing VE, a failed mkfs) are one line and exit 1."""
+    try:
+        return args.image_func(args)
+    except FsnotifydError as e:
+        print(f"fsnotifyd: {e}", file=sys.stderr)
+        return 1

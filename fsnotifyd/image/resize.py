@@ -1,0 +1,143 @@
+"""Changing how much space a VE has: offline shrink, and ploop's balloon for shrinking online.
+
+Offline shrink: attach without mounting, ``e2fsck -fy``, ``resize2fs`` (``-M`` or to a size),
+detach, cut the image's virtual size to the filesystem's new end, compact the file.
+
+The balloon (online): a hidden file at the filesystem's root is ``fallocate``d to the size to
+take away, its extents (FIEMAP) are discarded on the VE's block device (the image frees those
+clusters) and it is made immutable. The filesystem counts its blocks as used, so the VE's
+usable size drops without unmounting; the image gives the space back to the host. Deflating
+removes the file: the filesystem has the blocks again, and they cost the image nothing until
+written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+from dataclasses import dataclass
+
+from ..errors import ImageError
+from . import ops
+from .stack import Stack
+
+BALLOON = ".fsnotifyd-balloon"
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2
+_FIEMAP = struct.Struct("=QQIIII")
+_EXTENT = struct.Struct("=QQQQQIIII")
+
+
+def _run(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode not in ok:
+        raise ImageError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:500]}")
+    return r
+
+
+def fiemap(fd: int, batch: int = 256) -> list[tuple[int, int, int]]:
+    """(logical, physical, length) of every extent of an open file, in bytes."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    while True:
+        buf = bytearray(_FIEMAP.size + batch * _EXTENT.size)
+        _FIEMAP.pack_into(buf, 0, start, (1 << 64) - 1 - start, FIEMAP_FLAG_SYNC, 0, batch, 0)
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        mapped = _FIEMAP.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return out
+        last = False
+        for i in range(mapped):
+            logical, physical, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
+            if flags & FIEMAP_EXTENT_UNKNOWN:
+                raise ImageError("the balloon's extents are not known yet (delayed allocation)")
+            out.append((logical, physical, length))
+            start = logical + length
+            last = bool(flags & FIEMAP_EXTENT_LAST)
+        if last:
+            return out
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonResult:
+    size: int  # bytes the balloon holds in the filesystem
+    discarded: int  # bytes discarded on the device (freed in the image)
+    extents: int
+
+
+def inflate(mountpoint: str, device: str, size: int) -> BalloonResult:
+    """Take ``size`` bytes away from the VE's filesystem mounted at ``mountpoint`` (on
+    ``device``, the VE's loop device) and give them back to the host."""
+    path = os.path.join(mountpoint, BALLOON)
+    if os.path.exists(path):
+        _run("chattr", "-i", path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o000)
+    try:
+        os.ftruncate(fd, 0)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
+                             file=path) from e
+        os.fsync(fd)
+        extents = fiemap(fd)
+    finally:
+        os.close(fd)
+    discarded = 0
+    for _, physical, length in extents:
+        _run("blkdiscard", "--force", "-o", str(physical), "-l", str(length), device)
+        discarded += length
+    _run("chattr", "+i", path)  # pinned: nobody writes into it or deletes it by mistake
+    return BalloonResult(size, discarded, len(extents))
+
+
+def deflate(mountpoint: str) -> bool:
+    """Give the balloon's space back to the VE; False when there was none."""
+    path = os.path.join(mountpoint, BALLOON)
+    if not os.path.exists(path):
+        return False
+    _run("chattr", "-i", path)
+    os.unlink(path)
+    return True
+
+
+def balloon_size(mountpoint: str) -> int:
+    try:
+        st = os.stat(os.path.join(mountpoint, BALLOON))
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512
+
+
+def fs_size(device: str) -> int:
+    """The ext4 filesystem's size in bytes, from its superblock."""
+    out = _run("dumpe2fs", "-h", device).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    try:
+        return int(fields["Block count"].strip()) * int(fields["Block size"].strip())
+    except (KeyError, ValueError):
+        raise ImageError("cannot read the filesystem's size from its superblock", file=device) from None
+
+
+def shrink_filesystem(device: str, size: int | None) -> int:
+    """e2fsck then resize2fs an unmounted ext4 to ``size`` bytes (None: as small as it goes);
+    returns the new size."""
+    _run("e2fsck", "-fy", device, ok=(0, 1))
+    if size is None:
+        _run("resize2fs", "-M", device)
+    else:
+        _run("resize2fs", device, f"{size // 1024}K")
+    return fs_size(device)
+
+
+def cut_and_compact(image_dir: str, size: int) -> ops.CompactResult:
+    """After the filesystem shrank: cut the image's virtual size and compact its file."""
+    with Stack.open(image_dir) as stack:
+        ops.cut_stack(stack, image_dir, size)
+        return ops.compact(stack.top)
+
+

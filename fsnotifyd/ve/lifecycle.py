@@ -1,0 +1,112 @@
+"""A VE's life: create (image + record), start (check, attach, mount), stop (umount, detach).
+
+Every step is idempotent and starts by cleaning up what a crash may have left, so
+``fsnotifyd ve start`` brings a VE back after a reboot, a killed exporter or a killed CLI: a
+stale attachment is detached, an image left in use is checked and repaired, the filesystem's
+journal is replayed by the mount (and ``e2fsck -p`` runs first when the kernel recorded errors).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+from ..errors import ImageError
+from ..image import attach as att_mod
+from ..image import ops
+from ..image.check import check
+from .registry import Registry, VeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    state_dir: str
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.state_dir, "run")
+
+    def image(self, ve_id: str) -> str:
+        return os.path.join(self.state_dir, "images", ve_id)
+
+    def root(self, ve_id: str) -> str:
+        return os.path.join(self.state_dir, "root", ve_id)
+
+
+def create(state_dir: str, ve_id: str, size: int, *, mountpoint: str | None = None, image: str | None = None,
+           labels: dict[str, str] | None = None, profile: str = "thin", cluster: int | None = None) -> VeRecord:
+    paths, reg = Paths(state_dir), Registry(state_dir)
+    rec = VeRecord(ve_id, os.path.abspath(image or paths.image(ve_id)),
+                   os.path.abspath(mountpoint or paths.root(ve_id)), dict(labels or {}))
+    rec = reg.add(rec)  # claims the id, mount point and image first
+    try:
+        kw = {"cluster": cluster} if cluster else {}
+        ops.create(rec.image, size, profile=profile, **kw)
+    except BaseException:
+        reg.remove(ve_id)
+        raise
+    return rec
+
+
+def _attachment(run_dir: str, image: str) -> att_mod.Attached | None:
+    real = os.path.realpath(image)
+    for a in att_mod.attached(run_dir):
+        if os.path.realpath(a.image) == real:
+            return a
+    return None
+
+
+def _healthy(a: att_mod.Attached) -> bool:
+    try:
+        return bool(att_mod.control(a, {"op": "status"}, timeout=5).get("healthy"))
+    except (OSError, ValueError, ImageError):
+        return False
+
+
+def start(state_dir: str, ve_id: str) -> VeRecord:
+    paths, reg = Paths(state_dir), Registry(state_dir)
+    with reg.ve_locked(ve_id):
+        rec = reg.get(ve_id)
+        a = _attachment(paths.run_dir, rec.image)
+        if a is not None and _healthy(a) and a.mountpoint and os.path.ismount(a.mountpoint):
+            return reg.update(ve_id, running=True, loop=a.loop, disk=a.disk)
+        if a is not None:  # left by a crash: take it apart before starting afresh
+            att_mod.detach(a, run_dir=paths.run_dir)
+        report = check(rec.image, repair=True)
+        if not check(rec.image).clean:
+            raise ImageError(f"image still has problems after repair: {report}", file=rec.image)
+        a = att_mod.attach(rec.image, run_dir=paths.run_dir)
+        try:
+            # A filesystem the kernel marked with errors is repaired before it is mounted.
+            r = subprocess.run(["e2fsck", "-p", a.loop], capture_output=True, text=True)
+            if r.returncode >= 4:
+                raise ImageError(f"e2fsck -p {a.loop} needs a manual repair (exit {r.returncode}): "
+                                 f"{(r.stdout + r.stderr).strip()[:300]}; run `fsnotifyd image check` and "
+                                 f"`e2fsck -fy` on it", file=rec.image)
+            os.makedirs(rec.mountpoint, exist_ok=True)
+            att_mod.mount(a, rec.mountpoint)
+        except BaseException:
+            att_mod.detach(a, run_dir=paths.run_dir)
+            raise
+        return reg.update(ve_id, running=True, loop=a.loop, disk=a.disk)
+
+
+def stop(state_dir: str, ve_id: str) -> VeRecord:
+    paths, reg = Paths(state_dir), Registry(state_dir)
+    with reg.ve_locked(ve_id):
+        rec = reg.get(ve_id)
+        a = _attachment(paths.run_dir, rec.image)
+        if a is not None:
+            att_mod.detach(a, run_dir=paths.run_dir)
+        return reg.update(ve_id, running=False, loop=None, disk=None)
+
+
+def destroy(state_dir: str, ve_id: str, *, keep_image: bool = False) -> None:
+    import shutil
+
+    reg = Registry(state_dir)
+    rec = stop(state_dir, ve_id)
+    if not keep_image:
+        shutil.rmtree(rec.image, ignore_errors=True)
+    reg.remove(ve_id)
