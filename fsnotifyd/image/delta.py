@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -97,13 +98,17 @@ class Delta:
     def open(cls, path: str, *, writable: bool = False, strict: bool = True) -> "Delta":
         """Open and validate. ``strict`` refuses any BAT problem; without it the problems are
         listed in ``problems`` (for ``image check``) and the bad entries read as unmapped."""
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO named as a delta must not block the open (no effect on files).
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(path, flags)
         except OSError as e:
             raise ImageError(f"cannot open delta: {e.strerror}", file=path) from e
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("delta is not a regular file", file=path)
+            size = st.st_size
             header = parse_header(os.pread(fd, HEADER_SIZE, 0), size, file=path)
             raw = os.pread(fd, header.entries * BAT_ENTRY, HEADER_SIZE)
             if len(raw) != header.entries * BAT_ENTRY:
@@ -287,6 +292,11 @@ class Delta:
         if entries > capacity(cluster, first_block):
             first_block = bat_region(cluster, entries)
             self._evacuate(first_block // cluster)
+        # The file must reach the first data block before the header says where it is (an
+        # image with no data clusters in the way is shorter than the grown BAT region).
+        if os.fstat(self.fd).st_size < first_block:
+            os.ftruncate(self.fd, first_block)
+            self.file_clusters = max(self.file_clusters, first_block // cluster)
         # New entries start zeroed on disk before the header says they exist.
         extra = entries - self.header.entries
         if extra:

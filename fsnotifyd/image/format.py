@@ -42,6 +42,7 @@ MIN_CLUSTER = 4096  # one page: writes below it cannot be atomic on any host fs
 MAX_CLUSTER = 64 << 20
 MAX_VIRTUAL = 1 << 50  # 1 PiB: far past any VE; keeps offsets clear of 64-bit overflow
 BAT_ENTRY = 4
+MAX_ENTRIES = 0xFFFFFFFF  # m_Size, m_FirstBlockOffset (sectors) and BAT entries are u32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ def new_header(size: int, cluster: int = DEFAULT_CLUSTER, *, reserve: int | None
     check_geometry(size, cluster)
     entries = -(-size // cluster)
     room = max(entries, -(-(reserve or 0) // cluster))
+    if room > MAX_ENTRIES or bat_region(cluster, room) // SECTOR > MAX_ENTRIES:
+        raise ImageError(f"{room} BAT entries of {cluster}-byte clusters do not fit the u32 header fields",
+                         field="m_Size")
     return Header(cluster=cluster, entries=entries, size=size, first_block=bat_region(cluster, room))
 
 

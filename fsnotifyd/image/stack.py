@@ -52,7 +52,10 @@ class Stack:
                 if delta.cluster != d.cluster:
                     raise ImageError(f"cluster of {delta.cluster} bytes, the descriptor says {d.cluster}",
                                      file=delta.path, field="m_Sectors")
-                if delta.header.size > d.size or (top and upto is None and delta.header.size != d.size):
+                # A writable top larger than the descriptor is what an interrupted grow (top
+                # first) or cut (descriptor first) leaves: usable at the descriptor's size.
+                if delta.header.size > d.size and not (top and upto is None) or (
+                        top and upto is None and delta.header.size < d.size):
                     raise ImageError(f"virtual size {delta.header.size} does not fit the descriptor's {d.size}",
                                      file=delta.path, field="m_SizeInSectors")
         except BaseException:
