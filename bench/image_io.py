@@ -40,6 +40,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 
 MiB = 1 << 20
@@ -230,6 +231,7 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
     ap.add_argument("--only", default=None, help="comma-separated columns to run (raw,image,qcow2)")
     args = ap.parse_args()
+    configure_logging("warning")  # the attach/detach info lines would drown the figures
     if args.quick:
         args.repeat, args.runtime, args.file_size = 1, 3, 512
     if os.geteuid() != 0:
