@@ -16,6 +16,9 @@ bench: bootstrap
 	$(PY) bench/latency.py
 	$(PY) bench/memory.py
 	$(PY) bench/rules_replay.py
+	$(PY) bench/image_io.py
+	$(PY) bench/image_ops.py
+	$(PY) bench/image_swelling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
