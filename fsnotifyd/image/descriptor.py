@@ -132,7 +132,7 @@ def _parse(raw: bytes) -> ET.Element:
         scan.Parse(raw, True)
     except _Refused:
         raise ET.ParseError("a DTD or entity declaration (refused)") from None
-    except expat.ExpatError as e:
+    except (expat.ExpatError, LookupError, ValueError) as e:  # LookupError: an unknown encoding="..."
         raise ET.ParseError(str(e)) from None
     return ET.fromstring(raw)
 
