@@ -14,7 +14,7 @@ What is checked, per :func:`check`:
   the cluster; the BAT is written and fdatasync'd);
 - a file length that is not a whole number of clusters (the partial tail of an interrupted
   append: repaired by cutting it; it is never referenced once the BAT is repaired);
-- unreferenced physical clusters that still hold data (an allocation a crash kept from being
+- unreferenced physical clusters that hold anything but zeros (an allocation a crash kept from being
   committed, a compaction cut short): their count and bytes (repaired: the file is cut after
   the last used cluster, interior ones are punched). Unreferenced clusters that are holes are
   ordinary free space left by discards, not problems;
@@ -196,12 +196,17 @@ def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: Chec
 
 
 def _has_data(fd: int, offset: int, length: int) -> bool:
-    """Whether ``[offset, offset + length)`` has allocated blocks (not all hole)."""
+    """Whether ``[offset, offset + length)`` holds anything but zeros: a hole is skipped without
+    reading (SEEK_DATA); allocated zeros (a copy made without holes, a host fs that cannot punch
+    them) are not counted, as a repair could not make them go away there."""
     try:
         at = os.lseek(fd, offset, os.SEEK_DATA)
     except OSError:  # ENXIO: no data at or after offset
         return False
-    return at < offset + length
+    if at >= offset + length:
+        return False
+    data = os.pread(fd, offset + length - at, at)
+    return data.count(0) != len(data)
 
 
 # -- files the descriptor does not name ----------------------------------------------------------
