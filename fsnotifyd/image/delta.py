@@ -279,10 +279,16 @@ class Delta:
         entries = -(-size // cluster)
         new_header(size, cluster)  # checks the geometry
         self.commit()
-        if entries < self.header.entries:
+        if size < self.header.size:
             for vc in range(entries, self.header.entries):
                 if self.physical(vc):
                     self.unmap(vc)
+            # The part of the new last cluster past the end must read as zeros if the disk
+            # grows again (it held data: a cut to 35694080 then a grow showed the old bytes).
+            tail = size % cluster
+            p = self.physical(entries - 1)
+            if tail and p:
+                self.write(p, tail, bytes(cluster - tail))
             self.commit()
             self._write_header(Header(cluster, entries, size, self.header.first_block, self.header.in_use,
                                       self.header.flags))

@@ -165,8 +165,8 @@ def cut_stack(stack: Stack, directory: str, size: int) -> None:
         raise ImageError("cut to a larger size: use grow", file=directory)
     if len(stack.deltas) > 1:
         raise ImageError("cannot shrink an image with snapshots (merge or delete them first)", file=directory)
-    # The descriptor first: a crash after it leaves a top larger than the disk, which opens
-    # (the delta is resized again on the next cut); the other order would not.
+    # The descriptor first: a crash after it leaves a top larger than the disk, which
+    # `image check --repair` cuts to the descriptor's size (the data past it is never shown).
     dd.save(descriptor_path(directory), Descriptor(size, desc.cluster, desc.shots, desc.top))
     stack.size = size
     stack.top.resize(size)

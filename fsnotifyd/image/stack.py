@@ -52,11 +52,12 @@ class Stack:
                 if delta.cluster != d.cluster:
                     raise ImageError(f"cluster of {delta.cluster} bytes, the descriptor says {d.cluster}",
                                      file=delta.path, field="m_Sectors")
-                # A writable top larger than the descriptor is what an interrupted grow (top
-                # first) or cut (descriptor first) leaves: usable at the descriptor's size.
-                if delta.header.size > d.size and not (top and upto is None) or (
-                        top and upto is None and delta.header.size < d.size):
-                    raise ImageError(f"virtual size {delta.header.size} does not fit the descriptor's {d.size}",
+                # A top larger than the descriptor is what an interrupted grow (top first) or cut
+                # (descriptor first) leaves; `image check --repair` cuts it to the descriptor
+                # (opening it as is would let a later grow show the cut data again).
+                if delta.header.size > d.size or (top and upto is None and delta.header.size != d.size):
+                    raise ImageError(f"virtual size {delta.header.size} does not fit the descriptor's {d.size} "
+                                     f"(run `fsnotifyd image check --repair`)",
                                      file=delta.path, field="m_SizeInSectors")
         except BaseException:
             for delta in deltas:
