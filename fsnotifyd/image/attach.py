@@ -23,9 +23,12 @@ A stopped (SIGSTOP, or stuck) exporter blocks the VE's writers in D state foreve
 watchdog (:func:`watchdog_check`, :func:`run_watchdog`) asks each exporter for its status and,
 without an answer in time, aborts its FUSE connection through fusectl, so the writers get EIO
 (the filesystem sees I/O errors, as when the exporter crashes) instead of hanging.
-Kernels since 6.14 also have ``fs.fuse.default_request_timeout``, which makes the kernel abort
-a connection whose request is not answered in time; it is global, so :func:`attach` sets it
-only when asked (``request_timeout=``), for the instant of the mount.
+Kernels since 6.14 also have ``fs.fuse.default_request_timeout`` (present on 6.18, 0 = off):
+the kernel aborts a connection whose request is not answered in time (checked every 15 s:
+with 15 s a stopped exporter's writer got EIO after ~30 s). It is global, read when a
+connection starts, so :func:`attach` sets it only when asked (``request_timeout=``), for the
+instant of the mount, and puts the old value back. It must exceed the longest control
+operation: a write waiting behind a long merge counts as unanswered.
 """
 
 from __future__ import annotations
@@ -224,6 +227,23 @@ def _proc_state(pid: int) -> str | None:
             os.waitpid(pid, os.WNOHANG)
         return None
     return state
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, ptrace): any of its threads shows T (the thread in
+    the middle of a write may still be in D for a moment)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat", encoding="ascii", errors="replace") as f:
+                if f.read().rpartition(")")[2].split()[0] in ("T", "t"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def _is_our_exporter(pid: int, control: str) -> bool:
@@ -468,6 +488,19 @@ def detach(image_dir_or_attached: str | Attached, *, run_dir: str, upto: str | N
         att = Attached(image=os.path.realpath(image_dir_or_attached), fuse_dir=p["fuse_dir"], disk=p["disk"],
                        loop="", control=p["control"], pid=0, readonly=upto is not None, upto=upto)
 
+    # 0. A stopped or stuck exporter would leave umount (and us) in D state: abort it first.
+    pids = {pid for pid in ([att.pid] if att.pid else []) if _is_our_exporter(pid, att.control)}
+    pids.update(_exporters_for(att.control))
+    if _fuse_mount(att.fuse_dir) is not None and pids:
+        stuck = any(_stopped(pid) for pid in pids)
+        if not stuck:
+            try:
+                stuck = not control(att, {"op": "status"}, timeout=5).get("ok")
+            except (ImageError, ValueError):
+                stuck = True
+        if stuck:
+            abort_fuse(att)
+
     # 1. The filesystem, on every loop device that is (still) ours.
     loops = _loops_on(att.disk)
     if att.loop and att.loop not in loops and _same_file(_loop_backing(att.loop), att.disk):
@@ -485,8 +518,6 @@ def detach(image_dir_or_attached: str | Attached, *, run_dir: str, upto: str | N
         time.sleep(0.05)
 
     # 3. The exporter.
-    pids = {pid for pid in ([att.pid] if att.pid else []) if _is_our_exporter(pid, att.control)}
-    pids.update(_exporters_for(att.control))
     for pid in pids:
         _stop_exporter(att, pid)
 
@@ -513,7 +544,7 @@ def _stop_exporter(att: Attached, pid: int) -> None:
     state = _proc_state(pid)
     if state is None:
         return
-    if state != "T":  # a stopped process cannot answer
+    if not _stopped(pid):  # a stopped process cannot answer
         with contextlib.suppress(ImageError, ValueError):
             if control(att, {"op": "stop"}, timeout=3).get("ok") and _wait_gone(pid, 10):
                 return

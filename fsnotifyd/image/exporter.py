@@ -111,8 +111,10 @@ class Exporter:
         self.stack.top.set_in_use(True)
 
     # -- the data path (called from the FUSE loop) ----------------------------------------
-    def _io(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _io(self, what: str, fn: Callable[[], Any], *, write: bool = False) -> Any:
         with self.lock:
+            if write and self.readonly:  # checked under the lock: a switch is never half seen
+                raise OSError(errno.EROFS, "read-only")
             self.busy_since = time.monotonic()
             try:
                 return fn()
@@ -135,14 +137,10 @@ class Exporter:
         return self._io("read", lambda: self.stack.read(offset, size))
 
     def write(self, offset: int, data: bytes) -> int:
-        if self.readonly:
-            raise OSError(errno.EROFS, "read-only")
-        return self._io("write", lambda: self.stack.write(offset, data))
+        return self._io("write", lambda: self.stack.write(offset, data), write=True)
 
     def discard(self, offset: int, length: int) -> None:
-        if self.readonly:
-            raise OSError(errno.EROFS, "read-only")
-        self._io("discard", lambda: self.stack.discard(offset, length))
+        self._io("discard", lambda: self.stack.discard(offset, length), write=True)
 
     def flush(self) -> None:
         self._io("flush", self.stack.flush)
