@@ -15,9 +15,10 @@ noise from the shared 2-core VM spreads over all of them; medians and [min-max] 
 and ratios image/raw of the medians. Targets: sequential >= 0.7, random 4 KiB write >= 0.5.
 Without fio, a Python O_DIRECT loop at queue depth 1 stands in (figures not comparable).
 
-Note: the exporter writes its delta file through the host page cache (it fsyncs on the VE's
-flushes), while the raw loop reads and writes its file with O_DIRECT; with a lot of host RAM
-the image column can read faster than the raw one. Needs root.
+Note: the exporter reads and writes its delta files through the host page cache (it fsyncs on
+the VE's flushes), while the raw loop uses O_DIRECT; so before each read job the host cache of
+the image's files is evicted (``posix_fadvise DONTNEED`` on those files only), or the image
+column would read from RAM (``--warm`` keeps it, to see that case). Needs root.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def umount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def raw_column(work: Path, size: int, profile: str) -> Iterator[Path]:
-    """Sparse raw file -> loop --direct-io=on -> ext4."""
+def raw_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
+    """Sparse raw file -> loop --direct-io=on -> ext4. Yields the mountpoint and the host
+    files whose page cache holds the disk's data (none: the loop reads with O_DIRECT)."""
     raw, mnt = work / "raw.img", work / "raw.mnt"
     with open(raw, "wb") as f:
         f.truncate(size)
@@ -99,7 +101,7 @@ def raw_column(work: Path, size: int, profile: str) -> Iterator[Path]:
         mkfs(dev, profile)
         mount(dev, mnt)
         mounted = True
-        yield mnt
+        yield mnt, []
     finally:
         if mounted:
             umount(mnt)
@@ -109,7 +111,7 @@ def raw_column(work: Path, size: int, profile: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def image_column(work: Path, size: int, profile: str) -> Iterator[Path]:
+def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
     """fsnotifyd image -> FUSE exporter -> loop --direct-io=on -> ext4."""
     from fsnotifyd.image import attach as at
 
@@ -120,7 +122,7 @@ def image_column(work: Path, size: int, profile: str) -> Iterator[Path]:
     try:
         att = at.attach(str(img), run_dir=str(run), direct_io=True)
         at.mount(att, str(mnt))
-        yield mnt
+        yield mnt, sorted(img.glob(ops.ROOT_FILE + "*"))  # the exporter reads its deltas through the host cache
     finally:
         if att is not None:
             with contextlib.suppress(Exception):
@@ -130,7 +132,7 @@ def image_column(work: Path, size: int, profile: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def qcow2_column(work: Path, size: int, profile: str) -> Iterator[Path]:
+def qcow2_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
     """qcow2 -> qemu-storage-daemon FUSE export -> loop (no direct I/O) -> ext4."""
     qcow, export, mnt = work / "img.qcow2", work / "qcow2.export", work / "qcow2.mnt"
     pidfile = work / "qsd.pid"
@@ -150,7 +152,7 @@ def qcow2_column(work: Path, size: int, profile: str) -> Iterator[Path]:
         mkfs(dev, profile)
         mount(dev, mnt)
         mounted = True
-        yield mnt
+        yield mnt, [qcow]
     finally:
         if mounted:
             umount(mnt)
@@ -169,6 +171,17 @@ def qcow2_column(work: Path, size: int, profile: str) -> Iterator[Path]:
 
 
 # -- measuring -----------------------------------------------------------------------------------
+
+def drop_host_cache(files: list[Path]) -> None:
+    """Evict these files' clean pages from the host page cache (only theirs: not a global
+    drop_caches, other work on the machine keeps its cache)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
 
 def fio(path: Path, rw: str, bs: str, size: int, runtime: float | None, iodepth: int) -> tuple[float, float]:
     """(MB/s, IOPS) of one fio job on ``path``."""
@@ -227,6 +240,8 @@ def main() -> int:
     ap.add_argument("--file-size", type=int, default=2048, help="test file, MiB (default 2048)")
     ap.add_argument("--iodepth", type=int, default=16)
     ap.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES), help="mkfs.ext4 options")
+    ap.add_argument("--warm", action="store_true",
+                    help="leave the host cache of the image's files warm for the read jobs (default: evict it)")
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s jobs on a 512 MiB file")
     ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
     ap.add_argument("--only", default=None, help="comma-separated columns to run (raw,image,qcow2)")
@@ -262,16 +277,17 @@ def main() -> int:
         work = Path(tmp)
         print(f"image I/O benchmark: {machine_facts(tmp)}")
         print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, test file {args.file_size} MiB, "
-              f"{args.repeat} round(s) of {args.runtime:g} s jobs, iodepth {args.iodepth if runner is fio else 1}")
+              f"{args.repeat} round(s) of {args.runtime:g} s jobs, iodepth {args.iodepth if runner is fio else 1}, "
+              f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}")
         for n in notes:
             print(f"  {n}")
         results: dict[str, dict[str, list[float]]] = {j[0]: {c: [] for c in columns} for j in JOBS}
         layout: dict[str, float] = {}
         with contextlib.ExitStack() as stack:
-            mnts = {}
+            mnts, caches = {}, {}
             for name, col in columns.items():
                 t0 = time.perf_counter()
-                mnts[name] = stack.enter_context(col(work, disk, args.profile))
+                mnts[name], caches[name] = stack.enter_context(col(work, disk, args.profile))
                 print(f"  {name}: set up in {time.perf_counter() - t0:.1f} s")
             for name, mnt in mnts.items():  # lay out the test file: the first, allocating write
                 mbs, _ = runner(mnt / "test.dat", "write", "1M", size, None, args.iodepth)
@@ -279,23 +295,25 @@ def main() -> int:
             for _ in range(args.repeat):
                 for job, rw, bs, _unit in JOBS:
                     for name, mnt in mnts.items():
+                        if "read" in rw and not args.warm:
+                            drop_host_cache(caches[name])
                         mbs, iops = runner(mnt / "test.dat", rw, bs, size, args.runtime, args.iodepth)
                         results[job][name].append(mbs if bs == "1M" else iops)
 
     cols = list(columns)
     print()
-    print(f"  {'job':<16}" + "".join(f"{c:>24}" for c in cols) + "".join(f"{c + '/raw':>14}" for c in cols[1:]))
-    print(f"  {'first write 1M':<16}" + "".join(f"{layout[c]:>19.0f} MB/s" for c in cols)
-          + "".join(f"{layout[c] / layout['raw']:>14.2f}" for c in cols[1:] if 'raw' in layout))
+    print(f"  {'job':<16}" + "".join(f"{c:>30}" for c in cols) + "".join(f"{c + '/raw':>12}" for c in cols[1:]))
+    print(f"  {'first write 1M':<16}" + "".join(f"{layout[c]:>25.0f} MB/s" for c in cols)
+          + "".join(f"{layout[c] / layout['raw']:>12.2f}" for c in cols[1:] if 'raw' in layout))
     ratios: dict[str, float] = {}
     for job, _rw, _bs, unit in JOBS:
-        row = f"  {job:<16}" + "".join(f"{spread(results[job][c]) + ' ' + unit:>24}" for c in cols)
+        row = f"  {job:<16}" + "".join(f"{spread(results[job][c]) + ' ' + unit:>30}" for c in cols)
         if "raw" in columns:
             base = statistics.median(results[job]["raw"])
             for c in cols[1:]:
                 r = statistics.median(results[job][c]) / base
                 ratios[f"{job} {c}"] = r
-                row += f"{r:>14.2f}"
+                row += f"{r:>12.2f}"
         print(row)
     if "image" in columns and "raw" in columns:
         print()
