@@ -27,7 +27,7 @@ from fsnotifyd.testing import run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
-PREFIX = "fsnd-dp-"
+PREFIX = f"fsnd-dp-{os.getpid()}-"  # this run only: other runs of this module may go on beside it
 MiB = 1 << 20
 
 
@@ -445,6 +445,41 @@ def test_exporter_stopped_watchdog_aborts(images):
     _reattach_repair_check(images, img, sums, dirty=False)
 
 
+def test_host_full_is_an_io_error_counted_in_status(images):
+    """The image's own file system fills up: the stack fails, the VE sees an I/O error, the
+    exporter stays up and counts it."""
+    from fsnotifyd.testing import loop_ext4
+
+    host_dir = images.root / "host"
+    host_dir.mkdir()
+    with loop_ext4(48, workdir=host_dir) as host:
+        assert host.mountpoint is not None
+        img = str(host.mountpoint / "img")
+        ops.create(img, 128 * MiB, mkfs_args=("-b", "4096"))
+        att = images.attach(img)
+        try:
+            mp = images.mount(att)
+            kept = write_file(mp / "kept", 1 * MiB)
+            with pytest.raises(OSError):
+                write_file(mp / "big", 64 * MiB)
+            st = A.status(att)
+            assert st["errors"] > 0 and "No space left" in st["last_error"], st
+            assert A.watchdog_check(att, timeout=2.0) is True  # still serving
+            A.umount(att)
+            (host.mountpoint / "img" / "DiskDescriptor.xml").stat()
+        finally:
+            images.detach(att)
+        # room again (the VE's file is in the image, the image's file system is full): the
+        # image still opens and the fsynced file is intact after a repair.
+        att = images.attach(img)
+        try:
+            fsck(att.loop, repair=True)
+            mp = images.mount(att, readonly=True)
+            assert sha(mp / "kept") == kept
+        finally:
+            images.detach(att)
+
+
 def test_detach_of_a_stopped_exporter_does_not_hang(images):
     img = images.image(64 * MiB)
     att = images.attach(img)
@@ -452,6 +487,8 @@ def test_detach_of_a_stopped_exporter_does_not_hang(images):
     sums = {"safe": write_file(mp / "safe", 1 * MiB)}
     (mp / "dirty").write_bytes(b"x" * 8192)  # not synced: umount must write through the exporter
     os.kill(att.pid, signal.SIGSTOP)
+    while not A._stopped(att.pid):  # kill() returns before the threads stop
+        time.sleep(0.01)
     t0 = time.monotonic()
     images.detach(att)  # aborts the stopped exporter's connection first: umount does not block
     assert time.monotonic() - t0 < 30
