@@ -20,8 +20,9 @@ What is checked, per :func:`check`:
   ordinary free space left by discards, not problems;
 - the header's in-use marker (a writer did not close cleanly: reported; repaired by clearing it
   once the rest of the delta is repaired);
-- files in the directory that the descriptor does not name: a delta (ploop signature) left by an
-  interrupted snapshot or merge, a ``*.tmp`` file, an ``fsnd-mkfs-*`` directory of an
+- files in the directory that the descriptor does not name: a delta (ploop signature, or named
+  ``root.hds.<uuid>`` like a snapshot's: one killed while being created has no header yet) left
+  by an interrupted snapshot or merge, a ``*.tmp`` file, an ``fsnd-mkfs-*`` directory of an
   interrupted create (removed); any other file is reported and left alone.
 
 Run it on a detached image only: an exporter's in-flight snapshot looks like a leftover delta.
@@ -31,6 +32,7 @@ Repair is idempotent; a check after a repair is clean unless a problem is not re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from .format import SIGNATURE
 
 TMP_SUFFIX = ".tmp"
 MKFS_TMP_PREFIX = "fsnd-mkfs-"
+SNAPSHOT_NAME = re.compile(r"root\.hds\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # ops._delta_name
 
 
 @dataclass
@@ -247,7 +250,8 @@ def _leftovers(image_dir: str, desc: Descriptor, report: CheckReport, repair: bo
         regular = stat.S_ISREG(st.st_mode)
         if regular and name.endswith(TMP_SUFFIX):
             what = "temporary file of an interrupted save"
-        elif regular and _is_delta(path):
+        elif regular and (_is_delta(path) or SNAPSHOT_NAME.fullmatch(name)):
+            # by name too: a snapshot killed inside Delta.create leaves a file without a header
             what = "delta the descriptor does not name (an interrupted snapshot or merge)"
         else:
             report.add(path, None, "file the descriptor does not name (left alone)", repairable=False)
