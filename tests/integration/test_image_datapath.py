@@ -136,7 +136,7 @@ class Kit:
                 print(f"cleanup: detach {att.name}: {e}", file=sys.stderr)
 
 
-def write_file(path: Path, size: int, *, seed: int | None = None) -> str:
+def write_file(path: Path, size: int) -> str:
     data = os.urandom(size)
     with open(path, "wb") as f:
         f.write(data)
