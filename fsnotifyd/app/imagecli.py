@@ -139,18 +139,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     a = _attached(args, args.image)
     t0 = time.monotonic()
     if a is not None:
-        guid = attach.snapshot(a, name=args.name) if _takes_name(attach.snapshot) else attach.snapshot(a)
+        guid = attach.snapshot(a, name=args.name)
     else:
         with Stack.open(args.image) as stack:
             guid = ops.snapshot(stack, args.image, name=args.name)
     print(f"{guid} ({(time.monotonic() - t0) * 1000:.0f} ms)")
     return 0
-
-
-def _takes_name(fn: Any) -> bool:
-    import inspect
-
-    return "name" in inspect.signature(fn).parameters
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -196,11 +190,15 @@ def cmd_grow(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     a = _attached(args, args.image)
     if a is not None:
-        attach.grow(a, size)
+        online = attach.has_cap_sys_resource()
+        attach.grow(a, size, resize_fs=online)
+        if a.mountpoint and not online:
+            print("disk grown online; growing a mounted ext4 needs CAP_SYS_RESOURCE, which this process lacks: "
+                  "the filesystem grows at the next `fsnotifyd ve start` (or umount and resize2fs)")
     else:
         with Stack.open(args.image) as stack:
             ops.grow_stack(stack, args.image, size)
-        print("grown; the filesystem grows with it at the next mount (resize2fs) or now if attached")
+        print("disk grown; the filesystem grows at the next `fsnotifyd ve start` (or resize2fs on the device)")
     return 0
 
 
@@ -215,7 +213,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
             resize.deflate(a.mountpoint)
             print("balloon deflated: the VE has its space back")
             return 0
-        r = resize.inflate(a.mountpoint, a.loop, parse_size(args.online))
+        r = resize.inflate(a.mountpoint, a.loop, parse_size(args.online),
+                           flush=lambda: attach.control(a, {"op": "flush"}, timeout=120))
         print(f"balloon of {human(r.size)}: {human(r.discarded)} given back to the host in {r.extents} extents")
         return 0
     if _attached(args, args.image) is not None:

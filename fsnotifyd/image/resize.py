@@ -18,6 +18,7 @@ import os
 import struct
 import subprocess
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import ImageError
 from . import ops
@@ -69,9 +70,10 @@ class BalloonResult:
     extents: int
 
 
-def inflate(mountpoint: str, device: str, size: int) -> BalloonResult:
+def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None) -> BalloonResult:
     """Take ``size`` bytes away from the VE's filesystem mounted at ``mountpoint`` (on
-    ``device``, the VE's loop device) and give them back to the host."""
+    ``device``, the VE's loop device) and give them back to the host. ``flush`` makes the
+    image's freed clusters durable (the exporter's flush) once the discards are done."""
     path = os.path.join(mountpoint, BALLOON)
     if os.path.exists(path):
         _run("chattr", "-i", path)
@@ -91,6 +93,8 @@ def inflate(mountpoint: str, device: str, size: int) -> BalloonResult:
     for _, physical, length in extents:
         _run("blkdiscard", "--force", "-o", str(physical), "-l", str(length), device)
         discarded += length
+    if flush is not None:
+        flush()
     _run("chattr", "+i", path)  # pinned: nobody writes into it or deletes it by mistake
     return BalloonResult(size, discarded, len(extents))
 

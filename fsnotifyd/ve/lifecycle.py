@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import ImageError
 from ..image import attach as att_mod
-from ..image import ops
+from ..image import ops, resize
 from ..image.check import check
 from .registry import Registry, VeRecord
 
@@ -64,6 +64,14 @@ def _healthy(a: att_mod.Attached) -> bool:
         return False
 
 
+def _device_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def start(state_dir: str, ve_id: str) -> VeRecord:
     paths, reg = Paths(state_dir), Registry(state_dir)
     with reg.ve_locked(ve_id):
@@ -84,6 +92,13 @@ def start(state_dir: str, ve_id: str) -> VeRecord:
                 raise ImageError(f"e2fsck -p {a.loop} needs a manual repair (exit {r.returncode}): "
                                  f"{(r.stdout + r.stderr).strip()[:300]}; run `fsnotifyd image check` and "
                                  f"`e2fsck -fy` on it", file=rec.image)
+            # A disk grown while the filesystem could not follow (no CAP_SYS_RESOURCE for an
+            # online resize, or grown detached): the filesystem fills it now, unmounted.
+            if resize.fs_size(a.loop) + (1 << 20) <= _device_size(a.loop):
+                subprocess.run(["e2fsck", "-fy", a.loop], capture_output=True)
+                r = subprocess.run(["resize2fs", a.loop], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise ImageError(f"resize2fs {a.loop} failed: {r.stderr.strip()[:300]}", file=rec.image)
             os.makedirs(rec.mountpoint, exist_ok=True)
             att_mod.mount(a, rec.mountpoint)
         except BaseException:
