@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,7 +35,11 @@ from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
 from ..typing import Sink, Source
+from ..image.attach import run_watchdog
 from ..ve.registry import Registry
+
+WATCHDOG_INTERVAL = 2.0  # seconds between checks of every attached image's exporter
+WATCHDOG_TIMEOUT = 5.0  # an exporter that does not answer its status in this long is hung
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -304,6 +309,7 @@ class Daemon:
             "events": dict(self.counts),
             "correlator": dataclasses.asdict(self.correlator.stats),
             "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
+            "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0)},
             "lost": {"queue_full": self.bus.dropped},
         }
 
@@ -360,6 +366,7 @@ class Daemon:
         self.start_metrics()
         self.build_correlator()
         self.open_sources()
+        self.start_image_watchdog()
         correlating = asyncio.create_task(self.correlate(), name="correlator")
         try:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready_waiters.values())), 10)
@@ -380,7 +387,26 @@ class Daemon:
         finally:
             await self.teardown(correlating)
 
+    def start_image_watchdog(self) -> None:
+        """A hung image exporter must not hang its VE's writers forever: the watchdog aborts its
+        FUSE connection; the VE's writers then get I/O errors, which the sources report."""
+        self.exporters_aborted = 0
+        self._watchdog_stop = threading.Event()
+        run_dir = os.path.join(self.config.state_dir, "run")
+        self._watchdog = threading.Thread(
+            target=run_watchdog, args=(run_dir, WATCHDOG_INTERVAL, self._watchdog_stop),
+            kwargs={"timeout": WATCHDOG_TIMEOUT, "on_abort": self._exporter_aborted},
+            name="image-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _exporter_aborted(self, att: Any) -> None:
+        self.exporters_aborted += 1
+        log.error("image.exporter_aborted", image=att.image, loop=att.loop, pid=att.pid,
+                  reason=f"no answer within {WATCHDOG_TIMEOUT}s")
+
     async def teardown(self, correlating: asyncio.Task) -> None:
+        if getattr(self, "_watchdog_stop", None) is not None:
+            self._watchdog_stop.set()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

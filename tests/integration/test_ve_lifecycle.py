@@ -8,6 +8,7 @@ in a finally, even when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,3 +230,46 @@ def test_offline_shrink_and_online_grow(state, tmp_path):
     after = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
     assert after > before + (512 << 20)
     assert sha(mnt / "keep.bin") == digest
+
+
+def test_the_daemon_aborts_a_hung_exporter_and_reports_the_io_errors(state, tmp_path):
+    """SIGSTOP the exporter under a writer: the daemon's watchdog aborts the FUSE connection,
+    the writer returns with an error instead of hanging in D state, and the I/O errors that
+    follow on the VE's filesystem come out as events carrying the VE id."""
+    from fsnotifyd.image import attach
+    from fsnotifyd.testing import RunningDaemon
+
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    mnt = tmp_path / "root106"
+    with RunningDaemon(workdir) as daemon:
+        sd = workdir / "state"
+        fsnd("ve", "create", "106", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(sd))
+        writer = None
+        try:
+            fsnd("ve", "start", "106", "--state-dir", str(sd))
+            [a] = attach.attached(str(sd / "run"))
+            stream = daemon.stream(["fs.*", "blk.io_error"])
+            try:
+                os.kill(a.pid, signal.SIGSTOP)
+                writer = subprocess.Popen([sys.executable, "-c", (
+                    "import os\n"
+                    f"fd = os.open({str(mnt / 'w.bin')!r}, os.O_WRONLY | os.O_CREAT)\n"
+                    "os.write(fd, os.urandom(1 << 20))\n"
+                    "os.fsync(fd)\n")], stderr=subprocess.PIPE, text=True)
+                rc = writer.wait(timeout=60)  # the watchdog checks every 2 s, 5 s timeout
+                assert rc != 0, "the writer should fail once the connection is aborted"
+                evs = stream.wait_for(lambda e: e.get("ve") == "106", timeout=30)
+            finally:
+                stream.close()
+            assert evs[0]["kind"] in ("fs.error", "blk.io_error", "fs.readonly", "fs.shutdown")
+            assert daemon.status()["images"]["exporters_aborted"] >= 1
+        finally:
+            for a in attach.attached(str(sd / "run")):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(a.pid, signal.SIGCONT)
+            if writer is not None and writer.poll() is None:
+                writer.kill()
+            fsnd("ve", "stop", "106", "--state-dir", str(sd), check=False)
+            for a in attach.attached(str(sd / "run")):
+                attach.detach(a, run_dir=str(sd / "run"))
