@@ -12,6 +12,10 @@ count the kills that land inside one). The parent SIGKILLs it at a random moment
   holds either its flushed value or one of the values those steps wrote: never garbage from
   another cluster. Each write fills its range with one byte value of its own.
 
+The ``ext4`` kind starts from an image made by ``ops.create`` (mkfs.ext4) and only snapshots,
+merges, compacts and grows it: after the kill and the repair the disk reads exactly as it was
+formatted and ``e2fsck -fn`` on its raw export is clean.
+
 Default: ``ITERATIONS`` (10) kills per kind. Stress mode: ``FSNOTIFYD_STRESS=1`` runs 50 per
 kind (``FSNOTIFYD_STRESS_ITERATIONS=N`` sets another count). A failure prints the kind, seed
 and kill delay; ``FSNOTIFYD_CRASH_KEEP=1`` keeps the image directory of a failing iteration.
@@ -43,6 +47,7 @@ START_SIZE = 2 * MiB
 STRESS = os.environ.get("FSNOTIFYD_STRESS") == "1"
 ITERATIONS = int(os.environ.get("FSNOTIFYD_STRESS_ITERATIONS", "50")) if STRESS else 10
 KINDS = ["write", "snapshot", "merge", "compact", "resize"]
+EXT4_SIZE = 32 * MiB
 OPS = {"flush", "snap", "merge", "compact", "grow", "cut"}
 MAX_KILL_DELAY = 0.6  # seconds after the child is ready; every plan runs for longer
 
@@ -104,6 +109,13 @@ def plan(kind: str, seed: int) -> list[tuple]:
             else:
                 size -= rng.choice([MiB, 2 * MiB - 512])
                 steps.append(("cut", size))
+    elif kind == "ext4":  # no writes: the formatted filesystem must come through every operation intact
+        size = EXT4_SIZE
+        for i in range(300):
+            steps += [("snap",), ("merge",), ("compact",)]
+            if i % 4 == 3 and size < 2 * EXT4_SIZE:
+                size += MiB
+                steps.append(("grow", size))
     else:
         raise ValueError(kind)
     return steps
@@ -197,14 +209,7 @@ def verify(directory: str, steps: list[tuple], lines: list[str]) -> Counter:
     assert all(p.repaired for p in repaired.problems), str(repaired)
     after = check(directory)
     assert after.clean, f"not clean after repair:\n{after}\n(first check:\n{first})"
-    kinds = Counter()
-    for p in first.problems:
-        name = os.path.basename(p.file)
-        if p.field:
-            kinds["bat" if p.field.startswith("bat[") else p.field] += 1
-        else:
-            kinds["descriptor.tmp" if name.endswith(".tmp") else
-                  "leftover delta" if name.startswith("root.hds.") else "other file"] += 1
+    kinds = classify(first.problems)
     model, maybe, sizes = expected(steps, done, end)
     with Stack.open(directory) as s:
         assert s.size in sizes, (s.size, sizes)
@@ -227,13 +232,56 @@ def verify(directory: str, steps: list[tuple], lines: list[str]) -> Counter:
     return kinds
 
 
+def verify_ext4(directory: str, original: bytes, scratch: str) -> Counter:
+    """The filesystem reads exactly as formatted (zeros past its end after a grow) and e2fsck
+    finds nothing."""
+    from fsnotifyd.image.check import check
+    from fsnotifyd.image.stack import Stack
+
+    first = check(directory)
+    repaired = check(directory, repair=True)
+    assert all(p.repaired for p in repaired.problems), str(repaired)
+    after = check(directory)
+    assert after.clean, f"not clean after repair:\n{after}\n(first check:\n{first})"
+    with Stack.open(directory, writable=False) as s:
+        got = s.read(0, s.size)
+    assert got[:len(original)] == original and got.count(0, len(original)) == len(got) - len(original)
+    with open(scratch, "wb") as f:
+        f.write(got)
+    try:
+        r = subprocess.run(["e2fsck", "-fn", scratch], capture_output=True, text=True)
+    finally:
+        os.unlink(scratch)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return classify(first.problems)
+
+
+def classify(problems: list) -> Counter:
+    kinds = Counter()
+    for p in problems:
+        name = os.path.basename(p.file)
+        if p.field:
+            kinds["bat" if p.field.startswith("bat[") else p.field] += 1
+        else:
+            kinds["descriptor.tmp" if name.endswith(".tmp") else
+                  "leftover delta" if name.startswith("root.hds.") else "other file"] += 1
+    return kinds
+
+
 def run_once(kind: str, seed: int, delay: float, base: Path) -> tuple[bool, bool, Counter]:
     """One kill; returns (killed, killed inside an operation other than flush, problems found)."""
     from fsnotifyd.image import ops
+    from fsnotifyd.image.stack import Stack
 
     d = str(base / f"{kind}-{seed}")
     log = str(base / f"{kind}-{seed}.log")
-    ops.create_empty(d, START_SIZE, CLUSTER)
+    original = b""
+    if kind == "ext4":
+        ops.create(d, EXT4_SIZE, cluster=CLUSTER)
+        with Stack.open(d, writable=False) as s:
+            original = s.read(0, s.size)
+    else:
+        ops.create_empty(d, START_SIZE, CLUSTER)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-m", "tests.integration.test_image_crash", d, kind, str(seed), log],
                              cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -262,7 +310,10 @@ def run_once(kind: str, seed: int, delay: float, base: Path) -> tuple[bool, bool
     if killed and text and text[-1].startswith("start "):
         in_op = plan(kind, seed)[int(text[-1].split()[1])][0] != "flush"
     try:
-        kinds = verify(d, plan(kind, seed), [x for x in text if x.isdigit()])
+        if kind == "ext4":
+            kinds = verify_ext4(d, original, str(base / "raw"))
+        else:
+            kinds = verify(d, plan(kind, seed), [x for x in text if x.isdigit()])
     except BaseException:
         if os.environ.get("FSNOTIFYD_CRASH_KEEP") == "1":
             keep = tempfile.mkdtemp(prefix=f"fsnd-crash-{kind}-{seed}-")
@@ -277,8 +328,10 @@ def run_once(kind: str, seed: int, delay: float, base: Path) -> tuple[bool, bool
     return killed, in_op, kinds
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["ext4"])
 def test_sigkill_then_check_repair_recovers(kind, tmp_path, capsys):
+    if kind == "ext4" and (shutil.which("mkfs.ext4") is None or shutil.which("e2fsck") is None):
+        pytest.skip("e2fsprogs not installed")
     rng = random.Random()
     seed0 = rng.randrange(1 << 30)
     killed = in_op = 0
