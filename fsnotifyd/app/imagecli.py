@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError, FsnotifydError
 from ..image import ops
 from ..image.info import human, image_info, parse_size
+from ..image.lock import exclusive
 
 DEFAULT_STATE_DIR = "/var/lib/fsnotifyd"
 
@@ -141,7 +142,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if a is not None:
         guid = attach.snapshot(a, name=args.name)
     else:
-        with Stack.open(args.image) as stack:
+        with exclusive(args.image, "snapshot"), Stack.open(args.image) as stack:
             guid = ops.snapshot(stack, args.image, name=args.name)
     print(f"{guid} ({(time.monotonic() - t0) * 1000:.0f} ms)")
     return 0
@@ -178,7 +179,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not r.get("ok"):
             raise FsnotifydError(f"merge failed: {r.get('error')}")
     else:
-        ops.merge(args.image, args.guid)
+        with exclusive(args.image, "merge"):
+            ops.merge(args.image, args.guid)
     print(f"snapshot {args.guid} merged into its child and deleted")
     return 0
 
@@ -196,7 +198,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
             print("disk grown online; growing a mounted ext4 needs CAP_SYS_RESOURCE, which this process lacks: "
                   "the filesystem grows at the next `fsnotifyd ve start` (or umount and resize2fs)")
     else:
-        with Stack.open(args.image) as stack:
+        with exclusive(args.image, "grow"), Stack.open(args.image) as stack:
             ops.grow_stack(stack, args.image, size)
         print("disk grown; the filesystem grows at the next `fsnotifyd ve start` (or resize2fs on the device)")
     return 0
@@ -224,7 +226,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None)
     finally:
         attach.detach(a, run_dir=_run_dir(args))
-    result = resize.cut_and_compact(args.image, new)
+    with exclusive(args.image, "shrink"):
+        result = resize.cut_and_compact(args.image, new)
     print(f"filesystem and image cut to {human(new)}; {human(result.released)} released")
     return 0
 
@@ -235,7 +238,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if _attached(args, args.image) is not None:
         raise FsnotifydError("compact needs the image detached")
     t0 = time.monotonic()
-    with Stack.open(args.image) as stack:
+    with exclusive(args.image, "compact"), Stack.open(args.image) as stack:
         r = ops.compact(stack.top)
     print(f"moved {r.moved} clusters, released {human(r.released)} in {time.monotonic() - t0:.2f} s")
     return 0
@@ -246,7 +249,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.repair and _attached(args, args.image) is not None:
         raise FsnotifydError("repair needs the image detached")
-    report = check(args.image, repair=args.repair)
+    if args.repair:
+        with exclusive(args.image, "repair"):
+            report = check(args.image, repair=True)
+    else:
+        report = check(args.image)
     print(report)
     return 0 if report.clean or (args.repair and check(args.image).clean) else 1
 

@@ -16,6 +16,7 @@ from ..errors import ImageError
 from ..image import attach as att_mod
 from ..image import ops, resize
 from ..image.check import check
+from ..image.lock import exclusive
 from .registry import Registry, VeRecord
 
 
@@ -81,7 +82,8 @@ def start(state_dir: str, ve_id: str) -> VeRecord:
             return reg.update(ve_id, running=True, loop=a.loop, disk=a.disk)
         if a is not None:  # left by a crash: take it apart before starting afresh
             att_mod.detach(a, run_dir=paths.run_dir)
-        report = check(rec.image, repair=True)
+        with exclusive(rec.image, "repair"):
+            report = check(rec.image, repair=True)
         if not check(rec.image).clean:
             raise ImageError(f"image still has problems after repair: {report}", file=rec.image)
         a = att_mod.attach(rec.image, run_dir=paths.run_dir)

@@ -42,28 +42,35 @@ import hashlib, os, random, sys
 root, log = sys.argv[1], sys.argv[2]
 rng = random.Random(int(sys.argv[3]))
 logf = open(log, "a")
+mine = []
+def note(line):
+    logf.write(line + "\n")
+    logf.flush()
+    os.fsync(logf.fileno())
 i = 0
 while True:
     i += 1
+    # Keep the filesystem under half full: deletes make holes for trim and compact, and a
+    # nearly full filesystem would turn writes short.
+    st = os.statvfs(root)
+    while mine and st.f_bavail < st.f_blocks * 0.5:
+        victim = mine.pop(0)
+        note("-" + victim)  # before the unlink: a kill between them must not look like a loss
+        os.unlink(os.path.join(root, victim))
+        st = os.statvfs(root)
     name = f"f{sys.argv[3]}-{i}"
     data = rng.randbytes(rng.choice([4096, 65536, 300000, 1 << 20, 2 << 20]))
     fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.write(fd, data)
+    view = memoryview(data)
+    while view:  # a short write is not an error: write the rest
+        view = view[os.write(fd, view):]
     os.fsync(fd)
     os.close(fd)
     dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     os.fsync(dfd)
     os.close(dfd)
-    logf.write(f"{name} {hashlib.sha256(data).hexdigest()}\n")
-    logf.flush()
-    os.fsync(logf.fileno())
-    if i % 7 == 0:  # deletes make holes for trim and compact
-        victim = os.path.join(root, f"f{sys.argv[3]}-{i - 5}")
-        if os.path.exists(victim):
-            os.unlink(victim)
-            logf.write(f"-{os.path.basename(victim)}\n")
-            logf.flush()
-            os.fsync(logf.fileno())
+    mine.append(name)
+    note(f"{name} {hashlib.sha256(data).hexdigest()}")
 """
 
 

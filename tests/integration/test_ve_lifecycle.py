@@ -309,3 +309,24 @@ def test_fstrim_then_compact_gives_back_the_trimmed_clusters(state, tmp_path):
     fsnd("ve", "start", "107", "--state-dir", str(state))
     for name, digest in digests.items():
         assert sha(mnt / name) == digest
+
+
+def test_offline_operations_refuse_an_image_in_use(state, tmp_path):
+    """The exporter holds the image's lock: compact, merge, repair or an offline grow from
+    another process are refused instead of racing its BAT in memory."""
+    from fsnotifyd.errors import ImageError
+    from fsnotifyd.image.lock import exclusive
+
+    mnt = tmp_path / "root108"
+    fsnd("ve", "create", "108", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    fsnd("ve", "start", "108", "--state-dir", str(state))
+    image = record(state, "108")["image"]
+    with pytest.raises(ImageError, match="in use"):
+        with exclusive(image, "compact"):
+            pass
+    # Even with the attachment's record gone (a wiped run dir), the lock still says no.
+    r = fsnd("image", "check", image, "--repair", "--state-dir", str(tmp_path / "elsewhere"), check=False)
+    assert r.returncode == 1 and "in use" in r.stderr
+    fsnd("ve", "stop", "108", "--state-dir", str(state))
+    with exclusive(image, "compact"):
+        pass
