@@ -325,3 +325,21 @@ class FakeSource:
         for obs in self.observations:
             send(obs)
         await asyncio.Event().wait()
+
+
+def write_synced(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path`` and fsync them; returns their SHA-256."""
+    import hashlib
+
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -8,7 +8,6 @@ process of its own is left.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -136,17 +135,8 @@ class Kit:
                 print(f"cleanup: detach {att.name}: {e}", file=sys.stderr)
 
 
-def write_file(path: Path, size: int) -> str:
-    data = os.urandom(size)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from fsnotifyd.testing import sha256_of as sha  # noqa: E402
+from fsnotifyd.testing import write_synced as write_file  # noqa: E402
 
 
 def fsck(loop: str, *, repair: bool = False) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ in a finally, even when the test fails.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -61,17 +60,8 @@ def state(tmp_path, fuse):
     assert str(sd) not in Path("/proc/self/mountinfo").read_text()
 
 
-def write_file(path: Path, size: int) -> str:
-    data = os.urandom(size)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from fsnotifyd.testing import sha256_of as sha  # noqa: E402
+from fsnotifyd.testing import write_synced as write_file  # noqa: E402
 
 
 def record(sd: Path, ve: str) -> dict:
