@@ -95,6 +95,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("VEs:" if st["ves"] else "VEs: none configured")
     for ve in st["ves"]:
         print(f"  {ve['id']}: mounts={ve['mounts']} devices={ve['devices']} images={ve['images']}")
+    images = st.get("images") or {}
+    for im in images.get("attached") or []:
+        health = "healthy" if im["healthy"] else f"UNHEALTHY ({im.get('error') or 'see its log'})"
+        io = im.get("stats") or {}
+        print(f"  image {im['image']} on {im['loop']} (exporter {im['pid']}): {health}, "
+              f"{io.get('writes', 0)} writes, {io.get('reads', 0)} reads, {im.get('errors') or 0} I/O errors")
+    if images.get("exporters_aborted"):
+        print(f"  watchdog aborted {images['exporters_aborted']} hung exporter(s)")
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
     rules = st.get("rules") or {}
     if rules:

@@ -35,7 +35,7 @@ from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
 from ..typing import Sink, Source
-from ..image.attach import run_watchdog
+from ..image.attach import attached, control, run_watchdog
 from ..ve.registry import Registry
 
 WATCHDOG_INTERVAL = 2.0  # seconds between checks of every attached image's exporter
@@ -309,7 +309,7 @@ class Daemon:
             "events": dict(self.counts),
             "correlator": dataclasses.asdict(self.correlator.stats),
             "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
-            "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0)},
+            "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0), "attached": self._images()},
             "lost": {"queue_full": self.bus.dropped},
         }
 
@@ -398,6 +398,19 @@ class Daemon:
             kwargs={"timeout": WATCHDOG_TIMEOUT, "on_abort": self._exporter_aborted},
             name="image-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _images(self) -> list[dict[str, Any]]:
+        """Every attached image with what its exporter reports (I/O counts, errors, health)."""
+        out = []
+        for att in attached(os.path.join(self.config.state_dir, "run")):
+            try:
+                st = control(att, {"op": "status"}, timeout=1.0)
+            except Exception as e:  # a hung or dead exporter is exactly what status must show
+                st = {"ok": False, "healthy": False, "error": str(e)}
+            out.append({"image": att.image, "loop": att.loop, "mountpoint": att.mountpoint, "pid": att.pid,
+                        "healthy": bool(st.get("healthy")), "readonly": st.get("readonly", att.readonly),
+                        "errors": st.get("errors"), "stats": st.get("stats"), "error": st.get("error")})
+        return out
 
     def _exporter_aborted(self, att: Any) -> None:
         self.exporters_aborted += 1

@@ -144,6 +144,10 @@ def test_events_on_a_ve_carry_its_id(state, tmp_path):
             finally:
                 stream.close()
             assert ev["ve"] == "103" and ev["mount"] == str(mnt)
+            [im] = daemon.status()["images"]["attached"]  # the exporter's own report, through the daemon
+            assert im["healthy"] and im["loop"] == loop and im["stats"]["writes"] > 0
+            text = fsnd("status", "--config", str(daemon.config)).stdout
+            assert f"on {loop}" in text and "healthy" in text
         finally:
             fsnd("ve", "stop", "103", "--state-dir", str(sd), check=False)
             from fsnotifyd.image import attach
