@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 from fsnotifyd.image.delta import Delta  # noqa: E402
+from fsnotifyd.image.lock import exclusive  # noqa: E402
 from fsnotifyd.image.stack import Stack  # noqa: E402
 
 MiB = 1 << 20
@@ -195,7 +196,7 @@ def bench_compact(work: Path, size: int, pool: memoryview, seed: int) -> dict:
         top = img / ops.ROOT_FILE
         out["before"] = delta_facts(top)
         drop_file_cache(top)
-        with Stack.open(str(img)) as stack:
+        with exclusive(str(img), "compact"), Stack.open(str(img)) as stack:  # as `image compact` does
             t0 = time.perf_counter()
             res = ops.compact(stack.top)
             out["time"] = time.perf_counter() - t0

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 from fsnotifyd.image.delta import Delta  # noqa: E402
+from fsnotifyd.image.lock import exclusive  # noqa: E402
 from fsnotifyd.image.stack import Stack  # noqa: E402
 
 MiB = 1 << 20
@@ -193,7 +194,7 @@ def run_variant(work: Path, fs_size: int, times: int, profile: str, maintain: bo
                     t0 = time.perf_counter()
                     sh("fstrim", str(mnt))
                     m.down()
-                    with Stack.open(str(img)) as stack:
+                    with exclusive(str(img), "compact"), Stack.open(str(img)) as stack:
                         moved = ops.compact(stack.top).moved
                     m.up()
                     maint_s = time.perf_counter() - t0
