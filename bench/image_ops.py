@@ -2,13 +2,20 @@
 
 Snapshot: a 1 GiB and a 64 GiB thin image (the 64 GiB one is created in a fraction of a
 second: mkfs on a sparse file, only what it wrote is imported), each attached (FUSE exporter +
-loop + ext4), mounted and filled with some data. Before each snapshot either nothing is
-left dirty (a sync first) or some new data is written and left in the page cache, as on a busy
-VE (the freeze writes it back). Two ways, alternated:
+loop + ext4), mounted and filled with some data; both stay mounted and are snapshotted in
+turn. Before each snapshot either nothing is left dirty (a sync first) or some new data is
+written and left in the page cache, as on a busy VE (the freeze writes it back). Two ways,
+alternated:
   whole   ``attach.snapshot(att)`` as the daemon calls it (freeze + new delta + thaw);
   parts   the same steps done here, each timed: FIFREEZE (which first writes the dirty data
           back), the exporter's snapshot request (new empty delta, descriptor), FITHAW.
 Target: the same time for both sizes, under 100 ms plus the freeze.
+
+Taking the images in turn matters: freezing the same filesystem again right after a thaw costs
+~0.4 ms here, but a freeze after a while (or after another filesystem's) costs ~40-60 ms even
+with nothing dirty (measured on this kernel; the freeze's per-CPU rwsems wait for RCU grace
+periods that a recent freeze had already paid). Back-to-back snapshots of one image would
+report the cheap case, which a VE snapshotted now and then never sees.
 
 Compaction: an image is filled with files of varied sizes, half of them are deleted and
 ``fstrim`` hands the freed space back as discards (holes in the delta), then the image is
@@ -95,57 +102,76 @@ def ms(xs: list[float]) -> str:
 
 # -- snapshots -----------------------------------------------------------------------------------
 
-def bench_snapshots(work: Path, size: int, fill: int, dirties: list[int], rounds: int, pool: memoryview) -> dict:
-    """Snapshot timings of one image, for each amount of dirty data: {dirty: {way: [s, ...]}}."""
+def snapshot_once(att, mnt: Path, way: str, t: dict) -> None:
+    """One snapshot of a mounted image, timed into ``t``."""
     from fsnotifyd.image import attach as at
 
-    tag = f"{size // GiB}g"
-    img, run, mnt = work / f"snap-{tag}", work / f"snap-{tag}.run", work / f"snap-{tag}.mnt"
-    rng = random.Random(size)
-    t0 = time.perf_counter()
-    ops.create(str(img), size, profile="thin")
-    out: dict = {"size": size, "created": time.perf_counter() - t0, "by_dirty": {}}
+    if way == "whole":
+        t0 = time.perf_counter()
+        at.snapshot(att)
+        t["whole"].append(time.perf_counter() - t0)
+        return
+    before = at.control(att, {"op": "status"})["stats"]["allocated"]
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with attached(img, run, mnt) as att:
+        t0 = time.perf_counter()
+        fcntl.ioctl(fd, FIFREEZE, 0)
+        t1 = time.perf_counter()
+        try:
+            reply = at.control(att, {"op": "snapshot"})
+        finally:
+            t2 = time.perf_counter()
+            fcntl.ioctl(fd, FITHAW, 0)
+            t3 = time.perf_counter()
+    finally:
+        os.close(fd)
+    if reply.get("ok") is False:
+        raise RuntimeError(f"snapshot request refused: {reply}")
+    # clusters the freeze's write-back allocated (a partial write over a cluster of the
+    # snapshot below copies the whole cluster up first)
+    t["alloc"].append(at.control(att, {"op": "status"})["stats"]["allocated"] - before)
+    t["freeze"].append(t1 - t0)
+    t["delta"].append(t2 - t1)
+    t["thaw"].append(t3 - t2)
+    t["parts"].append(t3 - t0)
+
+
+def bench_snapshots(work: Path, sizes: list[int], fill: int, dirties: list[int], rounds: int,
+                    pool: memoryview) -> list[dict]:
+    """Snapshot timings of one image per size, all mounted at once and taken in turn (so a
+    warm-up or a noisy moment of the machine is not charged to one size); per image
+    ``{"by_dirty": {dirty: {way: [s, ...]}}}``."""
+    outs: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        mounted = []
+        for n, size in enumerate(sizes):
+            tag = f"{n}-{size // GiB}g"
+            img, run, mnt = work / f"snap-{tag}", work / f"snap-{tag}.run", work / f"snap-{tag}.mnt"
+            t0 = time.perf_counter()
+            ops.create(str(img), size, profile="thin")
+            stack.callback(shutil.rmtree, img, ignore_errors=True)
+            out = {"size": size, "created": time.perf_counter() - t0, "img": img,
+                   "by_dirty": {d: {k: [] for k in ("whole", "freeze", "delta", "thaw", "parts", "alloc")}
+                                for d in dirties}}
+            outs.append(out)
+            att = stack.enter_context(attached(img, run, mnt))
+            rng = random.Random(size)
             for i in range(max(1, fill // (16 * MiB))):
                 write_file(mnt / f"fill{i}", min(16 * MiB, fill), pool, rng)
             sh("sync", "-f", str(mnt))
-            for dirty in dirties:
-                t = out["by_dirty"][dirty] = {k: [] for k in ("whole", "freeze", "delta", "thaw", "parts")}
-                for r in range(rounds):
-                    for way in ("whole", "parts"):
+            mounted.append((out, att, mnt, rng))
+        for dirty in dirties:
+            for r in range(rounds):
+                for way in ("whole", "parts"):
+                    for out, att, mnt, rng in mounted:
                         if dirty:
                             write_file(mnt / f"dirty-{dirty}-{r}-{way}", dirty, pool, rng)  # left in the page cache
                         else:
                             sh("sync", "-f", str(mnt))
-                        if way == "whole":
-                            t0 = time.perf_counter()
-                            at.snapshot(att)
-                            t["whole"].append(time.perf_counter() - t0)
-                            continue
-                        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
-                        try:
-                            t0 = time.perf_counter()
-                            fcntl.ioctl(fd, FIFREEZE, 0)
-                            t1 = time.perf_counter()
-                            try:
-                                reply = at.control(att, {"op": "snapshot"})
-                            finally:
-                                t2 = time.perf_counter()
-                                fcntl.ioctl(fd, FITHAW, 0)
-                                t3 = time.perf_counter()
-                        finally:
-                            os.close(fd)
-                        if reply.get("ok") is False:
-                            raise RuntimeError(f"snapshot request refused: {reply}")
-                        t["freeze"].append(t1 - t0)
-                        t["delta"].append(t2 - t1)
-                        t["thaw"].append(t3 - t2)
-                        t["parts"].append(t3 - t0)
-            out["deltas"] = len([p for p in os.listdir(img) if p.startswith(ops.ROOT_FILE)])
-    finally:
-        shutil.rmtree(img, ignore_errors=True)
-    return out
+                        snapshot_once(att, mnt, way, out["by_dirty"][dirty])
+        for out in outs:
+            out["deltas"] = len([p for p in os.listdir(out["img"]) if p.startswith(ops.ROOT_FILE)])
+    return outs
 
 
 # -- compaction ----------------------------------------------------------------------------------
@@ -215,6 +241,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--rounds", type=int, default=8, help="snapshots of each way per size and dirty amount (default 8)")
     ap.add_argument("--fill", type=int, default=256, help="MiB written before the snapshots (default 256)")
+    ap.add_argument("--sizes", default="1,64", help="disk sizes in GiB (default 1,64)")
     ap.add_argument("--dirty", default="0,16", help="MiB left dirty before each snapshot, comma-separated (default 0,16)")
     ap.add_argument("--compact-size", type=int, default=4096, help="disk of the compaction image, MiB (default 4096)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 64 MiB fill, 1 GiB compaction image")
@@ -238,19 +265,23 @@ def main() -> int:
         dirties = [int(x) for x in args.dirty.split(",")]
         print(f"snapshot of a mounted image ({args.fill} MiB written; before each snapshot, "
               f"{' or '.join(map(str, dirties))} MiB left dirty; {args.rounds} of each way):")
-        snaps = [bench_snapshots(work, s, args.fill * MiB, [d * MiB for d in dirties], args.rounds, pool)
-                 for s in (GiB, 64 * GiB)]
+        sizes = [int(x) * GiB for x in args.sizes.split(",")]
+        snaps = bench_snapshots(work, sizes, args.fill * MiB, [d * MiB for d in dirties], args.rounds, pool)
         for s in snaps:
             print(f"  {s['size'] // GiB:>3} GiB (created in {s['created'] * 1000:.0f} ms, {s['deltas']} deltas at the end)")
             for dirty, t in s["by_dirty"].items():
                 print(f"    {dirty // MiB:>3} MiB dirty: whole attach.snapshot {ms(t['whole'])}")
                 print(f"                  parts: freeze {ms(t['freeze'])}  new delta {ms(t['delta'])}  "
                       f"thaw {ms(t['thaw'])}  sum {ms(t['parts'])}")
+                print(f"                  clusters allocated in the image by the freeze's write-back: median "
+                      f"{statistics.median(t['alloc']):.0f} [{min(t['alloc'])}-{max(t['alloc'])}]")
         worst = 0.0
+        big, small = max(snaps, key=lambda s: s["size"]), min(snaps, key=lambda s: s["size"])
         for dirty in snaps[0]["by_dirty"]:
-            a, b = (statistics.median(s["by_dirty"][dirty]["whole"]) for s in snaps)
-            c, d = (statistics.median(s["by_dirty"][dirty]["freeze"]) for s in snaps)
-            print(f"  {dirty // MiB} MiB dirty, medians 64 GiB / 1 GiB: whole {b / a:.2f}, freeze {d / c:.2f}")
+            a, b = (statistics.median(s["by_dirty"][dirty]["whole"]) for s in (small, big))
+            c, d = (statistics.median(s["by_dirty"][dirty]["freeze"]) for s in (small, big))
+            print(f"  {dirty // MiB} MiB dirty, medians {big['size'] // GiB} GiB / {small['size'] // GiB} GiB: "
+                  f"whole {b / a:.2f}, freeze {d / c:.2f}")
             worst = max([worst] + [statistics.median(s["by_dirty"][dirty]["delta"])
                                    + statistics.median(s["by_dirty"][dirty]["thaw"]) for s in snaps])
         print(f"  snapshot less the freeze (new delta + thaw), worst median: {worst * 1000:.1f} ms; "
