@@ -13,8 +13,8 @@ Target: the same time for both sizes, under 100 ms plus the freeze.
 
 Taking the images in turn matters: freezing the same filesystem again right after a thaw costs
 ~0.4 ms here, but a freeze after a while (or after another filesystem's) costs ~40-60 ms even
-with nothing dirty (measured on this kernel; the freeze's per-CPU rwsems wait for RCU grace
-periods that a recent freeze had already paid). Back-to-back snapshots of one image would
+with nothing dirty (measured on this kernel; most likely the freeze's per-CPU rwsems waiting
+for RCU grace periods that a recent freeze had already paid). Back-to-back snapshots of one image would
 report the cheap case, which a VE snapshotted now and then never sees.
 
 Compaction: an image is filled with files of varied sizes, half of them are deleted and
