@@ -212,6 +212,34 @@ class Delta:
             self._release(old)
         return p
 
+    def allocate_zeroed(self, vc: int, offset: int, data: bytes | memoryview) -> int:
+        """Like :meth:`allocate` for a cluster that is zeros but for ``data`` at ``offset``:
+        only ``data`` is written, the rest is a hole (a first write into empty space costs
+        what it writes, not a whole cluster of zeros)."""
+        self._need_writable()
+        c = self.cluster
+        if offset < 0 or offset + len(data) > c:
+            raise ValueError("data past the cluster")
+        if vc >= self.header.entries:
+            raise ImageError(f"virtual cluster {vc} past the disk ({self.header.entries} clusters)", file=self.path)
+        old = self.physical(vc)
+        reused = bool(self._free)
+        p = self.take_cluster()
+        try:
+            if reused:  # a free cluster may still hold the data of an allocation a crash undid
+                punch_hole(self.fd, p * c, c)
+            else:  # the file always spans whole clusters (check treats a partial tail as debris)
+                os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, (p + 1) * c))
+            self.write(p, offset, data)
+        except BaseException:
+            self._release(p)
+            raise
+        self._pending[vc] = p
+        self._fresh.add(p)
+        if old:
+            self._release(old)
+        return p
+
     def unmap(self, vc: int) -> None:
         """Drop this delta's data for ``vc`` (reads fall through below); the space is freed."""
         self._need_writable()

@@ -145,7 +145,10 @@ class Stack:
             elif n == c:
                 top.allocate(vc, view[pos:pos + n])
                 self.stats.allocated += 1
-            else:
+            elif self.owner(vc) is None:  # zeros below: write only what was written
+                top.allocate_zeroed(vc, off, view[pos:pos + n])
+                self.stats.allocated += 1
+            else:  # copy the cluster up from below, with the new bytes in it
                 base = bytearray(self.read_cluster(vc))
                 base[off:off + n] = view[pos:pos + n]
                 top.allocate(vc, base)
