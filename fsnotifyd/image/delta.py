@@ -22,6 +22,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import ImageError
 from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, BatProblem, Header, bat_region, capacity,
@@ -194,43 +195,37 @@ class Delta:
     def allocate(self, vc: int, data: bytes | memoryview) -> int:
         """Map virtual cluster ``vc`` to a new physical cluster holding ``data`` (a whole
         cluster). The mapping is pending until :meth:`commit`."""
-        self._need_writable()
         if len(data) != self.cluster:
             raise ValueError("allocate takes a whole cluster")
-        if vc >= self.header.entries:
-            raise ImageError(f"virtual cluster {vc} past the disk ({self.header.entries} clusters)", file=self.path)
-        old = self.physical(vc)
-        p = self.take_cluster()
-        try:
-            self.write(p, 0, data)
-        except BaseException:
-            self._release(p)
-            raise
-        self._pending[vc] = p
-        self._fresh.add(p)
-        if old:
-            self._release(old)
-        return p
+        return self._place(vc, lambda p, reused: self.write(p, 0, data))
 
     def allocate_zeroed(self, vc: int, offset: int, data: bytes | memoryview) -> int:
         """Like :meth:`allocate` for a cluster that is zeros but for ``data`` at ``offset``:
         only ``data`` is written, the rest is a hole (a first write into empty space costs
         what it writes, not a whole cluster of zeros)."""
-        self._need_writable()
         c = self.cluster
         if offset < 0 or offset + len(data) > c:
             raise ValueError("data past the cluster")
+
+        def fill(p: int, reused: bool) -> None:
+            if reused:  # a free cluster may still hold the data of an allocation a crash undid
+                punch_hole(self.fd, p * c, c)
+            else:  # the file always spans whole clusters (check treats a partial tail as debris)
+                os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, (p + 1) * c))
+            self.write(p, offset, data)
+
+        return self._place(vc, fill)
+
+    def _place(self, vc: int, fill: Callable[[int, bool], None]) -> int:
+        """Take a physical cluster, ``fill(p, reused)`` it, map ``vc`` to it (pending)."""
+        self._need_writable()
         if vc >= self.header.entries:
             raise ImageError(f"virtual cluster {vc} past the disk ({self.header.entries} clusters)", file=self.path)
         old = self.physical(vc)
         reused = bool(self._free)
         p = self.take_cluster()
         try:
-            if reused:  # a free cluster may still hold the data of an allocation a crash undid
-                punch_hole(self.fd, p * c, c)
-            else:  # the file always spans whole clusters (check treats a partial tail as debris)
-                os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, (p + 1) * c))
-            self.write(p, offset, data)
+            fill(p, reused)
         except BaseException:
             self._release(p)
             raise
