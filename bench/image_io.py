@@ -28,11 +28,9 @@ import contextlib
 import json
 import mmap
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,10 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchutil  # noqa: E402
+from benchutil import sh  # noqa: E402
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 
@@ -57,18 +58,10 @@ JOBS = [
 TARGETS = {"seq write 1M": 0.7, "seq read 1M": 0.7, "rand write 4K": 0.5}
 
 
-def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, text=True, capture_output=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
-    return r
-
 
 def machine_facts(workdir: str) -> str:
-    fs = sh("findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", workdir, check=False).stdout.split()
     fio = sh("fio", "--version", check=False).stdout.strip() if shutil.which("fio") else "fio missing"
-    return (f"kernel {platform.release()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
-            f"work dir {workdir} on {' '.join(fs) or '?'}, {fio}")
+    return f"{benchutil.machine_facts(workdir)}, {fio}"
 
 
 # -- the columns ---------------------------------------------------------------------------------

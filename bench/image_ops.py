@@ -31,11 +31,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,8 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import machine_facts, sh  # noqa: E402
 
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
@@ -56,17 +56,6 @@ FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, text=True, capture_output=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
-    return r
-
-
-def machine_facts(workdir: str) -> str:
-    fs = sh("findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", workdir, check=False).stdout.split()
-    return (f"kernel {platform.release()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
-            f"work dir {workdir} on {' '.join(fs) or '?'}")
 
 
 @contextlib.contextmanager

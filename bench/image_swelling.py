@@ -28,10 +28,8 @@ import collections
 import ctypes
 import math
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import machine_facts, sh  # noqa: E402
 
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
@@ -60,17 +60,6 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, text=True, capture_output=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
-    return r
-
-
-def machine_facts(workdir: str) -> str:
-    fs = sh("findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", workdir, check=False).stdout.split()
-    return (f"kernel {platform.release()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
-            f"work dir {workdir} on {' '.join(fs) or '?'}")
 
 
 @dataclass
