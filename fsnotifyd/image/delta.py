@@ -18,6 +18,7 @@ import array
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
 import sys
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ImageError
+from .writebehind import WriteBehind
 from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, BatProblem, Header, bat_region, capacity,
                      new_header, parse_header, validate_bat)
 
@@ -34,6 +36,13 @@ if sys.byteorder != "little":  # the BAT is little-endian and read straight into
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+# Direct I/O takes requests whose file offset and length are multiples of this (the largest
+# logical block size of common disks) from a page-aligned buffer; other requests stay buffered.
+DIRECT_ALIGN = 4096
+# Requests below this stay buffered even when aligned: the host page cache absorbs small
+# random writes until the VE's next flush and reads ahead for small reads, where a direct
+# request would wait for the disk while the single-threaded exporter holds every other one.
+DIRECT_MIN = 64 << 10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -76,6 +85,12 @@ class Delta:
     _free: list[int] = field(default_factory=list)  # reusable physical clusters, kept sorted
     _freed: list[int] = field(default_factory=list)  # freed by pending unmappings: reusable after commit
     _fresh: set[int] = field(default_factory=set)  # physical clusters allocated since the last commit
+    _dfd: int = -1  # the file again, opened O_DIRECT (see use_direct_io); -1: none
+    _direct: bool = False  # data requests use _dfd (off again if the host fs refuses an aligned one)
+    _behind_depth: int = 0  # large direct writes go to a WriteBehind of this depth (0: written at once)
+    _behind: WriteBehind | None = None  # started after the first direct write succeeded
+    _stages: list[memoryview] = field(default_factory=list)  # free page-aligned bounce buffers, a cluster each
+    _maps: list[mmap.mmap] = field(default_factory=list)  # all of them (one per concurrent request)
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -137,12 +152,69 @@ class Delta:
         used = set(self.bat) | set(self._pending.values())
         return [p for p in range(self.header.first_cluster, self.file_clusters) if p not in used]
 
+    def use_direct_io(self, write_behind: int = 0) -> bool:
+        """Read and write data clusters with O_DIRECT from now on (the exporter does: through
+        the host page cache, every 4 KiB write into a file cached in large folios costs a walk
+        of the folio's buffers, and each flush of the VE writes back what the cache gathered).
+        Requests that are not 4 KiB-aligned, the header and the BAT stay buffered; the kernel
+        keeps the two views of the file coherent. False when the host fs refuses O_DIRECT.
+
+        ``write_behind``: how many large direct writes may be in flight on a thread of their
+        own (see :mod:`.writebehind`); every other access to the file waits for them."""
+        if self.writable:
+            self._behind_depth = write_behind
+        if self._dfd >= 0:
+            return self._direct
+        if self.fd < 0:
+            return False
+        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_DIRECT
+        try:
+            self._dfd = os.open(f"/proc/self/fd/{self.fd}", flags)  # the same inode, even if renamed
+        except OSError:
+            return False
+        self._direct = True
+        return True
+
+    def _take_stage(self) -> memoryview:
+        # list.pop and append are atomic: FUSE threads share the pool without a lock.
+        try:
+            return self._stages.pop()
+        except IndexError:
+            m = mmap.mmap(-1, max(self.cluster, DIRECT_ALIGN))
+            self._maps.append(m)
+            return memoryview(m)
+
+    def _sync(self) -> None:
+        """Wait for the writes in flight (and raise the first that failed)."""
+        if self._behind is not None:
+            self._behind.drain()
+
+    def _drop_direct_io(self) -> None:
+        # Only from close(): another thread may be inside a request on _dfd until then.
+        self._direct = False
+        if self._behind is not None:
+            self._behind.close()
+            self._behind = None
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+        for v in self._stages:
+            v.release()
+        self._stages.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a request still holds it; freed with the request
+                pass
+        self._maps.clear()
+
     def close(self) -> None:
         if self.fd >= 0:
             try:
                 if self.writable:
                     self.commit()
             finally:
+                self._drop_direct_io()
                 os.close(self.fd)
                 self.fd = -1
 
@@ -166,8 +238,30 @@ class Delta:
 
     def read(self, phys: int, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` within physical cluster ``phys`` (zeros past EOF)."""
-        data = os.pread(self.fd, length, phys * self.cluster + offset)
-        return data if len(data) == length else data + bytes(length - len(data))
+        buf = bytearray(length)
+        self.read_into(phys, offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, phys: int, offset: int, view: memoryview) -> None:
+        """Fill ``view`` (writable bytes) from ``offset`` within physical cluster ``phys``."""
+        self._sync()
+        pos, length = phys * self.cluster + offset, len(view)
+        got = -1
+        if self._direct and length >= DIRECT_MIN and not (pos | length) & (DIRECT_ALIGN - 1):
+            stage = self._take_stage()
+            try:
+                got = os.preadv(self._dfd, [stage[:length]], pos)
+                view[:got] = stage[:got]
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # the host fs wants a larger alignment: buffered from now on
+            finally:
+                self._stages.append(stage)
+        if got < 0:
+            got = os.preadv(self.fd, [view], pos)
+        if got < length:  # past the end of the file: zeros
+            view[got:] = bytes(length - got)
 
     def allocated(self) -> int:
         return sum(1 for vc in range(len(self.bat)) if self.physical(vc))
@@ -180,8 +274,32 @@ class Delta:
     def write(self, phys: int, offset: int, data: bytes | memoryview) -> None:
         """Overwrite bytes inside an allocated cluster (durable at the next commit)."""
         self._need_writable()
-        n = os.pwrite(self.fd, data, phys * self.cluster + offset)
-        if n != len(data):
+        pos, length = phys * self.cluster + offset, len(data)
+        n = -1
+        if self._direct and length >= DIRECT_MIN and not (pos | length) & (DIRECT_ALIGN - 1):
+            stage = self._take_stage()
+            view = stage[:length]
+            view[:] = data
+            if self._behind is not None:  # the stage goes back to the pool once written
+                self._behind.submit(view, pos, lambda: self._stages.append(stage))
+                return
+            try:
+                self._sync()
+                n = os.pwrite(self._dfd, view, pos)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+            finally:
+                self._stages.append(stage)
+            if n == length and self._behind_depth and self._behind is None:
+                # Only once a direct write went through: a refusal (EINVAL) must come while
+                # the data is still at hand to be written buffered instead.
+                self._behind = WriteBehind(self._dfd, self._behind_depth, os.path.basename(self.path))
+        if n < 0:
+            self._sync()
+            n = os.pwrite(self.fd, data, pos)
+        if n != length:
             raise OSError(errno.EIO, f"short write to {self.path}")
 
     def take_cluster(self) -> int:
@@ -208,6 +326,7 @@ class Delta:
             raise ValueError("data past the cluster")
 
         def fill(p: int, reused: bool) -> None:
+            self._sync()
             if reused:  # a free cluster may still hold the data of an allocation a crash undid
                 punch_hole(self.fd, p * c, c)
             else:  # the file always spans whole clusters (check treats a partial tail as debris)
@@ -241,6 +360,7 @@ class Delta:
         old = self.physical(vc)
         if not old:
             return
+        self._sync()
         self._pending[vc] = 0
         self._release(old)
         punch_hole(self.fd, old * self.cluster, self.cluster)
@@ -254,6 +374,7 @@ class Delta:
 
     def commit(self) -> None:
         """Make pending mappings durable: data first, then the BAT entries."""
+        self._sync()
         if not self._pending:
             if self.writable and self.fd >= 0:
                 os.fdatasync(self.fd)
@@ -365,6 +486,7 @@ class Delta:
     def truncate_tail(self) -> int:
         """Cut the file after its last used cluster; returns the bytes released. Call after a
         commit (pending clusters are kept)."""
+        self._sync()
         used = [p for p in (self.physical(vc) for vc in range(len(self.bat))) if p]
         last = max(used, default=self.header.first_cluster - 1) + 1
         last = max(last, self.header.first_cluster)

@@ -77,6 +77,11 @@ class Stack:
     def writable(self) -> bool:
         return self.top.writable
 
+    def use_direct_io(self, write_behind: int = 0) -> bool:
+        """Direct I/O on every delta, write-behind on the top (see :meth:`.Delta.use_direct_io`);
+        again after the stack changes (a snapshot or merge opens deltas). True when all have it."""
+        return all([d.use_direct_io(write_behind) for d in self.deltas])
+
     def close(self) -> None:
         for d in reversed(self.deltas):
             d.close()
@@ -115,19 +120,29 @@ class Stack:
             raise ImageError(f"I/O at {offset}+{length} past the disk's {self.size} bytes", file=self.top.path)
 
     def read(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Fill ``view`` (writable bytes) from the disk at ``offset``, cut at the disk's end;
+        returns the bytes read."""
+        length = max(0, min(len(view), self.size - offset))
         self._check(offset, length)
         c = self.cluster
-        out = bytearray()
-        while length:
-            vc, off = divmod(offset, c)
-            n = min(length, c - off)
-            out += self.read_cluster(vc, off, n)
-            offset += n
-            length -= n
+        pos = 0
+        while pos < length:
+            vc, off = divmod(offset + pos, c)
+            n = min(length - pos, c - off)
+            hit = self.owner(vc)
+            if hit is None:
+                view[pos:pos + n] = bytes(n)
+            else:
+                hit[0].read_into(hit[1], off, view[pos:pos + n])
+            pos += n
         self.stats.reads += 1
-        self.stats.read_bytes += len(out)
-        return bytes(out)
+        self.stats.read_bytes += length
+        return length
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         if not self.writable:

@@ -46,7 +46,8 @@ CLUSTER = 4 * KiB
 START_SIZE = 2 * MiB
 STRESS = os.environ.get("FSNOTIFYD_STRESS") == "1"
 ITERATIONS = int(os.environ.get("FSNOTIFYD_STRESS_ITERATIONS", "50")) if STRESS else 10
-KINDS = ["write", "snapshot", "merge", "compact", "resize"]
+KINDS = ["write", "snapshot", "merge", "compact", "resize", "direct"]
+DIRECT_CLUSTER = 256 * KiB  # "direct": the exporter's data path (direct I/O, write-behind) on larger clusters
 EXT4_SIZE = 32 * MiB
 OPS = {"flush", "snap", "merge", "compact", "grow", "cut"}
 MAX_KILL_DELAY = 0.6  # seconds after the child is ready; every plan runs for longer
@@ -63,7 +64,10 @@ def plan(kind: str, seed: int) -> list[tuple]:
     def io(n: int, *, discard: float = 0.2, whole: bool = False) -> None:
         nonlocal value
         for _ in range(n):
-            if whole:
+            if kind == "direct" and rng.random() < 0.7:  # aligned and large: direct, written behind
+                off = rng.randrange(size // 4096) * 4096
+                length = rng.choice([64 * KiB, 128 * KiB, DIRECT_CLUSTER, 2 * DIRECT_CLUSTER, 4096])
+            elif whole:
                 vc = rng.randrange(size // CLUSTER)
                 off, length = vc * CLUSTER, CLUSTER * rng.randint(1, 4)
             else:
@@ -77,7 +81,7 @@ def plan(kind: str, seed: int) -> list[tuple]:
                 value = value % 255 + 1
                 steps.append(("w", off, length, value))
 
-    if kind == "write":
+    if kind in ("write", "direct"):
         for _ in range(5000):
             io(rng.randint(1, 8))
             steps.append(("flush",))
@@ -135,6 +139,8 @@ def child_main(directory: str, kind: str, seed: int, log: str) -> None:
 
     steps = plan(kind, seed)
     stack = Stack.open(directory)
+    if kind == "direct":
+        assert stack.use_direct_io(write_behind=4)
     note("ready")
     for i, step in enumerate(steps):
         op = step[0]
@@ -281,7 +287,7 @@ def run_once(kind: str, seed: int, delay: float, base: Path) -> tuple[bool, bool
         with Stack.open(d, writable=False) as s:
             original = s.read(0, s.size)
     else:
-        ops.create_empty(d, START_SIZE, CLUSTER)
+        ops.create_empty(d, START_SIZE, DIRECT_CLUSTER if kind == "direct" else CLUSTER)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-m", "tests.integration.test_image_crash", d, kind, str(seed), log],
                              cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,6 +8,7 @@ import random
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -448,3 +449,107 @@ def test_check_in_use_with_a_bad_bat_repairs_both(tmp_path):
         f.write(struct.pack("<I", IN_USE))
     poke_bat(p, 1, 0xFFFFFFFF)
     repaired_and_clean(d, ["m_DiskInUse", "bat[1]", "clusters"])
+
+
+# -- direct I/O and write-behind (the exporter's data path) --------------------------------------
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_direct_io_with_write_behind_matches_the_model(tmp_path, monkeypatch, seed):
+    """Large aligned writes go to a write-behind thread, small ones through the page cache,
+    discards punch holes: every read in between must see every earlier write, in order."""
+    from fsnotifyd.image import writebehind
+
+    def slow_pwrite(fd, data, pos):  # the real write, late: a missing wait shows as wrong data
+        time.sleep(0.002)
+        return os.pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writebehind, "pwrite", slow_pwrite)
+    rng = random.Random(seed)
+    c = 256 * KiB
+    size = 8 * c  # small: later requests often land on what a queued write covers
+    d = image(tmp_path, size, c)
+    model = Model(size)
+    with Stack.open(d) as s:
+        assert s.use_direct_io(write_behind=2)
+        for i in range(500):
+            if rng.random() < 0.6:  # aligned: 4 KiB multiples, some >= 64 KiB (direct)
+                off = rng.randrange(size // 4096) * 4096
+                length = min(rng.choice([4096, 64 * KiB, 128 * KiB, c, 2 * c]), size - off)
+            else:
+                off = rng.randrange(size)
+                length = min(rng.choice([1, 700, 5000, 70 * KiB]), size - off)
+            r = rng.random()
+            if r < 0.15:
+                model.discard(s, off, length)
+            elif r < 0.35:
+                assert s.read(off, length) == model.data[off:off + length], f"op {i}"
+            else:
+                model.write(s, off, rng.randbytes(length))
+            if i % 37 == 0:
+                s.flush()
+                with Stack.open(d, writable=False) as disk:  # a flush leaves it all on disk
+                    model.assert_same(disk)
+        assert s.top._behind is not None, "no write went through write-behind"
+        model.assert_same(s)
+    with Stack.open(d) as s:  # what was flushed and closed is on disk
+        model.assert_same(s)
+        # A discarded cluster is a hole: no queued write landed on it after the punch.
+        top = s.top
+        for p in top.unreferenced():
+            try:
+                assert os.lseek(top.fd, p * c, os.SEEK_DATA) >= (p + 1) * c, f"data in freed cluster {p}"
+            except OSError:  # ENXIO: no data past p at all
+                pass
+    assert_clean(d)
+
+
+def test_a_discard_waits_for_the_queued_write_it_frees(tmp_path, monkeypatch):
+    from fsnotifyd.image import writebehind
+
+    def slow_pwrite(fd, data, pos):
+        time.sleep(0.05)
+        return os.pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writebehind, "pwrite", slow_pwrite)
+    c = 256 * KiB
+    d = image(tmp_path, 4 * c, c)
+    with Stack.open(d) as s:
+        assert s.use_direct_io(write_behind=2)
+        s.write(0, b"a" * c)
+        s.flush()  # cluster 0 allocated and committed; write-behind started
+        p = s.top.physical(0)
+        s.write(0, b"b" * c)  # queued, lands 50 ms later
+        s.discard(0, c)  # must wait for it, or the punched hole fills up again
+        s.flush()
+        assert os.lseek(s.top.fd, p * c, os.SEEK_HOLE) == p * c, "the freed cluster holds data"
+        assert s.read(0, c) == bytes(c)
+
+
+def test_write_behind_keeps_order_and_reports_a_failed_write(tmp_path):
+    from fsnotifyd.image.writebehind import WriteBehind
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    fd = os.open(path, os.O_RDWR)
+    returned = []
+    wb = WriteBehind(fd, 2, "t")
+    try:
+        for i in range(50):  # the same block again and again: the last write wins
+            wb.submit(memoryview(bytes([i]) * 4096), 4096, lambda i=i: returned.append(i))
+        wb.drain()
+        assert os.pread(fd, 4096, 4096) == bytes([49]) * 4096
+        assert returned == list(range(50))
+    finally:
+        wb.close()
+        os.close(fd)
+    ro = os.open(path, os.O_RDONLY)  # a real refusal from the kernel: EBADF on write
+    wb = WriteBehind(ro, 2, "t")
+    try:
+        wb.submit(memoryview(b"x" * 4096), 0, lambda: None)
+        with pytest.raises(OSError) as e:
+            wb.drain()
+        assert e.value.errno == 9  # EBADF
+        wb.drain()  # reported once
+    finally:
+        wb.close()
+        os.close(ro)
