@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ImageError
+from .readahead import ReadAhead
 from .writebehind import WriteBehind
 from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, BatProblem, Header, bat_region, capacity,
                      new_header, parse_header, validate_bat)
@@ -89,6 +90,9 @@ class Delta:
     _direct: bool = False  # data requests use _dfd (off again if the host fs refuses an aligned one)
     _behind_depth: int = 0  # large direct writes go to a WriteBehind of this depth (0: written at once)
     _behind: WriteBehind | None = None  # started after the first direct write succeeded
+    _ahead_wanted: bool = False  # start a ReadAhead at the first sequential direct read
+    _ahead: ReadAhead | None = None  # reads the next cluster after a sequential direct read
+    _last_read_end: int = -1  # file position where the last direct read ended
     _stages: list[memoryview] = field(default_factory=list)  # free page-aligned bounce buffers, a cluster each
     _maps: list[mmap.mmap] = field(default_factory=list)  # all of them (one per concurrent request)
 
@@ -152,7 +156,7 @@ class Delta:
         used = set(self.bat) | set(self._pending.values())
         return [p for p in range(self.header.first_cluster, self.file_clusters) if p not in used]
 
-    def use_direct_io(self, write_behind: int = 0) -> bool:
+    def use_direct_io(self, write_behind: int = 0, read_ahead: bool = False) -> bool:
         """Read and write data clusters with O_DIRECT from now on (the exporter does: through
         the host page cache, every 4 KiB write into a file cached in large folios costs a walk
         of the folio's buffers, and each flush of the VE writes back what the cache gathered).
@@ -160,7 +164,8 @@ class Delta:
         keeps the two views of the file coherent. False when the host fs refuses O_DIRECT.
 
         ``write_behind``: how many large direct writes may be in flight on a thread of their
-        own (see :mod:`.writebehind`); every other access to the file waits for them."""
+        own (see :mod:`.writebehind`); every other access to the file waits for them.
+        ``read_ahead``: sequential direct reads read the next cluster ahead (:mod:`.readahead`)."""
         if self.writable:
             self._behind_depth = write_behind
         if self._dfd >= 0:
@@ -173,6 +178,7 @@ class Delta:
         except OSError:
             return False
         self._direct = True
+        self._ahead_wanted = read_ahead
         return True
 
     def _take_stage(self) -> memoryview:
@@ -189,12 +195,20 @@ class Delta:
         if self._behind is not None:
             self._behind.drain()
 
+    def _changing(self) -> None:
+        """The file is about to change: no read-ahead window may outlive it."""
+        if self._ahead is not None:
+            self._ahead.drop()
+
     def _drop_direct_io(self) -> None:
         # Only from close(): another thread may be inside a request on _dfd until then.
         self._direct = False
         if self._behind is not None:
             self._behind.close()
             self._behind = None
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
@@ -248,10 +262,20 @@ class Delta:
         pos, length = phys * self.cluster + offset, len(view)
         got = -1
         if self._direct and length >= DIRECT_MIN and not (pos | length) & (DIRECT_ALIGN - 1):
+            sequential = pos == self._last_read_end
+            self._last_read_end = pos + length
+            if sequential and self._ahead is None and self._ahead_wanted:  # a thread only for deltas read in sequence
+                self._ahead = ReadAhead(self._dfd, self.cluster, os.path.basename(self.path))
+            ahead = self._ahead
+            if ahead is not None and sequential and ahead.take(pos, view):
+                ahead.advance(pos + length)
+                return
             stage = self._take_stage()
             try:
                 got = os.preadv(self._dfd, [stage[:length]], pos)
                 view[:got] = stage[:got]
+                if ahead is not None and sequential and got == length:
+                    ahead.advance(pos + length)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -274,6 +298,7 @@ class Delta:
     def write(self, phys: int, offset: int, data: bytes | memoryview) -> None:
         """Overwrite bytes inside an allocated cluster (durable at the next commit)."""
         self._need_writable()
+        self._changing()
         pos, length = phys * self.cluster + offset, len(data)
         n = -1
         if self._direct and length >= DIRECT_MIN and not (pos | length) & (DIRECT_ALIGN - 1):
@@ -327,6 +352,7 @@ class Delta:
 
         def fill(p: int, reused: bool) -> None:
             self._sync()
+            self._changing()
             if reused:  # a free cluster may still hold the data of an allocation a crash undid
                 punch_hole(self.fd, p * c, c)
             else:  # the file always spans whole clusters (check treats a partial tail as debris)
@@ -361,9 +387,17 @@ class Delta:
         if not old:
             return
         self._sync()
+        self._changing()
         self._pending[vc] = 0
         self._release(old)
         punch_hole(self.fd, old * self.cluster, self.cluster)
+
+    def zero_cluster(self, phys: int) -> None:
+        """Make allocated cluster ``phys`` read as zeros: a hole, it stays mapped."""
+        self._need_writable()
+        self._sync()
+        self._changing()
+        punch_hole(self.fd, phys * self.cluster, self.cluster)
 
     def _release(self, p: int) -> None:
         if p in self._fresh:  # never on disk in any BAT entry: reusable at once
@@ -419,6 +453,7 @@ class Delta:
         """Change the virtual size. Growing past the BAT region's room first moves the data
         clusters in the way to the end of the file; shrinking unmaps the clusters past the end."""
         self._need_writable()
+        self._changing()
         cluster = self.cluster
         entries = -(-size // cluster)
         new_header(size, cluster)  # checks the geometry
@@ -487,6 +522,7 @@ class Delta:
         """Cut the file after its last used cluster; returns the bytes released. Call after a
         commit (pending clusters are kept)."""
         self._sync()
+        self._changing()
         used = [p for p in (self.physical(vc) for vc in range(len(self.bat))) if p]
         last = max(used, default=self.header.first_cluster - 1) + 1
         last = max(last, self.header.first_cluster)

@@ -91,7 +91,7 @@ class Exporter:
             raise
         if writable:
             self._mark_in_use()
-        self.direct_io = self.stack.use_direct_io(WRITE_BEHIND)
+        self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
 
     # -- image ownership ---------------------------------------------------------------------
     def _lock_image(self) -> None:
@@ -184,7 +184,7 @@ class Exporter:
                 old, self.stack = self.stack, new
                 new.stats = old.stats
                 old.close()
-                self.direct_io = new.use_direct_io(WRITE_BEHIND)
+                self.direct_io = new.use_direct_io(WRITE_BEHIND, read_ahead=True)
                 self._mark_in_use()
             self.readonly = False
 
@@ -201,7 +201,7 @@ class Exporter:
                 guid = ops.snapshot(self.stack, self.image, name=name)
             finally:
                 self.stack.top.set_in_use(True)  # the new top (or the old one if it failed)
-                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND)
+                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
             return guid
 
     def resize(self, size: int) -> int:
@@ -216,7 +216,7 @@ class Exporter:
             try:
                 ops.merge(self.image, guid, stack=self.stack)
             finally:
-                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND)
+                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
 
     def close(self) -> None:
         with self.lock:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ImageError
 from . import descriptor as desc_mod
-from .delta import Delta, punch_hole
+from .delta import Delta
 from .descriptor import Descriptor
 
 
@@ -77,10 +77,11 @@ class Stack:
     def writable(self) -> bool:
         return self.top.writable
 
-    def use_direct_io(self, write_behind: int = 0) -> bool:
-        """Direct I/O on every delta, write-behind on the top (see :meth:`.Delta.use_direct_io`);
-        again after the stack changes (a snapshot or merge opens deltas). True when all have it."""
-        return all([d.use_direct_io(write_behind) for d in self.deltas])
+    def use_direct_io(self, write_behind: int = 0, read_ahead: bool = False) -> bool:
+        """Direct I/O on every delta, write-behind on the top, read-ahead on each (see
+        :meth:`.Delta.use_direct_io`); again after the stack changes (a snapshot or merge opens
+        deltas). True when all have it."""
+        return all([d.use_direct_io(write_behind, read_ahead) for d in self.deltas])
 
     def close(self) -> None:
         for d in reversed(self.deltas):
@@ -190,8 +191,7 @@ class Stack:
                     top.unmap(vc)
                     self.stats.discarded += 1
             elif n == c:  # zeros must hide the data below: a hole in the top's cluster
-                p = self._top_cluster(vc)
-                punch_hole(top.fd, p * c, c)
+                top.zero_cluster(self._top_cluster(vc))
             elif self.owner(vc) is not None:
                 p = self._top_cluster(vc)
                 top.write(p, off, bytes(n))
