@@ -190,6 +190,14 @@ class Delta:
             self._maps.append(m)
             return memoryview(m)
 
+    @property
+    def read_ahead_hits(self) -> int:
+        return self._ahead.hits if self._ahead is not None else 0
+
+    @property
+    def write_behind_waits(self) -> int:
+        return self._behind.waits if self._behind is not None else 0
+
     def _sync(self) -> None:
         """Wait for the writes in flight (and raise the first that failed)."""
         if self._behind is not None:

@@ -161,6 +161,8 @@ class Exporter:
                 "readonly": self.readonly, "size": self.stack.size, "direct_io": self.direct_io,
                 "healthy": busy_s < BUSY_UNHEALTHY_S, "busy_s": round(busy_s, 3),
                 "stats": dataclasses.asdict(self.stack.stats), "deltas": len(self.stack.deltas),
+                "read_ahead_hits": sum(d.read_ahead_hits for d in self.stack.deltas),
+                "write_behind_waits": sum(d.write_behind_waits for d in self.stack.deltas),
                 "errors": self.errors, "last_error": self.last_error, "was_in_use": self.was_in_use,
                 "uptime_s": round(time.time() - self.started, 3)}
 

@@ -6,8 +6,10 @@ request from ``/dev/fuse``: the disk and the FUSE round trip take turns. Handing
 a thread overlaps them. The contract is the one of a disk's volatile write cache (and of the
 host page cache the exporter used before): a write is acknowledged before it is durable, a
 flush makes everything acknowledged durable, and a crash of the exporter loses only what no
-flush covered. Writes run in submission order on one thread; at most ``depth`` are in flight
-(their buffers are the memory bound). Anything else that touches the file (reads, other
+flush covered. At most ``depth`` writes are in flight (their buffers are the memory bound), on
+``threads`` threads (the disk takes more than one at a time); a write that overlaps one in
+flight waits for it at submission, so the writes in flight never overlap and their order
+cannot matter. Anything else that touches the file (reads, other
 writes, hole punching, the BAT commit) calls :meth:`drain` first, so it sees every earlier
 write. A failed write is raised, as the OSError it was, by the next :meth:`drain`.
 """
@@ -23,30 +25,35 @@ from typing import Callable
 
 
 class WriteBehind:
-    def __init__(self, fd: int, depth: int, name: str) -> None:
+    def __init__(self, fd: int, depth: int, name: str, threads: int = 2) -> None:
         self._fd = fd
         self._depth = depth
         self._queue: collections.deque[tuple[memoryview, int, Callable[[], None]]] = collections.deque()
+        self._ranges: list[tuple[int, int]] = []  # [pos, end) of each write queued or in flight
         self._cv = threading.Condition(threading.Lock())
         self._inflight = 0  # queued or being written
         self._error: OSError | None = None
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"write-behind {name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def idle(self) -> bool:
-        return self._inflight == 0 and self._error is None
+        self.waits = 0  # submits that found `depth` writes in flight (the disk is the bottleneck)
+        self._threads = [threading.Thread(target=self._run, name=f"write-behind {name}", daemon=True)
+                         for _ in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, data: memoryview, pos: int, done: Callable[[], None]) -> None:
         """Write ``data`` at ``pos`` soon; ``done()`` is called (from the writer thread) once
-        ``data`` is no longer needed. Waits while ``depth`` writes are in flight."""
+        ``data`` is no longer needed. Waits while ``depth`` writes are in flight, or one
+        that overlaps this one."""
+        end = pos + len(data)
         with self._cv:
-            while self._inflight >= self._depth:
+            if self._inflight >= self._depth:
+                self.waits += 1
+            while self._inflight >= self._depth or any(a < end and pos < b for a, b in self._ranges):
                 self._cv.wait()
             if self._closing:
                 raise OSError(errno.EBADF, "write-behind closed")
             self._queue.append((data, pos, done))
+            self._ranges.append((pos, end))
             self._inflight += 1
             self._cv.notify_all()
 
@@ -68,7 +75,8 @@ class WriteBehind:
                 self._cv.wait()
             self._closing = True
             self._cv.notify_all()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
     def _run(self) -> None:
         while True:
@@ -77,7 +85,7 @@ class WriteBehind:
                     self._cv.wait()
                 if not self._queue:
                     return
-                data, pos, done = self._queue[0]
+                data, pos, done = self._queue.popleft()
             error: OSError | None = None
             try:
                 n = pwrite(self._fd, data, pos)
@@ -88,7 +96,7 @@ class WriteBehind:
             finally:
                 done()
             with self._cv:
-                self._queue.popleft()
+                self._ranges.remove((pos, pos + len(data)))
                 self._inflight -= 1
                 if error is not None and self._error is None:
                     self._error = error
