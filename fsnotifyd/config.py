@@ -42,7 +42,17 @@ class Config:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     ves: tuple[VE, ...] = ()
     rules: tuple[str, ...] | None = None  # None: the embedded default rules
+    actions: ActionsConfig = field(default_factory=lambda: ActionsConfig())
     file: str = "<default>"
+
+
+@dataclass(frozen=True)
+class ActionsConfig:
+    enabled: bool = True  # False: decisions are published, nothing is carried out
+    dry_run: bool = False  # every job only records what it would do
+    concurrency: int = 1  # heavy jobs (fsck, shrink) at once, host-wide
+    timeout_s: float = 600.0  # per job
+    fsck_timeout_s: float = 3600.0
 
 
 _SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev")
@@ -119,7 +129,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if root is None:
         return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
-                               "queue_size", "sources", "ves", "rules"))
+                               "queue_size", "sources", "ves", "rules", "actions"))
     kw: dict[str, Any] = {"file": file}
     if "state_dir" in top:
         kw["state_dir"] = r.scalar(top["state_dir"], "state_dir", str)
@@ -153,6 +163,18 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         c = r.mapping(top["correlator"], "correlator", ("window_ms", "state_window_ms", "io_window_ms"))
         for k, v in c.items():
             kw[k] = r.number(v, f"correlator.{k}", minimum=0)
+    if "actions" in top:
+        a = r.mapping(top["actions"], "actions", ("enabled", "dry_run", "concurrency", "timeout_s", "fsck_timeout_s"))
+        ak: dict[str, Any] = {}
+        for k in ("enabled", "dry_run"):
+            if k in a:
+                ak[k] = r.scalar(a[k], f"actions.{k}", bool)
+        if "concurrency" in a:
+            ak["concurrency"] = r.number(a["concurrency"], "actions.concurrency", minimum=1, integer=True)
+        for k in ("timeout_s", "fsck_timeout_s"):
+            if k in a:
+                ak[k] = float(r.number(a[k], f"actions.{k}", minimum=0.1))
+        kw["actions"] = ActionsConfig(**ak)
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:
         for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():

@@ -33,6 +33,11 @@ KINDS = frozenset(
         "source.down",
         "events.lost",
         "rule.matched",
+        "action.started",
+        "action.succeeded",
+        "action.failed",
+        "fsck.result",
+        "notification",
     }
 )
 
@@ -53,6 +58,11 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "source.down": "warning",
     "events.lost": "warning",
     "rule.matched": "warning",
+    "action.started": "info",
+    "action.succeeded": "info",
+    "action.failed": "error",
+    "fsck.result": "info",
+    "notification": "warning",
 }
 
 # Kinds that describe a state of a filesystem rather than a countable happening: a second

@@ -36,6 +36,14 @@ class Metrics:
         self.rules_reloads = Counter(
             "fsnotifyd_rules_reloads_total", "Rule reloads by result", ["result"], registry=r
         )
+        self.actions = Counter(
+            "fsnotifyd_actions_total", "Action jobs finished, by action and outcome (succeeded, failed)",
+            ["action", "outcome"], registry=r,
+        )
+        self.action_seconds = Histogram(
+            "fsnotifyd_action_duration_seconds", "Time from an action job's start to its end", ["action"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600), registry=r,
+        )
         self.latency = Histogram(
             "fsnotifyd_event_latency_seconds",
             "From the first observation of a fact to its publication",

@@ -31,6 +31,10 @@ from ..sinks.socket import SocketSink
 from ..sinks.stdout import StdoutSink
 from ..sources.registry import REGISTRY
 from ..sources.sysfs import Ext4Counters
+from ..actions.executor import Executor
+from ..actions.handlers import handlers
+from ..actions.journal import JobJournal
+from ..actions.target import Targets
 from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
@@ -285,9 +289,11 @@ class Daemon:
                 sink.publish(event)
             except Exception:  # noqa: BLE001 - a broken sink must not cost the others the event
                 log.exception("sink.failed", sink=sink.name, event_id=event.id)
+        as_dict = event.to_dict()
+        if event.kind == "rule.matched" and getattr(self, "executor", None) is not None:
+            self.executor.submit(as_dict)
         if depth > 1:
             return  # rule.matched events may trigger rules once, never in a loop
-        as_dict = event.to_dict()
         for decision in self.engine.process(as_dict):
             self.metrics.decisions.labels(decision.rule, decision.outcome).inc()
             if decision.outcome == FIRED:
@@ -311,7 +317,16 @@ class Daemon:
             "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
             "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0), "attached": self._images()},
             "lost": {"queue_full": self.bus.dropped},
+            "actions": self._actions(),
         }
+
+    def _actions(self) -> dict[str, Any]:
+        if getattr(self, "executor", None) is None:
+            return {"enabled": False}
+        jobs = self.action_journal.recent(20)
+        return {"enabled": True, "unfinished": len(self.action_journal.unfinished()),
+                "recent": [{"id": j.id, "action": j.action, "ve": j.ve, "state": j.state, "error": j.error,
+                            "steps": j.steps, "dry_run": j.dry_run} for j in jobs]}
 
     def _source_detail(self, name: str) -> dict[str, Any]:
         status = getattr(self.sources.get(name), "status", None)
@@ -364,6 +379,7 @@ class Daemon:
         self.build_inventory()
         await self.open_sinks()
         self.start_metrics()
+        self.start_actions()
         self.build_correlator()
         self.open_sources()
         self.start_image_watchdog()
@@ -386,6 +402,25 @@ class Daemon:
                     correlating.result()  # a dead correlator is a bug: let it raise
         finally:
             await self.teardown(correlating)
+
+    def start_actions(self) -> None:
+        """The executor carries out fired decisions; unfinished jobs of the last run resume."""
+        a = self.config.actions
+        self.executor: Executor | None = None
+        if not a.enabled:
+            log.info("actions.disabled")
+            return
+        targets = Targets(self.config.state_dir, self.config.ves)
+        table = handlers(targets)
+        timeouts = {name: a.timeout_s for name in table} | {"fsck": a.fsck_timeout_s}
+        self.action_journal = JobJournal(os.path.join(self.config.state_dir, "actions", "journal.jsonl"))
+        # Action events go through the rules once (an fsck.result may escalate to a repair).
+        self.executor = Executor(self.action_journal, table, lambda e: self.publish(e, depth=1),
+                                 heavy_limit=a.concurrency, timeouts=timeouts, metrics=self.metrics,
+                                 dry_run=a.dry_run)
+        resumed = self.executor.resume()
+        log.info("actions.ready", resumed=len(resumed), concurrency=a.concurrency, dry_run=a.dry_run,
+                 journal_problems=self.action_journal.problems[:5])
 
     def start_image_watchdog(self) -> None:
         """A hung image exporter must not hang its VE's writers forever: the watchdog aborts its
@@ -434,6 +469,9 @@ class Daemon:
             if item is not None:
                 self.correlator.observe(item)
         self.correlator.flush()
+        if getattr(self, "executor", None) is not None:
+            await self.executor.close()  # running jobs stay "running" in the journal: resumed at the next start
+            self.action_journal.close()
         self.ledger.flush()
         self.save_rules_state()
         for sink in self.sinks:

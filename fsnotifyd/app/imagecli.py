@@ -321,6 +321,24 @@ def cmd_ve_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ve_release(args: argparse.Namespace) -> int:
+    from ..actions import isolate
+    from ..actions.executor import ActionError
+    from ..actions.target import Targets
+
+    ves = ()
+    if getattr(args, "config", None):
+        from ..config import load_config
+
+        ves = load_config(args.config).ves
+    try:
+        rec = isolate.release(Targets(_state_dir(args), ves), args.id)
+    except ActionError as e:
+        raise FsnotifydError(str(e)) from e
+    print(f"VE {args.id} released from isolation ({rec.get('mode')}: {rec.get('how')})")
+    return 0
+
+
 def cmd_ve_destroy(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
@@ -406,6 +424,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vst.add_argument("id")
     vsp = vcmd("stop", cmd_ve_stop, "unmount and detach")
     vsp.add_argument("id")
+    vr = vcmd("release", cmd_ve_release, "undo an isolation (after a person has looked)")
+    vr.add_argument("id")
     vd = vcmd("destroy", cmd_ve_destroy, "stop and remove a VE (and its image)")
     vd.add_argument("id")
     vd.add_argument("--keep-image", action="store_true")

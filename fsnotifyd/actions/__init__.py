@@ -1,0 +1,1 @@
+"""Actions: the rules engine's decisions carried out as journaled, resumable jobs."""

@@ -1,0 +1,113 @@
+"""fsck: ``check`` a VE's filesystem while it runs, or ``repair`` it offline.
+
+``check`` (e2scrub style): snapshot the image, attach the snapshot read-only as a second
+exporter and loop device, run ``e2fsck -fn`` on it, take it down, merge the snapshot away.
+The VE keeps running; what is checked is the filesystem as of the snapshot (frozen around it,
+so consistent). ``repair``: snapshot first (the corrupted state is kept for forensics), stop
+the VE, attach the image without mounting, ``e2fsck -fy``, then start the VE again; if the
+repair fails the VE stays stopped. Each emits ``fsck.result``: ``clean``, ``errors`` (found,
+or found and fixed) or ``failed``, with e2fsck's exit code decoded and a summary of its output.
+A VE that is not an fsnotifyd image can be checked only while its device is not mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+from ..image import attach as att_mod
+from ..ve import lifecycle
+from . import snapshot as snap
+from .executor import ActionError, Step
+from .job import Job
+from .target import Targets
+
+# e2fsck(8) exit status bits
+EXIT_BITS = {1: "errors corrected", 2: "errors corrected, reboot needed", 4: "errors left uncorrected",
+             8: "operational error", 16: "usage or syntax error", 32: "cancelled by request",
+             128: "shared library error"}
+
+
+def decode(code: int) -> list[str]:
+    return [text for bit, text in EXIT_BITS.items() if code & bit] or ["no errors"]
+
+
+def outcome(code: int) -> str:
+    if code & ~7:
+        return "failed"
+    return "clean" if code == 0 else "errors"
+
+
+def e2fsck(device: str, repair: bool, timeout: float) -> dict[str, Any]:
+    argv = ["e2fsck", "-f", "-y" if repair else "-n", device]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise ActionError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from e
+    out = (r.stdout + r.stderr).splitlines()
+    problems = [ln for ln in out if ln.rstrip().endswith(("Fix? no", "Fix? yes", "Clear? no", "Clear? yes",
+                                                         "Fix<y>? yes", "Fix<y>? no"))]
+    return {"command": argv, "exit_code": r.returncode, "result": outcome(r.returncode),
+            "decoded": decode(r.returncode), "problems": len(problems), "first_problems": problems[:10],
+            "summary": [ln for ln in out if ln.strip()][-3:]}
+
+
+def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
+    mode = job.params.get("mode", "check")
+    t = targets.resolve(job.ve)
+    if t.record is None:
+        return _unmanaged(job, step, t)
+    if not step.done("snapshot"):
+        name = f"fsck-{mode}:{job.decision[:8]}"
+        step.finish("snapshot", guid=snap.take(t, name), name=name)
+    guid = job.data["guid"]
+    if mode == "check":
+        if not step.done("checked"):
+            view = att_mod.attach(t.record.image, run_dir=targets.run_dir, readonly=True, upto=guid)
+            try:
+                result = e2fsck(view.loop, False, step.remaining())
+            finally:
+                att_mod.detach(view, run_dir=targets.run_dir)
+            step.finish("checked", fsck=result)
+        result = job.data["fsck"]
+        if not step.done("snapshot dropped"):
+            # The snapshot existed for the check only; it goes unless the check found errors
+            # (then it is the evidence).
+            if result["result"] == "clean":
+                snap.drop(targets.resolve(job.ve), guid)
+            step.finish("snapshot dropped")
+    elif mode == "repair":
+        if not step.done("repaired"):
+            lifecycle.stop(targets.state_dir, t.id)
+            disk = att_mod.attach(t.record.image, run_dir=targets.run_dir)
+            try:
+                result = e2fsck(disk.loop, True, step.remaining())
+            finally:
+                att_mod.detach(disk, run_dir=targets.run_dir)
+            step.finish("repaired", fsck=result)
+        result = job.data["fsck"]
+        if result["result"] != "failed" and not step.done("restarted"):
+            lifecycle.start(targets.state_dir, t.id)
+            step.finish("restarted")
+    else:
+        raise ActionError(f"unknown fsck mode {mode!r}")
+    report = {"mode": mode, "snapshot": guid, **job.data["fsck"]}
+    step.emit("fsck.result", "info" if report["result"] == "clean" else "error", report)
+    if report["result"] == "failed":
+        raise ActionError(f"e2fsck failed: {', '.join(report['decoded'])}")
+    return report
+
+
+def _unmanaged(job: Job, step: Step, t: Any) -> dict[str, Any]:
+    mode = job.params.get("mode", "check")
+    if not t.device:
+        raise ActionError(f"VE {t.id} has no device in the config: fsck needs one")
+    if t.mountpoint and os.path.ismount(t.mountpoint):
+        raise ActionError(f"VE {t.id} is not an fsnotifyd image and {t.mountpoint} is mounted: "
+                          f"fsck needs it unmounted (no snapshot to check instead)")
+    report = {"mode": mode, **e2fsck(t.device, mode == "repair", step.remaining())}
+    step.emit("fsck.result", "info" if report["result"] == "clean" else "error", report)
+    if report["result"] == "failed":
+        raise ActionError(f"e2fsck failed: {', '.join(report['decoded'])}")
+    return report

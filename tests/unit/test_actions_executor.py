@@ -1,0 +1,199 @@
+"""The action executor and its journal, with real handlers (plain functions writing files and
+sleeping): ordering per VE, the host-wide heavy limit and its priorities, timeouts, dry-run,
+a decision delivered twice, and resumption from the journal after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from fsnotifyd.actions.executor import ActionError, Executor
+from fsnotifyd.actions.job import FAILED, RUNNING, SUCCEEDED, Job
+from fsnotifyd.actions.journal import JobJournal
+from fsnotifyd.metrics import Metrics
+
+
+def decision(i: int, ve: str | None, *actions: dict, dry_run: bool = False) -> dict:
+    return {"id": f"dec-{i}", "kind": "rule.matched", "ve": ve, "device": {"name": "loop9", "major": 7, "minor": 9},
+            "fs": "ext4", "mount": "/m", "details": {"rule": "r", "actions": list(actions), "dry_run": dry_run,
+                                                     "event_ids": [f"ev-{i}"], "trigger_kind": "fs.error"}}
+
+
+class Recorder:
+    """Handlers that note when they run (real threads, real sleeps)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, str, float]] = []
+        self.running = 0
+        self.max_running = 0
+
+    def handler(self, name: str, seconds: float = 0.0, fail: bool = False):
+        def run(job: Job, step) -> dict:
+            with self.lock:
+                self.running += 1
+                self.max_running = max(self.max_running, self.running)
+                self.log.append((job.ve or "-", f"{name}:{job.params.get('n')}", time.monotonic()))
+            try:
+                time.sleep(seconds)
+                if fail:
+                    raise ActionError("told to fail")
+                return {"n": job.params.get("n")}
+            finally:
+                with self.lock:
+                    self.running -= 1
+        return run
+
+
+def run_executor(tmp_path, handlers, decisions, **kw):
+    events: list = []
+
+    async def main():
+        ex = Executor(JobJournal(str(tmp_path / "journal.jsonl")), handlers, events.append, **kw)
+        for d in decisions:
+            ex.submit(d)
+        await ex.idle()
+        await ex.close()
+        ex.journal.close()
+        return ex
+
+    ex = asyncio.run(main())
+    return ex, events
+
+
+def test_jobs_of_one_ve_run_in_order_and_report_events(tmp_path):
+    rec = Recorder()
+    ds = [decision(i, "101", {"notify": {"n": i}}) for i in range(5)]
+    metrics = Metrics()
+    ex, events = run_executor(tmp_path, {"notify": rec.handler("notify", 0.01)}, ds, metrics=metrics)
+    assert [x[1] for x in rec.log] == [f"notify:{i}" for i in range(5)]
+    assert rec.max_running == 1
+    kinds = [e.kind for e in events]
+    assert kinds == ["action.started", "action.succeeded"] * 5
+    done = events[1]
+    assert done.ve == "101" and done.device.name == "loop9" and done.details["result"] == {"n": 0}
+    assert done.details["duration_s"] >= 0.01
+    assert metrics.actions.labels("notify", "succeeded")._value.get() == 5
+    states = {j.id: j.state for j in JobJournal(str(tmp_path / "journal.jsonl")).jobs.values()}
+    assert states == {f"dec-{i}/0": SUCCEEDED for i in range(5)}
+
+
+def test_heavy_jobs_share_one_slot_lowest_priority_first(tmp_path):
+    rec = Recorder()
+    # Three VEs: the first fsck takes the slot; of the two waiting, priority 1 goes before 5.
+    ds = [decision(0, "a", {"fsck": {"n": 0, "priority": 9}}),
+          decision(1, "b", {"fsck": {"n": 1, "priority": 5}}),
+          decision(2, "c", {"fsck": {"n": 2, "priority": 1}}),
+          decision(3, "d", {"notify": {"n": 3}})]
+    ex, events = run_executor(tmp_path, {"fsck": rec.handler("fsck", 0.2), "notify": rec.handler("notify")}, ds,
+                              heavy_limit=1)
+    fscks = [x for x in rec.log if x[1].startswith("fsck")]
+    assert [x[1] for x in fscks] == ["fsck:0", "fsck:2", "fsck:1"]
+    for a, b in zip(fscks, fscks[1:]):
+        assert b[2] - a[2] >= 0.19  # one after the other
+    notify_t = next(x[2] for x in rec.log if x[1] == "notify:3")
+    assert notify_t < fscks[1][2]  # light jobs of other VEs do not wait for the slot
+
+
+def test_two_heavy_jobs_run_together_with_concurrency_2(tmp_path):
+    rec = Recorder()
+    ds = [decision(i, f"ve{i}", {"fsck": {"n": i}}) for i in range(4)]
+    run_executor(tmp_path, {"fsck": rec.handler("fsck", 0.15)}, ds, heavy_limit=2)
+    assert rec.max_running == 2
+
+
+def test_timeout_failure_and_unknown_action_fail_the_job_only(tmp_path):
+    rec = Recorder()
+    ds = [decision(0, "v", {"snapshot": {"n": 0}}, {"isolate": {"n": 1}}, {"nosuch": {}}, {"notify": {"n": 3}})]
+    ex, events = run_executor(tmp_path, {"snapshot": rec.handler("snapshot", 1.0), "isolate": rec.handler("i", fail=True),
+                                         "notify": rec.handler("notify")}, ds, timeouts={"snapshot": 0.1})
+    ends = [(e.details["action"], e.kind, e.details["error"]) for e in events if e.kind != "action.started"]
+    assert ends == [("snapshot", "action.failed", "timed out after 0.1 s"),
+                    ("isolate", "action.failed", "told to fail"),
+                    ("nosuch", "action.failed", "no handler for action 'nosuch'"),
+                    ("notify", "action.succeeded", None)]
+
+
+def test_dry_run_records_and_does_nothing(tmp_path):
+    rec = Recorder()
+    ds = [decision(0, "v", {"isolate": {"mode": "readonly"}}, dry_run=True)]
+    ex, events = run_executor(tmp_path, {"isolate": rec.handler("isolate")}, ds)
+    assert rec.log == []
+    assert events[-1].kind == "action.succeeded"
+    assert events[-1].details["result"] == {"dry_run": True, "would": {"isolate": {"mode": "readonly"}}, "ve": "v"}
+    ex, events = run_executor(tmp_path / "x", {"isolate": rec.handler("isolate")},
+                              [decision(1, "v", {"isolate": {}})], dry_run=True)  # forced by the config
+    assert rec.log == [] and events[-1].details["dry_run"] is True
+
+
+def test_a_decision_delivered_twice_runs_once(tmp_path):
+    rec = Recorder()
+    d = decision(0, "v", {"notify": {"n": 0}})
+    run_executor(tmp_path, {"notify": rec.handler("notify")}, [d, d])
+    run_executor(tmp_path, {"notify": rec.handler("notify")}, [d])  # and after a restart
+    assert len(rec.log) == 1
+
+
+def test_unfinished_jobs_resume_from_their_last_step(tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    j = JobJournal(path)
+    job = Job(id="dec-7/0", decision="dec-7", rule="r", ve="v", action="twostep", params={}, state=RUNNING,
+              steps=["first"], data={"made": "x"}, created=time.time(), attempts=1)
+    j.record(job)
+    j.record(Job(id="dec-6/0", decision="dec-6", rule="r", ve="v", action="twostep", params={},
+                 state=SUCCEEDED, created=time.time() - 1))
+    j.close()
+    calls = []
+
+    def twostep(job, step):
+        if not step.done("first"):
+            calls.append("first")
+            step.finish("first", made="y")
+        calls.append(f"second with {job.data['made']}")
+        step.finish("second")
+        return {}
+
+    async def main():
+        ex = Executor(JobJournal(path), {"twostep": twostep}, lambda e: None)
+        resumed = ex.resume()
+        await ex.idle()
+        await ex.close()
+        return resumed
+
+    resumed = asyncio.run(main())
+    assert [r.id for r in resumed] == ["dec-7/0"]
+    assert calls == ["second with x"]
+    after = JobJournal(path).jobs["dec-7/0"]
+    assert after.state == SUCCEEDED and after.steps == ["first", "second"] and after.attempts == 2
+
+
+def test_journal_skips_a_torn_line_and_names_it(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    j = JobJournal(str(path))
+    j.record(Job(id="a/0", decision="a", rule="r", ve=None, action="notify", params={}, created=1.0))
+    j.close()
+    with open(path, "a") as f:
+        f.write('{"id": "b/0", "decis')  # a crash in the middle of a write
+    j = JobJournal(str(path))
+    assert list(j.jobs) == ["a/0"]
+    assert j.problems and f"{path}:2:" in j.problems[0]
+    j.close()
+
+
+def test_journal_rewrite_keeps_unfinished_and_newest_finished(tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    j = JobJournal(path, keep_finished=3)
+    for i in range(10):
+        j.record(Job(id=f"d{i}/0", decision=f"d{i}", rule="r", ve=None, action="notify", params={},
+                     state=FAILED if i % 2 else SUCCEEDED, created=float(i), finished=float(i)))
+    j.record(Job(id="open/0", decision="open", rule="r", ve="v", action="fsck", params={}, created=0.5))
+    j.close()
+    j = JobJournal(path, keep_finished=3)
+    assert sorted(j.jobs) == ["d7/0", "d8/0", "d9/0", "open/0"]
+    with open(path) as f:
+        assert len([json.loads(x) for x in f]) == 4
+    j.close()
