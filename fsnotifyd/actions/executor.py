@@ -45,9 +45,9 @@ class Step:
         """Was step ``name`` completed by an earlier run of this job (before a restart)?"""
         return name in self.job.steps
 
-    def finish(self, name: str, **data: Any) -> None:
-        """Step ``name`` is complete; ``data`` is kept for the steps after it (also across a restart)."""
-        self.job.steps.append(name)
+    def finish(self, step_name: str, /, **data: Any) -> None:
+        """The step is complete; ``data`` is kept for the steps after it (also across a restart)."""
+        self.job.steps.append(step_name)
         self.job.data.update(data)
         self._record(self.job)
 

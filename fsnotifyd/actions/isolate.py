@@ -95,9 +95,16 @@ def freeze_cgroup(path: str, frozen: bool, timeout: float = FREEZE_WAIT_S) -> st
         raise ActionError(f"cgroup {path} did not report '{want}' within {timeout:g} s")
     v1 = os.path.join(path, "freezer.state")
     if os.path.exists(v1):
+        want = "FROZEN" if frozen else "THAWED"
         with open(v1, "w") as f:
-            f.write("FROZEN" if frozen else "THAWED")
-        return "freezer.state"
+            f.write(want)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # FREEZING until every task has stopped
+            with open(v1) as f:
+                if f.read().strip() == want:
+                    return "freezer.state"
+            time.sleep(0.01)
+        raise ActionError(f"cgroup {path} did not reach {want} within {timeout:g} s")
     raise ActionError(f"{path} is neither a cgroup v2 directory nor a v1 freezer cgroup")
 
 

@@ -1,0 +1,286 @@
+"""Actions on real VEs: images on FUSE + loop + ext4, real cgroups, real programs.
+
+The executor runs the real handlers on decisions shaped like the rules engine's: snapshots
+with retention, isolation read-only and release, a corruption made with debugfs found by a
+check of a snapshot while the VE runs and repaired offline (the pre-repair snapshot keeps the
+corrupted state), cgroup freeze (v1 freezer and v2), exec. Everything a test attaches, mounts,
+creates or starts is taken down in a finally, also when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kernel_missing
+
+pytestmark = pytest.mark.kernel
+MiB = 1 << 20
+
+
+@pytest.fixture
+def state(tmp_path, kernel):
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        kernel_missing("no FUSE (/dev/fuse, fusermount3 from fuse3)")
+    for tool in ("debugfs", "e2fsck", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            kernel_missing(f"{tool} not installed (e2fsprogs)")
+    sd = tmp_path / "state"
+    sd.mkdir()
+    yield sd
+    from fsnotifyd.image import attach
+    from fsnotifyd.ve import lifecycle
+    from fsnotifyd.ve.registry import Registry
+
+    for rec in Registry(str(sd)).all():
+        with contextlib.suppress(Exception):
+            subprocess.run(["mount", "-o", "remount,rw", rec.mountpoint], capture_output=True)
+            lifecycle.stop(str(sd), rec.id)
+    for a in attach.attached(str(sd / "run")):
+        attach.detach(a, run_dir=str(sd / "run"))
+    leftovers = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(sd) not in leftovers, leftovers
+    assert str(sd) not in Path("/proc/self/mountinfo").read_text()
+
+
+def run_actions(state_dir, decisions, ves=(), **kw):
+    """Run the decisions through an executor with the real handlers; returns the events."""
+    from fsnotifyd.actions.executor import Executor
+    from fsnotifyd.actions.handlers import handlers
+    from fsnotifyd.actions.journal import JobJournal
+    from fsnotifyd.actions.target import Targets
+
+    events = []
+
+    async def main():
+        journal = JobJournal(os.path.join(state_dir, "actions", "journal.jsonl"))
+        ex = Executor(journal, handlers(Targets(str(state_dir), ves)), events.append, **kw)
+        for d in decisions:
+            ex.submit(d)
+        await ex.idle()
+        await ex.close()
+        journal.close()
+
+    asyncio.run(main())
+    return events
+
+
+_n = iter(range(10**6))
+
+
+def decision(ve, *actions):
+    i = next(_n)
+    return {"id": f"t{os.getpid()}-{i}-{time.monotonic_ns()}", "kind": "rule.matched", "ve": ve, "device": None,
+            "fs": "ext4", "mount": None, "details": {"rule": "test", "actions": list(actions), "dry_run": False,
+                                                    "event_ids": [], "trigger_kind": "fs.error"}}
+
+
+def ends(events):
+    return [(e.details["action"], e.kind, e.details.get("error")) for e in events
+            if e.kind in ("action.succeeded", "action.failed")]
+
+
+def new_ve(state, ve_id="701", size=64 * MiB):
+    from fsnotifyd.ve import lifecycle
+
+    lifecycle.create(str(state), ve_id, size)
+    return lifecycle.start(str(state), ve_id)
+
+
+def write_file(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def snapshots(image):
+    from fsnotifyd.image import descriptor as dd
+
+    return dd.load(os.path.join(image, dd.NAME)).snapshots()
+
+
+def test_snapshot_retention_keeps_the_newest_automatic_ones(state):
+    rec = new_ve(state)
+    data = os.urandom(3 * MiB)
+    write_file(os.path.join(rec.mountpoint, "a"), data)
+    events = run_actions(state, [decision("701", {"snapshot": {"keep": 2}}) for _ in range(3)])
+    assert ends(events) == [("snapshot", "action.succeeded", None)] * 3
+    shots = snapshots(rec.image)
+    autos = [s for s in shots if s.name and s.name.startswith("auto:")]
+    assert len(autos) == 2, shots
+    merged = events[-1].details["result"]["merged"]
+    assert len(merged) == 1 and merged[0] not in {s.guid for s in autos}
+    with open(os.path.join(rec.mountpoint, "a"), "rb") as f:
+        assert f.read() == data
+
+
+def test_isolate_readonly_then_release(state):
+    rec = new_ve(state)
+    p = os.path.join(rec.mountpoint, "f")
+    write_file(p, b"before")
+    events = run_actions(state, [decision("701", {"isolate": {"mode": "readonly"}})])
+    assert ends(events) == [("isolate", "action.succeeded", None)]
+    assert "remount-ro" in events[-1].details["result"]["how"]
+    with pytest.raises(OSError) as e:
+        write_file(p, b"during")
+    assert e.value.errno == errno.EROFS
+    r = subprocess.run([sys.executable, "-m", "fsnotifyd.cli", "ve", "release", "701", "--state-dir", str(state)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    write_file(p, b"after")
+    with open(p, "rb") as f:
+        assert f.read() == b"after"
+    r = subprocess.run([sys.executable, "-m", "fsnotifyd.cli", "ve", "release", "701", "--state-dir", str(state)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not isolated" in r.stderr
+
+
+def corrupt(state, rec):
+    """Stop the VE, clear the inode of /victim with debugfs, start it again (a clean-flagged
+    filesystem: the start's e2fsck -p does not look, the corruption goes live)."""
+    from fsnotifyd.image import attach
+    from fsnotifyd.ve import lifecycle
+
+    lifecycle.stop(str(state), rec.id)
+    a = attach.attach(rec.image, run_dir=str(state / "run"))
+    try:
+        r = subprocess.run(["debugfs", "-w", "-R", "clri /victim", a.loop], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        attach.detach(a, run_dir=str(state / "run"))
+    return lifecycle.start(str(state), rec.id)
+
+
+def check_view(state, image, guid):
+    """e2fsck -fn of snapshot ``guid``'s read-only view: its exit code."""
+    from fsnotifyd.image import attach
+
+    v = attach.attach(image, run_dir=str(state / "run"), readonly=True, upto=guid)
+    try:
+        return subprocess.run(["e2fsck", "-fn", v.loop], capture_output=True, text=True).returncode
+    finally:
+        attach.detach(v, run_dir=str(state / "run"))
+
+
+def test_check_finds_a_corruption_while_the_ve_runs_and_repair_fixes_it(state):
+    rec = new_ve(state)
+    write_file(os.path.join(rec.mountpoint, "victim"), b"x" * 10000)
+    write_file(os.path.join(rec.mountpoint, "keep"), b"k" * 5000)
+    rec = corrupt(state, rec)
+    events = run_actions(state, [decision("701", {"fsck": {"mode": "check"}})])
+    results = [e for e in events if e.kind == "fsck.result"]
+    assert len(results) == 1 and results[0].details["result"] == "errors", results[0].details
+    assert results[0].details["exit_code"] == 4 and results[0].details["problems"] >= 1
+    assert ends(events) == [("fsck", "action.succeeded", None)]
+    evidence = results[0].details["snapshot"]
+    assert evidence in {s.guid for s in snapshots(rec.image)}  # kept: it shows the errors
+    assert os.path.ismount(rec.mountpoint)  # the VE kept running
+
+    events = run_actions(state, [decision("701", {"fsck": {"mode": "repair"}})])
+    results = [e for e in events if e.kind == "fsck.result"]
+    assert results[0].details["result"] == "errors" and results[0].details["exit_code"] in (1, 2)
+    pre_repair = results[0].details["snapshot"]
+    assert os.path.ismount(rec.mountpoint)  # started again
+    with open(os.path.join(rec.mountpoint, "keep"), "rb") as f:
+        assert f.read() == b"k" * 5000
+    from fsnotifyd.ve import lifecycle
+
+    lifecycle.stop(str(state), "701")
+    from fsnotifyd.image import attach
+
+    a = attach.attach(rec.image, run_dir=str(state / "run"))
+    try:
+        assert subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True).returncode == 0
+    finally:
+        attach.detach(a, run_dir=str(state / "run"))
+    assert check_view(state, rec.image, pre_repair) == 4  # the corrupted state, kept for forensics
+
+
+def _cgroup(base: str, name: str) -> str | None:
+    if not os.path.isdir(base):
+        return None
+    path = os.path.join(base, name)
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    return path
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_isolate_freeze_and_release_a_cgroup(state, kind):
+    from fsnotifyd.inventory import VE
+
+    base = "/sys/fs/cgroup/freezer" if kind == "v1" else "/sys/fs/cgroup/unified"
+    if kind == "v2" and not os.path.exists("/sys/fs/cgroup/unified/cgroup.controllers"):
+        base = "/sys/fs/cgroup"
+    path = _cgroup(base, f"fsnd-test-{os.getpid()}")
+    if path is None:
+        kernel_missing(f"cannot create a {kind} cgroup under {base}")
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(proc.pid))
+        ve = VE("cg1", mounts=(), cgroup=path)
+        events = run_actions(state, [decision("cg1", {"isolate": {"mode": "freeze"}})], ves=(ve,))
+        assert ends(events) == [("isolate", "action.succeeded", None)], events
+        state_of = lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # noqa: E731
+        frozen_file = "freezer.state" if kind == "v1" else "cgroup.events"
+        text = Path(path, frozen_file).read_text()
+        assert ("FROZEN" in text) if kind == "v1" else ("frozen 1" in text)
+        from fsnotifyd.actions import isolate
+        from fsnotifyd.actions.target import Targets
+
+        isolate.release(Targets(str(state), (ve,)), "cg1")
+        text = Path(path, frozen_file).read_text()
+        assert ("THAWED" in text) if kind == "v1" else ("frozen 0" in text)
+        assert state_of() in ("S", "R")
+    finally:
+        with contextlib.suppress(OSError):
+            Path(path, "freezer.state" if kind == "v1" else "cgroup.freeze").write_text("THAWED" if kind == "v1" else "0")
+        proc.kill()
+        proc.wait()
+        for _ in range(100):
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+def test_exec_gets_the_decision_on_stdin_and_a_failure_is_reported(state, tmp_path):
+    out = tmp_path / "out.json"
+    prog = f"import json,sys; d=json.load(sys.stdin); open({str(out)!r},'w').write(json.dumps(d))"
+    events = run_actions(state, [decision(None, {"exec": {"command": [sys.executable, "-c", prog], "timeout": "10s"}}),
+                                 decision(None, {"exec": {"command": [sys.executable, "-c", "import sys; sys.exit(3)"]}}),
+                                 decision(None, {"exec": {"command": ["/nonexistent/prog"]}})])
+    assert [x[:2] for x in ends(events)] == [("exec", "action.succeeded"), ("exec", "action.failed"),
+                                             ("exec", "action.failed")]
+    assert json.loads(out.read_text())["rule"] == "test"
+    assert "exited 3" in ends(events)[1][2] and "not found" in ends(events)[2][2]
+
+
+def test_actions_a_config_ve_cannot_take_fail_with_the_reason(state):
+    from fsnotifyd.inventory import VE
+
+    ve = VE("plain", mounts=("/nonexistent-mnt",))
+    events = run_actions(state, [decision("plain", {"snapshot": {}}), decision("plain", {"isolate": {"mode": "block"}}),
+                                 decision("nobody", {"snapshot": {}})], ves=(ve,))
+    errs = {e.ve: e.details["error"] for e in events if e.kind == "action.failed"}  # lanes run side by side
+    by_action = {e.details["action"]: e.details["error"] for e in events if e.kind == "action.failed" and e.ve == "plain"}
+    assert "not managed by the image manager" in by_action["snapshot"]
+    assert "snapshot needs an fsnotifyd image" in by_action["snapshot"]
+    assert "isolate block needs an fsnotifyd image" in by_action["isolate"]
+    assert "unknown VE 'nobody'" in errs["nobody"]
