@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import subprocess
 import time
 from typing import Any, Callable, Mapping
 
 import structlog
 
+from ..errors import FsnotifydError
 from ..events import Device, Event, Kernel, hostname
 from .job import FAILED, RUNNING, SUCCEEDED, Job
 from .journal import JobJournal
@@ -201,7 +203,7 @@ class Executor:
             job.state, job.error = SUCCEEDED, None
         except asyncio.TimeoutError:
             job.state, job.error = FAILED, f"timed out after {timeout:g} s"
-        except (ActionError, OSError, ValueError) as e:
+        except (ActionError, FsnotifydError, OSError, ValueError, subprocess.SubprocessError) as e:
             job.state, job.error = FAILED, str(e)
         except Exception as e:  # noqa: BLE001 - a handler's bug fails its job, not the daemon
             log.exception("action.crashed", job=job.id, action=job.action)

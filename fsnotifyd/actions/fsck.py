@@ -3,8 +3,8 @@
 ``check`` (e2scrub style): snapshot the image, attach the snapshot read-only as a second
 exporter and loop device, run ``e2fsck -fn`` on it, take it down, merge the snapshot away.
 The VE keeps running; what is checked is the filesystem as of the snapshot (frozen around it,
-so consistent). ``repair``: snapshot first (the corrupted state is kept for forensics), stop
-the VE, attach the image without mounting, ``e2fsck -fy``, then start the VE again; if the
+so consistent). ``repair``: stop the VE, snapshot the image (the corrupted state is kept for
+forensics), attach it without mounting, ``e2fsck -fy``, then start the VE again; if the
 repair fails the VE stays stopped. Each emits ``fsck.result``: ``clean``, ``errors`` (found,
 or found and fixed) or ``failed``, with e2fsck's exit code decoded and a summary of its output.
 A VE that is not an fsnotifyd image can be checked only while its device is not mounted.
@@ -18,6 +18,7 @@ from typing import Any
 
 from ..image import attach as att_mod
 from ..ve import lifecycle
+from . import isolate
 from . import snapshot as snap
 from .executor import ActionError, Step
 from .job import Job
@@ -58,11 +59,11 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
     t = targets.resolve(job.ve)
     if t.record is None:
         return _unmanaged(job, step, t)
-    if not step.done("snapshot"):
-        name = f"fsck-{mode}:{job.decision[:8]}"
-        step.finish("snapshot", guid=snap.take(t, name), name=name)
-    guid = job.data["guid"]
+    name = f"fsck-{mode}:{job.decision[:8]}"
     if mode == "check":
+        if not step.done("snapshot"):
+            step.finish("snapshot", guid=snap.take(t, name), name=name)
+        guid = job.data["guid"]
         if not step.done("checked"):
             view = att_mod.attach(t.record.image, run_dir=targets.run_dir, readonly=True, upto=guid)
             try:
@@ -78,8 +79,13 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
                 snap.drop(targets.resolve(job.ve), guid)
             step.finish("snapshot dropped")
     elif mode == "repair":
-        if not step.done("repaired"):
+        if not step.done("stopped"):
             lifecycle.stop(targets.state_dir, t.id)
+            step.finish("stopped")
+        if not step.done("snapshot"):  # offline (an isolated exporter refuses a snapshot)
+            step.finish("snapshot", guid=snap.take(targets.resolve(job.ve), name), name=name)
+        guid = job.data["guid"]
+        if not step.done("repaired"):
             disk = att_mod.attach(t.record.image, run_dir=targets.run_dir)
             try:
                 result = e2fsck(disk.loop, True, step.remaining())
@@ -89,6 +95,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
         result = job.data["fsck"]
         if result["result"] != "failed" and not step.done("restarted"):
             lifecycle.start(targets.state_dir, t.id)
+            isolate.clear(targets, t.id)  # the VE is back, read-write: no isolation left to release
             step.finish("restarted")
     else:
         raise ActionError(f"unknown fsck mode {mode!r}")

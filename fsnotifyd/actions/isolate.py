@@ -66,6 +66,11 @@ def _save(targets: Targets, ve_id: str, rec: dict[str, Any] | None) -> None:
     os.replace(tmp, path)
 
 
+def clear(targets: Targets, ve_id: str) -> None:
+    """Forget an isolation that something else ended (a repair restarted the VE)."""
+    _save(targets, ve_id, None)
+
+
 def shutdown(mountpoint: str) -> None:
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -284,3 +284,70 @@ def test_actions_a_config_ve_cannot_take_fail_with_the_reason(state):
     assert "snapshot needs an fsnotifyd image" in by_action["snapshot"]
     assert "isolate block needs an fsnotifyd image" in by_action["isolate"]
     assert "unknown VE 'nobody'" in errs["nobody"]
+
+
+def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupted_ve(state, tmp_path):
+    """End to end: a VE whose image was corrupted with debugfs, the daemon on its embedded
+    default rules. The first access is a kernel error; the rules snapshot and check; the
+    check's errors isolate and repair; afterwards the VE is clean and running, and the
+    snapshot taken before the repair still holds the corrupted filesystem."""
+    from fsnotifyd.image import attach
+    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.ve import lifecycle
+
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    with RunningDaemon(workdir) as daemon:
+        sd = workdir / "state"
+        lifecycle.create(str(sd), "104", 64 * MiB, mountpoint=str(tmp_path / "root104"))
+        try:
+            rec = lifecycle.start(str(sd), "104")
+            write_file(os.path.join(rec.mountpoint, "victim"), b"v" * 20000)
+            write_file(os.path.join(rec.mountpoint, "keep"), b"k" * 20000)
+            rec = corrupt(sd, rec)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(v["id"] == "104" for v in daemon.status().get("ves", [])):
+                time.sleep(0.1)
+            stream = daemon.stream()
+            try:
+                with pytest.raises(OSError):  # the first access: EFSCORRUPTED (or ENOENT) from the kernel
+                    with open(os.path.join(rec.mountpoint, "victim"), "rb") as f:
+                        f.read()
+                done = lambda e: (e["kind"] == "action.succeeded" and e["details"]["action"] == "fsck"  # noqa: E731
+                                  and e["details"]["params"].get("mode") == "repair")
+                stream.wait_for(done, timeout=120)
+                seen = list(stream.events)
+            finally:
+                stream.close()
+            def one(kind, **details):
+                return [e for e in seen if e["kind"] == kind and e["ve"] == "104"
+                        and all(e["details"].get(k) == v for k, v in details.items())]
+            assert one("fs.error"), [e["kind"] for e in seen]
+            assert one("rule.matched", rule="first-error-snapshot-and-check")
+            [check] = one("fsck.result", mode="check")
+            assert check["details"]["result"] == "errors"
+            assert one("rule.matched", rule="check-found-errors-repair")
+            assert [e for e in one("action.succeeded", action="isolate")]
+            [repair] = one("fsck.result", mode="repair")
+            assert repair["details"]["result"] == "errors" and repair["details"]["exit_code"] in (1, 2)
+            assert not one("action.failed"), one("action.failed")
+            assert os.path.ismount(rec.mountpoint)  # repaired and running again
+            with open(os.path.join(rec.mountpoint, "keep"), "rb") as f:
+                assert f.read() == b"k" * 20000
+            deadline = time.monotonic() + 10
+            while daemon.status()["actions"]["unfinished"] and time.monotonic() < deadline:
+                time.sleep(0.05)  # the notification after the repair
+            jobs = daemon.status()["actions"]["recent"]
+            assert all(j["state"] == "succeeded" for j in jobs if j["ve"] == "104"), jobs
+            lifecycle.stop(str(sd), "104")
+            a = attach.attach(rec.image, run_dir=str(sd / "run"))
+            try:
+                assert subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True).returncode == 0
+            finally:
+                attach.detach(a, run_dir=str(sd / "run"))
+            assert check_view(sd, rec.image, repair["details"]["snapshot"]) == 4
+        finally:
+            with contextlib.suppress(Exception):
+                lifecycle.stop(str(sd), "104")
+            for a in attach.attached(str(sd / "run")):
+                attach.detach(a, run_dir=str(sd / "run"))
