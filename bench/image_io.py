@@ -4,7 +4,7 @@ Columns (each an ext4 made with the same mkfs profile, mounted with the same opt
   raw    a sparse raw file on the host fs, loop ``--direct-io=on`` (the ceiling);
   image  an fsnotifyd image (ploop-style delta) served by its FUSE exporter, loop
          ``--direct-io=on`` (``fsnotifyd.image.attach``);
-  qcow2  where Debian's ``qemu-storage-daemon`` is installed (it is never installed here): a
+  qcow2  where Debian's ``qemu-storage-daemon`` is installed (``qemu-system-common``): a
          qcow2 file through its FUSE export, loop WITHOUT direct I/O (qsd 7.2's FUSE export
          corrupts data under a dio loop, design.md section 5).
 
@@ -260,7 +260,8 @@ def main() -> int:
         columns["qcow2"] = qcow2_column
     else:
         missing = [p for p in ("qemu-storage-daemon", "qemu-img") if not shutil.which(p)]
-        notes.append(f"qcow2 column skipped: {' and '.join(missing)} not installed (not installed on purpose)")
+        notes.append(f"qcow2 column skipped: {' and '.join(missing)} not installed "
+                     "(apt-get install --no-install-recommends qemu-utils qemu-system-common)")
     if args.only:
         columns = {k: v for k, v in columns.items() if k in args.only.split(",")}
     if runner is pyio:

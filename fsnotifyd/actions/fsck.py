@@ -62,9 +62,11 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
     name = f"fsck-{mode}:{job.decision[:8]}"
     if mode == "check":
         if not step.done("snapshot"):
-            step.finish("snapshot", guid=snap.take(t, name), name=name)
+            step.finish("snapshot", guid=snap.take(t, name, resumed=job.attempts > 1), name=name)
         guid = job.data["guid"]
         if not step.done("checked"):
+            # An earlier run may have died with the view attached: take it down first.
+            att_mod.detach(t.record.image, run_dir=targets.run_dir, upto=guid)
             view = att_mod.attach(t.record.image, run_dir=targets.run_dir, readonly=True, upto=guid)
             try:
                 result = e2fsck(view.loop, False, step.remaining())
@@ -86,6 +88,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
             step.finish("snapshot", guid=snap.take(targets.resolve(job.ve), name), name=name)
         guid = job.data["guid"]
         if not step.done("repaired"):
+            att_mod.detach(t.record.image, run_dir=targets.run_dir)  # an earlier run's, if it died here
             disk = att_mod.attach(t.record.image, run_dir=targets.run_dir)
             try:
                 result = e2fsck(disk.loop, True, step.remaining())

@@ -9,6 +9,7 @@ person took are never touched.
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any
 
 from ..image import attach as att_mod
@@ -28,10 +29,20 @@ def _shots(image: str) -> list[dd.Shot]:
     return dd.load(os.path.join(image, dd.NAME)).snapshots()
 
 
-def take(t: Target, name: str) -> str:
+def thaw(t: Target) -> None:
+    """A run of this job that died between freezing and thawing the VE's filesystem left it
+    frozen (its writers hang): thaw it. A filesystem that is not frozen refuses, harmlessly."""
+    if t.mountpoint and os.path.ismount(t.mountpoint):
+        subprocess.run(["fsfreeze", "-u", t.mountpoint], capture_output=True)
+
+
+def take(t: Target, name: str, *, resumed: bool = False) -> str:
     """Snapshot ``t``'s image (the filesystem frozen around it when mounted); the GUID of an
-    existing snapshot of that name instead, if there is one."""
+    existing snapshot of that name instead, if there is one. ``resumed``: an earlier run of
+    the job may have died with the filesystem frozen."""
     assert t.record is not None
+    if resumed:
+        thaw(t)
     for s in _shots(t.record.image):
         if s.name == name:
             return s.guid
@@ -42,8 +53,11 @@ def take(t: Target, name: str) -> str:
 
 
 def drop(t: Target, guid: str) -> None:
-    """Merge snapshot ``guid`` into its child (its data stays in the disk, the snapshot goes)."""
+    """Merge snapshot ``guid`` into its child (its data stays in the disk, the snapshot goes).
+    Nothing to do when it is gone already (a run that died after the merge, before its journal)."""
     assert t.record is not None
+    if guid not in {s.guid for s in _shots(t.record.image)}:
+        return
     if t.attachment is not None:
         att_mod.merge(t.attachment, guid)
     else:
@@ -57,7 +71,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
     assert t.record is not None
     name = f"{AUTO}{job.params.get('name') or job.rule}:{job.decision[:8]}"
     if not step.done("snapshot"):
-        step.finish("snapshot", guid=take(t, name), name=name)
+        step.finish("snapshot", guid=take(t, name, resumed=job.attempts > 1), name=name)
     keep = int(job.params.get("keep", DEFAULT_KEEP))
     merged: list[str] = list(job.data.get("merged", []))
     autos = sorted((s for s in _shots(t.record.image) if s.name and s.name.startswith(AUTO)),

@@ -194,9 +194,15 @@ class Exporter:
         if self.readonly or not self.stack.writable:
             raise ImageError("the image is attached read-only", file=self.image)
 
+    def _need_writable_stack(self) -> None:
+        # Snapshots and merges leave the disk's data as it is: a read-only switch (an
+        # isolated VE) does not stop them, only a stack opened read-only does.
+        if not self.stack.writable:
+            raise ImageError("the image is attached read-only", file=self.image)
+
     def snapshot(self, name: str | None) -> str:
         with self.lock:
-            self._need_writable()
+            self._need_writable_stack()
             self.stack.flush()
             self.stack.top.set_in_use(False)  # the old top becomes a read-only snapshot: clean
             try:
@@ -214,7 +220,7 @@ class Exporter:
 
     def merge(self, guid: str) -> None:
         with self.lock:
-            self._need_writable()
+            self._need_writable_stack()
             try:
                 ops.merge(self.image, guid, stack=self.stack)
             finally:
