@@ -19,6 +19,7 @@ bench: bootstrap
 	$(PY) bench/image_io.py
 	$(PY) bench/image_ops.py
 	$(PY) bench/image_swelling.py
+	$(PY) bench/isolate_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

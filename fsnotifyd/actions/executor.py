@@ -23,7 +23,7 @@ import structlog
 
 from ..errors import FsnotifydError
 from ..events import Device, Event, Kernel, hostname
-from .job import FAILED, RUNNING, SUCCEEDED, Job
+from .job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from .journal import JobJournal
 
 log = structlog.get_logger("fsnotifyd.actions")
@@ -130,10 +130,28 @@ class Executor:
                       created=time.time())
             if self.journal.known(job.id):
                 continue
+            same = self._waiting_twin(job)
+            if same is not None:  # the queued one will do exactly this: say so, do not do it twice
+                job.state, job.finished = SUCCEEDED, time.time()
+                job.result = {"deduplicated_into": same.id}
+                self.journal.record(job)
+                self._emit(job, "action.succeeded", {"duration_s": 0.0, "result": job.result, "error": None,
+                                                     "steps_done": []})
+                continue
             self.journal.record(job)
             jobs.append(job)
             self._enqueue(job)
         return jobs
+
+    def _waiting_twin(self, job: Job) -> Job | None:
+        """A heavy job for the same VE with the same parameters that has not started yet."""
+        if not job.heavy or not job.ve:
+            return None
+        for other in self.journal.unfinished():
+            if (other.state == QUEUED and other.ve == job.ve and other.action == job.action
+                    and other.params.get("mode") == job.params.get("mode") and other.dry_run == job.dry_run):
+                return other
+        return None
 
     def resume(self) -> list[Job]:
         """Queue the journal's unfinished jobs again (after a restart), in their old order."""

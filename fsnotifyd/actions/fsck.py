@@ -34,10 +34,15 @@ def decode(code: int) -> list[str]:
     return [text for bit, text in EXIT_BITS.items() if code & bit] or ["no errors"]
 
 
-def outcome(code: int) -> str:
-    if code & ~7:
-        return "failed"
-    return "clean" if code == 0 else "errors"
+def outcome(code: int, repair: bool) -> str:
+    """``clean``, ``errors`` (a check found some, even when e2fsck -n then gave up: bit 8 with
+    bit 4 is common on a damaged journal; a repair fixed them) or ``failed`` (nothing learnt,
+    or a repair that left errors)."""
+    if code == 0:
+        return "clean"
+    if repair:
+        return "errors" if code & 3 and not code & ~3 else "failed"
+    return "errors" if code & 7 else "failed"
 
 
 def e2fsck(device: str, repair: bool, timeout: float) -> dict[str, Any]:
@@ -49,7 +54,8 @@ def e2fsck(device: str, repair: bool, timeout: float) -> dict[str, Any]:
     out = (r.stdout + r.stderr).splitlines()
     problems = [ln for ln in out if ln.rstrip().endswith(("Fix? no", "Fix? yes", "Clear? no", "Clear? yes",
                                                          "Fix<y>? yes", "Fix<y>? no"))]
-    return {"command": argv, "exit_code": r.returncode, "result": outcome(r.returncode),
+    return {"command": argv, "exit_code": r.returncode, "result": outcome(r.returncode, repair),
+            "incomplete": bool(r.returncode & 8),
             "decoded": decode(r.returncode), "problems": len(problems), "first_problems": problems[:10],
             "summary": [ln for ln in out if ln.strip()][-3:]}
 

@@ -351,3 +351,124 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
                 lifecycle.stop(str(sd), "104")
             for a in attach.attached(str(sd / "run")):
                 attach.detach(a, run_dir=str(sd / "run"))
+
+
+def test_a_config_ve_on_a_plain_loop_device_readonly_trim_and_fsck(state, tmp_path):
+    """A VE that is only a mount in the config (no image): readonly, fstrim and (unmounted)
+    fsck work; fsck while mounted fails saying why."""
+    from fsnotifyd.actions import isolate
+    from fsnotifyd.actions.target import Targets
+    from fsnotifyd.inventory import VE
+
+    raw, mnt = tmp_path / "plain.img", tmp_path / "plain"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(raw)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    mnt.mkdir()
+    mounted = False
+    try:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        mounted = True
+        ve = VE("p1", mounts=(str(mnt),), devices=(os.path.basename(dev),))
+        write_file(mnt / "big", os.urandom(8 * MiB))
+        os.unlink(mnt / "big")
+        events = run_actions(state, [decision("p1", {"shrink": {"mode": "trim"}}),
+                                     decision("p1", {"fsck": {"mode": "check"}}),
+                                     decision("p1", {"isolate": {"mode": "readonly"}})], ves=(ve,))
+        got = {e.details["action"]: e for e in events if e.kind in ("action.succeeded", "action.failed")}
+        assert got["shrink"].kind == "action.succeeded" and "trimmed" in got["shrink"].details["result"]["fstrim"]
+        assert got["fsck"].kind == "action.failed" and "needs it unmounted" in got["fsck"].details["error"]
+        assert got["isolate"].kind == "action.succeeded"
+        with pytest.raises(OSError) as e:
+            write_file(mnt / "x", b"x")
+        assert e.value.errno == errno.EROFS
+        isolate.release(Targets(str(state), (ve,)), "p1")
+        write_file(mnt / "x", b"x")
+        subprocess.run(["umount", str(mnt)], check=True)
+        mounted = False
+        events = run_actions(state, [decision("p1", {"fsck": {"mode": "check"}})], ves=(ve,))
+        [res] = [e for e in events if e.kind == "fsck.result"]
+        assert res.details["result"] == "clean" and res.details["exit_code"] == 0
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "e2fsprogs"
+
+
+@pytest.mark.parametrize("case", ["f_badinode", "f_bad_inode_csum", "f_dir_bad_csum"])
+def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(state, tmp_path, case):
+    """A VE whose disk is one of e2fsprogs' corrupted test images (imported into an fsnotifyd
+    image and mounted as it is, without the e2fsck -p of `ve start`): walking its tree is the
+    first access; the default rules check, isolate and repair it."""
+    import gzip
+
+    from fsnotifyd.image import attach, ops
+    from fsnotifyd.image.stack import Stack
+    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.ve import lifecycle
+    from fsnotifyd.ve.registry import Registry, VeRecord
+
+    src = FIXTURES / f"{case}.img.gz"
+    if not src.exists():
+        pytest.skip(f"fixture {src} not present")  # the fixtures ship with the project's workspace
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(gzip.decompress(src.read_bytes()))
+    image = tmp_path / "image"
+    ops.create_empty(str(image), -(-raw.stat().st_size // 4096) * 4096, 64 * 1024)
+    with Stack.open(str(image)) as s:
+        ops.import_raw(s, str(raw))
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    with RunningDaemon(workdir) as daemon:
+        sd = workdir / "state"
+        mnt = tmp_path / "root"
+        Registry(str(sd)).add(VeRecord("105", str(image), str(mnt)))
+        try:
+            a = attach.attach(str(image), run_dir=str(sd / "run"))
+            mnt.mkdir()
+            attach.mount(a, str(mnt), options=("errors=continue",))
+            Registry(str(sd)).update("105", running=True, loop=a.loop, disk=a.disk)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(v["id"] == "105" for v in daemon.status().get("ves", [])):
+                time.sleep(0.1)
+            stream = daemon.stream()
+            try:
+                for root, dirs, files in os.walk(mnt):  # the first access: the kernel finds the damage
+                    for name in dirs + files:
+                        with contextlib.suppress(OSError):
+                            os.lstat(os.path.join(root, name))
+                            if name in files:
+                                with open(os.path.join(root, name), "rb") as f:
+                                    f.read()
+                done = lambda e: (e["kind"] in ("action.succeeded", "action.failed") and e["details"]["action"] == "fsck"  # noqa: E731
+                                  and e["details"]["params"].get("mode") == "repair")
+                stream.wait_for(done, timeout=120)
+                seen = list(stream.events)
+            finally:
+                stream.close()
+            mine = [e for e in seen if e["ve"] == "105"]
+            kinds = [e["kind"] for e in mine]
+            assert "fs.error" in kinds, kinds
+            checks = [e["details"] for e in mine if e["kind"] == "fsck.result" and e["details"]["mode"] == "check"]
+            assert checks and checks[0]["result"] in ("errors", "failed"), checks
+            repairs = [e["details"] for e in mine if e["kind"] == "fsck.result" and e["details"]["mode"] == "repair"]
+            assert repairs and repairs[0]["result"] == "errors" and repairs[0]["exit_code"] in (1, 2), repairs
+            assert os.path.ismount(mnt)  # repaired and running again
+            lifecycle.stop(str(sd), "105")
+            a = attach.attach(str(image), run_dir=str(sd / "run"))
+            try:
+                r = subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True, text=True)
+                assert r.returncode == 0, r.stdout[-1500:]
+            finally:
+                attach.detach(a, run_dir=str(sd / "run"))
+            assert check_view(sd, str(image), repairs[0]["snapshot"]) >= 4  # the corruption, kept
+        finally:
+            with contextlib.suppress(Exception):
+                lifecycle.stop(str(sd), "105")
+            for a in attach.attached(str(sd / "run")):
+                attach.detach(a, run_dir=str(sd / "run"))

@@ -197,3 +197,16 @@ def test_journal_rewrite_keeps_unfinished_and_newest_finished(tmp_path):
     with open(path) as f:
         assert len([json.loads(x) for x in f]) == 4
     j.close()
+
+
+def test_a_second_fsck_for_a_ve_waiting_for_the_slot_is_folded_into_the_first(tmp_path):
+    rec = Recorder()
+    ds = [decision(0, "a", {"fsck": {"n": 0, "mode": "check"}}),  # takes the slot
+          decision(1, "b", {"fsck": {"n": 1, "mode": "check"}}),  # waits
+          decision(2, "b", {"fsck": {"n": 2, "mode": "check"}}),  # same VE, same mode, b's still waits: folded
+          decision(3, "b", {"fsck": {"n": 3, "mode": "repair"}})]  # another mode: its own job
+    ex, events = run_executor(tmp_path, {"fsck": rec.handler("fsck", 0.1)}, ds, heavy_limit=1)
+    assert sorted(x[1] for x in rec.log) == ["fsck:0", "fsck:1", "fsck:3"]
+    folded = [e for e in events if e.details["job"] == "dec-2/0"]
+    assert [e.kind for e in folded] == ["action.succeeded"]
+    assert folded[0].details["result"] == {"deduplicated_into": "dec-1/0"}
