@@ -60,6 +60,18 @@ def e2fsck(device: str, repair: bool, timeout: float) -> dict[str, Any]:
             "summary": [ln for ln in out if ln.strip()][-3:]}
 
 
+def _e2fsck_attached(image: str, run_dir: str, upto: str | None, timeout: float) -> dict[str, Any]:
+    """Check snapshot ``upto`` read-only, or (``upto`` None) repair the image, attached for
+    this alone. An attachment an earlier run of the job left (it died in here) goes first."""
+    repair = upto is None
+    att_mod.detach(image, run_dir=run_dir, upto=upto)
+    a = att_mod.attach(image, run_dir=run_dir, readonly=not repair, upto=upto)
+    try:
+        return e2fsck(a.loop, repair, timeout)
+    finally:
+        att_mod.detach(a, run_dir=run_dir)
+
+
 def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
     mode = job.params.get("mode", "check")
     t = targets.resolve(job.ve)
@@ -71,14 +83,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
             step.finish("snapshot", guid=snap.take(t, name, resumed=job.attempts > 1), name=name)
         guid = job.data["guid"]
         if not step.done("checked"):
-            # An earlier run may have died with the view attached: take it down first.
-            att_mod.detach(t.record.image, run_dir=targets.run_dir, upto=guid)
-            view = att_mod.attach(t.record.image, run_dir=targets.run_dir, readonly=True, upto=guid)
-            try:
-                result = e2fsck(view.loop, False, step.remaining())
-            finally:
-                att_mod.detach(view, run_dir=targets.run_dir)
-            step.finish("checked", fsck=result)
+            step.finish("checked", fsck=_e2fsck_attached(t.record.image, targets.run_dir, guid, step.remaining()))
         result = job.data["fsck"]
         if not step.done("snapshot dropped"):
             # The snapshot existed for the check only; it goes unless the check found errors
@@ -94,13 +99,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
             step.finish("snapshot", guid=snap.take(targets.resolve(job.ve), name), name=name)
         guid = job.data["guid"]
         if not step.done("repaired"):
-            att_mod.detach(t.record.image, run_dir=targets.run_dir)  # an earlier run's, if it died here
-            disk = att_mod.attach(t.record.image, run_dir=targets.run_dir)
-            try:
-                result = e2fsck(disk.loop, True, step.remaining())
-            finally:
-                att_mod.detach(disk, run_dir=targets.run_dir)
-            step.finish("repaired", fsck=result)
+            step.finish("repaired", fsck=_e2fsck_attached(t.record.image, targets.run_dir, None, step.remaining()))
         result = job.data["fsck"]
         if result["result"] != "failed" and not step.done("restarted"):
             lifecycle.start(targets.state_dir, t.id)

@@ -163,8 +163,8 @@ def corrupt(state, rec):
     return lifecycle.start(str(state), rec.id)
 
 
-def check_view(state, image, guid):
-    """e2fsck -fn of snapshot ``guid``'s read-only view: its exit code."""
+def check_view(state, image, guid=None):
+    """e2fsck -fn of snapshot ``guid``'s read-only view (None: the image, stopped): its exit code."""
     from fsnotifyd.image import attach
 
     v = attach.attach(image, run_dir=str(state / "run"), readonly=True, upto=guid)
@@ -198,13 +198,7 @@ def test_check_finds_a_corruption_while_the_ve_runs_and_repair_fixes_it(state):
     from fsnotifyd.ve import lifecycle
 
     lifecycle.stop(str(state), "701")
-    from fsnotifyd.image import attach
-
-    a = attach.attach(rec.image, run_dir=str(state / "run"))
-    try:
-        assert subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True).returncode == 0
-    finally:
-        attach.detach(a, run_dir=str(state / "run"))
+    assert check_view(state, rec.image) == 0
     assert check_view(state, rec.image, pre_repair) == 4  # the corrupted state, kept for forensics
 
 
@@ -340,11 +334,7 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
             jobs = daemon.status()["actions"]["recent"]
             assert all(j["state"] == "succeeded" for j in jobs if j["ve"] == "104"), jobs
             lifecycle.stop(str(sd), "104")
-            a = attach.attach(rec.image, run_dir=str(sd / "run"))
-            try:
-                assert subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True).returncode == 0
-            finally:
-                attach.detach(a, run_dir=str(sd / "run"))
+            assert check_view(sd, rec.image) == 0
             assert check_view(sd, rec.image, repair["details"]["snapshot"]) == 4
         finally:
             with contextlib.suppress(Exception):
@@ -397,11 +387,8 @@ def test_a_config_ve_on_a_plain_loop_device_readonly_trim_and_fsck(state, tmp_pa
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "e2fsprogs"
-
-
 @pytest.mark.parametrize("case", ["f_badinode", "f_bad_inode_csum", "f_dir_bad_csum"])
-def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(state, tmp_path, case):
+def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(state, tmp_path, case, e2fsprogs_fixtures):
     """A VE whose disk is one of e2fsprogs' corrupted test images (imported into an fsnotifyd
     image and mounted as it is, without the e2fsck -p of `ve start`): walking its tree is the
     first access; the default rules check, isolate and repair it."""
@@ -413,9 +400,7 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
     from fsnotifyd.ve import lifecycle
     from fsnotifyd.ve.registry import Registry, VeRecord
 
-    src = FIXTURES / f"{case}.img.gz"
-    if not src.exists():
-        pytest.skip(f"fixture {src} not present")  # the fixtures ship with the project's workspace
+    src = e2fsprogs_fixtures / f"{case}.img.gz"
     raw = tmp_path / "raw.img"
     raw.write_bytes(gzip.decompress(src.read_bytes()))
     image = tmp_path / "image"
@@ -460,12 +445,7 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
             assert repairs and repairs[0]["result"] == "errors" and repairs[0]["exit_code"] in (1, 2), repairs
             assert os.path.ismount(mnt)  # repaired and running again
             lifecycle.stop(str(sd), "105")
-            a = attach.attach(str(image), run_dir=str(sd / "run"))
-            try:
-                r = subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True, text=True)
-                assert r.returncode == 0, r.stdout[-1500:]
-            finally:
-                attach.detach(a, run_dir=str(sd / "run"))
+            assert check_view(sd, str(image)) == 0
             assert check_view(sd, str(image), repairs[0]["snapshot"]) >= 4  # the corruption, kept
         finally:
             with contextlib.suppress(Exception):
