@@ -53,6 +53,21 @@ class ActionsConfig:
     concurrency: int = 1  # heavy jobs (fsck, shrink) at once, host-wide
     timeout_s: float = 600.0  # per job
     fsck_timeout_s: float = 3600.0
+    repair_window: str | None = None  # "HH:MM-HH:MM" local time: fsck repairs wait for it
+
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` (local time; may wrap past midnight) as minutes after midnight."""
+    try:
+        a, b = text.split("-")
+        start, end = (int(x.split(":")[0]) * 60 + int(x.split(":")[1]) for x in (a, b))
+    except (ValueError, IndexError):
+        raise ValueError(f"not a window HH:MM-HH:MM: {text!r}") from None
+    if not (0 <= start < 1440 and 0 <= end < 1440) or start == end:
+        raise ValueError(f"not a window HH:MM-HH:MM: {text!r}")
+    return start, end
+
 
 
 _SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev")
@@ -164,7 +179,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         for k, v in c.items():
             kw[k] = r.number(v, f"correlator.{k}", minimum=0)
     if "actions" in top:
-        a = r.mapping(top["actions"], "actions", ("enabled", "dry_run", "concurrency", "timeout_s", "fsck_timeout_s"))
+        a = r.mapping(top["actions"], "actions", ("enabled", "dry_run", "concurrency", "timeout_s", "fsck_timeout_s",
+                                                  "repair_window"))
         ak: dict[str, Any] = {}
         for k in ("enabled", "dry_run"):
             if k in a:
@@ -174,6 +190,14 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         for k in ("timeout_s", "fsck_timeout_s"):
             if k in a:
                 ak[k] = float(r.number(a[k], f"actions.{k}", minimum=0.1))
+        if "repair_window" in a:
+            w = r.scalar(a["repair_window"], "actions.repair_window", (str, type(None)))
+            if w is not None:
+                try:
+                    parse_window(w)
+                except ValueError as e:
+                    raise r.error(a["repair_window"], str(e), "actions.repair_window") from None
+            ak["repair_window"] = w
         kw["actions"] = ActionsConfig(**ak)
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:

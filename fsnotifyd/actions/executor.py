@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
+from ..config import parse_window  # noqa: F401 - re-exported for the daemon and tests
 from ..errors import FsnotifydError
 from ..events import Device, Event, Kernel, hostname
 from .job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
@@ -98,7 +99,8 @@ class Executor:
     def __init__(self, journal: JobJournal, handlers: Mapping[str, Handler],
                  publish: Callable[[Event], None], *, heavy_limit: int = 1,
                  timeouts: Mapping[str, float] | None = None, metrics: Any = None,
-                 host: str | None = None, dry_run: bool = False) -> None:
+                 host: str | None = None, dry_run: bool = False,
+                 repair_window: tuple[int, int] | None = None) -> None:
         self.journal = journal
         self.handlers = dict(handlers)
         self.publish = publish
@@ -107,6 +109,7 @@ class Executor:
         self.metrics = metrics
         self.host = host or hostname()
         self.dry_run = dry_run  # every job only records what it would do
+        self.repair_window = repair_window  # (start, end) minutes after local midnight; None: any time
         self._lanes: dict[str, asyncio.Queue[Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,6 +192,12 @@ class Executor:
 
     # -- running ------------------------------------------------------------------------------
     async def _run(self, job: Job) -> None:
+        if job.action == "fsck" and job.params.get("mode") == "repair" and not job.dry_run:
+            # The VE's later jobs wait too: they were decided after the repair.
+            wait = seconds_until_window(self.repair_window, time.localtime())
+            if wait > 0:
+                log.info("action.waiting_for_window", job=job.id, ve=job.ve, seconds=round(wait))
+                await asyncio.sleep(wait)
         if job.heavy:
             await self.limit.acquire(job.priority)
         try:
@@ -248,6 +257,18 @@ class Executor:
                            device=None if dev is None else Device(dev.get("major"), dev.get("minor"), dev.get("name")),
                            fs=t.get("fs"), mount=t.get("mount"), ve=job.ve, kernel=Kernel(), sources=("actions",),
                            details=details))
+
+
+def seconds_until_window(window: tuple[int, int] | None, now: time.struct_time) -> float:
+    """0 inside the window (or with none), else the seconds until it opens."""
+    if window is None:
+        return 0.0
+    start, end = window
+    minute = now.tm_hour * 60 + now.tm_min
+    inside = start <= minute < end if start < end else (minute >= start or minute < end)
+    if inside:
+        return 0.0
+    return ((start - minute) % 1440) * 60.0 - now.tm_sec
 
 
 def _trigger(decision: Mapping[str, Any], details: Mapping[str, Any]) -> dict[str, Any]:

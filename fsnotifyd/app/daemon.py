@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import structlog
 
-from ..config import Config, SourceConfig
+from ..config import Config, SourceConfig, parse_window
 from ..correlator import Correlator, CorrelatorSettings
 from ..errors import RuleErrors, SourceUnavailable
 from ..events import Event, Observation
@@ -417,7 +417,8 @@ class Daemon:
         # Action events go through the rules once (an fsck.result may escalate to a repair).
         self.executor = Executor(self.action_journal, table, lambda e: self.publish(e, depth=1),
                                  heavy_limit=a.concurrency, timeouts=timeouts, metrics=self.metrics,
-                                 dry_run=a.dry_run)
+                                 dry_run=a.dry_run,
+                                 repair_window=parse_window(a.repair_window) if a.repair_window else None)
         resumed = self.executor.resume()
         log.info("actions.ready", resumed=len(resumed), concurrency=a.concurrency, dry_run=a.dry_run,
                  journal_problems=self.action_journal.problems[:5])

@@ -452,3 +452,22 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
                 lifecycle.stop(str(sd), "105")
             for a in attach.attached(str(sd / "run")):
                 attach.detach(a, run_dir=str(sd / "run"))
+
+
+def test_two_ves_failing_at_once_are_checked_one_after_the_other(state):
+    """Concurrency 1: the two checks do not overlap, and both complete with their findings."""
+    recs = []
+    for ve_id in ("711", "712"):
+        rec = new_ve(state, ve_id)
+        write_file(os.path.join(rec.mountpoint, "victim"), b"v" * 10000)
+        recs.append(corrupt(state, rec))
+    events = run_actions(state, [decision("711", {"fsck": {"mode": "check"}}),
+                                 decision("712", {"fsck": {"mode": "check"}})], heavy_limit=1)
+    spans = {}
+    for e in events:
+        if e.details.get("action") == "fsck" and e.kind.startswith("action."):
+            spans.setdefault(e.ve, []).append(e.time)
+    (a0, a1), (b0, b1) = sorted(spans.values())
+    assert a1 <= b0, spans  # the second started after the first ended
+    results = {e.ve: e.details["result"] for e in events if e.kind == "fsck.result"}
+    assert results == {"711": "errors", "712": "errors"}

@@ -210,3 +210,43 @@ def test_a_second_fsck_for_a_ve_waiting_for_the_slot_is_folded_into_the_first(tm
     folded = [e for e in events if e.details["job"] == "dec-2/0"]
     assert [e.kind for e in folded] == ["action.succeeded"]
     assert folded[0].details["result"] == {"deduplicated_into": "dec-1/0"}
+
+
+def test_repair_window_arithmetic():
+    from fsnotifyd.actions.executor import seconds_until_window
+    from fsnotifyd.config import parse_window
+
+    at = lambda h, m, sec=0: time.struct_time((2026, 1, 1, h, m, sec, 0, 1, 0))  # noqa: E731
+    night = parse_window("22:00-04:00")  # wraps past midnight
+    assert night == (1320, 240)
+    assert seconds_until_window(night, at(23, 30)) == 0 and seconds_until_window(night, at(3, 59)) == 0
+    assert seconds_until_window(night, at(4, 0)) == 18 * 3600
+    assert seconds_until_window(night, at(21, 59, 30)) == 30
+    assert seconds_until_window(parse_window("02:00-03:00"), at(3, 0)) == 23 * 3600
+    assert seconds_until_window(None, at(12, 0)) == 0
+    for bad in ("2-3", "24:00-01:00", "01:00-01:00", "01:00"):
+        with pytest.raises(ValueError):
+            parse_window(bad)
+
+
+def test_a_repair_outside_its_window_waits_and_other_ves_go_on(tmp_path):
+    rec = Recorder()
+    now = time.localtime()
+    minute = now.tm_hour * 60 + now.tm_min
+    closed = ((minute + 120) % 1440, (minute + 180) % 1440)  # opens in two hours
+    events: list = []
+
+    async def main():
+        ex = Executor(JobJournal(str(tmp_path / "j.jsonl")), {"fsck": rec.handler("fsck"), "notify": rec.handler("n")},
+                      events.append, repair_window=closed)
+        ex.submit(decision(0, "a", {"fsck": {"n": 0, "mode": "repair"}}, {"notify": {"n": 1}}))
+        ex.submit(decision(1, "b", {"fsck": {"n": 2, "mode": "check"}}))
+        await asyncio.sleep(0.5)
+        state = {j.id: j.state for j in ex.journal.jobs.values()}
+        await ex.close()
+        ex.journal.close()
+        return state
+
+    state = asyncio.run(main())
+    assert [x[1] for x in rec.log] == ["fsck:2"]  # b's check ran; a's repair and what follows it wait
+    assert state == {"dec-0/0": "queued", "dec-0/1": "queued", "dec-1/0": "succeeded"}
