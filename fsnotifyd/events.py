@@ -204,6 +204,16 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
 
+# Ids derived from what a kernel fact is (not drawn at random) for events that can be observed
+# again after a restart of the daemon: the same fact gets the same id, and what was done about
+# it (a decision, its jobs) is recognised instead of done twice.
+FACT_NAMESPACE = uuid.UUID("6c0f3a52-8e4b-4d0e-9a57-2f1c9e2b7d10")
+
+
+def fact_id(*parts: object) -> str:
+    return str(uuid.uuid5(FACT_NAMESPACE, "\x1f".join(str(p) for p in parts)))
+
+
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds").replace(
         "+00:00", "Z"

@@ -29,7 +29,7 @@ import time as _time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ..events import DEFAULT_SEVERITY, STATE_KINDS, Device, Event, Kernel, Observation, hostname
+from ..events import DEFAULT_SEVERITY, STATE_KINDS, Device, Event, Kernel, Observation, fact_id, hostname
 from ..inventory import Inventory, Placement
 from ..typing import ErrorCounters, StateStore
 
@@ -320,7 +320,7 @@ class Correlator:
         elif counter is not None:
             counter_total, fs_key, last = counter.errors_total, counter.fs_key, counter.last_error
         else:
-            counter_total = None
+            counter_total, fs_key = None, None
         if counter_total is None or fs_key is None:
             count = max(group.fanotify_count, 1 if group.lines else 0)
             if count == 0:
@@ -362,8 +362,13 @@ class Correlator:
         self._last_error[group.key] = (kernel.function, kernel.line)
         first_time = group.first_time if group.lines and group.first_time is not None else \
             (group.counter_report or group.first).time
+        # The error counted on this filesystem as number ``counter_total`` is one kernel fact for
+        # good: seen again after a restart (the ledger not yet saved), it keeps its id.
+        fact = fact_id("fs.error", fs_key, counter_total) if count > 0 and fs_key is not None and \
+            counter_total is not None else None
         self._emit("fs.error", group.first, group.placement, sources or ["sysfs"], kernel,
-                   count=count, last_time=max(group.last_time, first_time), details=details, time=first_time)
+                   count=count, last_time=max(group.last_time, first_time), details=details, time=first_time,
+                   event_id=fact)
 
     def _close_state(self, group: _Group) -> None:
         mount = group.placement.mount_seq if group.placement else None
@@ -382,7 +387,7 @@ class Correlator:
     def _emit(self, kind: str, first: Observation, placement: Placement | None,
               sources: Iterable[str], kernel: Kernel, *, count: int,
               last_time: float | None = None, details: dict[str, Any] | None = None,
-              time: float | None = None) -> None:
+              time: float | None = None, event_id: str | None = None) -> None:
         device: Device | None = placement.device if placement else first.device
         t = first.time if time is None else time
         event = Event(
@@ -400,6 +405,7 @@ class Correlator:
             first_time=t if last_time is not None else None,
             last_time=last_time,
             details=details or {},
+            **({"id": event_id} if event_id else {}),
         )
         self.stats.published += 1
         self.publish(event)

@@ -25,7 +25,7 @@ from datetime import datetime
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-from ..events import Device, Event, Kernel
+from ..events import Device, Event, Kernel, fact_id
 from . import decide, native
 from .compiler import Compiled, LabelsOf, compile_rules
 from .decide import COOLDOWN, FIRED, MAX_FACTS, THRESHOLD, CompiledRule
@@ -92,7 +92,11 @@ class Decision(NamedTuple):
 def decision_event(d: Decision, source: Mapping[str, Any], host: str) -> Event:
     """A fired decision as a ``rule.matched`` event, on the device and VE of its trigger."""
     dev = source.get("device") if isinstance(source.get("device"), dict) else None
+    trigger = source.get("id")
     return Event(
+        # One rule, one triggering event, one decision: the same trigger seen again after a
+        # restart makes the same decision (and the executor knows its jobs).
+        **({"id": fact_id("rule.matched", d.rule, trigger)} if trigger else {}),
         kind="rule.matched",
         time=d.time,
         host=host,

@@ -159,3 +159,98 @@ def test_sigkill_during_actions_then_restart_completes_each_once(ve, capsys):
 
 if __name__ == "__main__":
     child_main(sys.argv[1], sys.argv[2], sys.argv[3])
+
+
+DAEMON_RULES = """version: 1
+rules:
+  - name: crash-rule
+    match:
+      kind: fs.error
+      where:
+        ve: {exists: true}
+    actions:
+      - snapshot: {keep: 50}
+      - isolate: {mode: readonly}
+      - fsck: {mode: check}
+      - notify: {message: crash}
+"""
+DAEMON_ITERATIONS = int(os.environ.get("FSNOTIFYD_STRESS_ITERATIONS", "20")) if STRESS else 4
+
+
+def test_sigkill_the_daemon_during_its_actions_then_restart(tmp_path, kernel, capsys):
+    """The whole daemon: a real ext4 error on a VE fires the rule; the daemon is SIGKILLed at a
+    random moment after it and started again. Each error must give exactly one decision whose
+    four jobs all succeed (no second decision re-fired from the same kernel error after the
+    restart), one snapshot, no frozen filesystem, one attachment."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        kernel_missing("no FUSE (/dev/fuse, fusermount3 from fuse3)")
+    from fsnotifyd.actions import isolate
+    from fsnotifyd.actions.journal import JobJournal
+    from fsnotifyd.actions.target import Targets
+    from fsnotifyd.image import attach
+    from fsnotifyd.image import descriptor as dd
+    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.ve import lifecycle
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(DAEMON_RULES)
+    daemon = RunningDaemon(tmp_path / "d", extra_config=f"rules: [{rules}]\n")
+    sd = tmp_path / "d" / "state"
+    rng = random.Random()
+    killed = 0
+    t0 = time.monotonic()
+    daemon.start()
+    try:
+        lifecycle.create(str(sd), "802", 48 << 20, mountpoint=str(tmp_path / "root"))
+        rec = lifecycle.start(str(sd), "802")
+        trigger = Path("/sys/fs/ext4") / os.path.basename(rec.loop) / "trigger_fs_error"
+        for it in range(DAEMON_ITERATIONS):
+            while not any(v["id"] == "802" for v in daemon.status().get("ves", [])):
+                time.sleep(0.05)
+            before = {j.decision for j in JobJournal(str(sd / "actions" / "journal.jsonl")).jobs.values()}
+            shots_before = {s.guid for s in dd.load(os.path.join(rec.image, dd.NAME)).snapshots()}
+            trigger.write_text(f"crash round {it}")
+            delay = rng.uniform(0.0, 0.4)
+            time.sleep(delay)
+            if daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGKILL)  # our own child, by pid
+                daemon.proc.wait()
+                killed += 1
+            daemon.stderr.close()
+            daemon.proc = None
+            daemon.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                st = daemon.status()["actions"]
+                if st["unfinished"] == 0:
+                    break
+                time.sleep(0.1)
+            time.sleep(1.0)  # a decision re-fired after the restart would show up by now
+            journal = JobJournal(str(sd / "actions" / "journal.jsonl"))
+            new = {}
+            for j in journal.jobs.values():
+                if j.decision not in before:
+                    new.setdefault(j.decision, []).append(j)
+            journal.close()
+            where = f"round {it} (kill after {delay:.3f} s)"
+            assert len(new) == 1, (where, {d: [(j.action, j.state) for j in js] for d, js in new.items()})
+            [jobs] = new.values()
+            assert sorted(j.action for j in jobs) == ["fsck", "isolate", "notify", "snapshot"], where
+            assert all(j.state == "succeeded" for j in jobs), (where, [(j.action, j.state, j.error) for j in jobs])
+            shots = [s for s in dd.load(os.path.join(rec.image, dd.NAME)).snapshots() if s.guid not in shots_before]
+            assert [s.name.split(":")[0] for s in shots] == ["auto"], (where, [s.name for s in shots])
+            froze = subprocess.run(["fsfreeze", "-u", rec.mountpoint], capture_output=True)
+            assert froze.returncode != 0, f"{where}: left frozen"
+            atts = attach.attached(str(sd / "run"))
+            assert len(atts) == 1 and atts[0].upto is None, (where, [(a.name, a.upto) for a in atts])
+            isolate.release(Targets(str(sd)), "802")
+            time.sleep(1.1)  # past the kernel's error report rate limit
+    finally:
+        daemon.stop()
+        subprocess.run(["fsfreeze", "-u", str(tmp_path / "root")], capture_output=True)
+        with contextlib.suppress(Exception):
+            lifecycle.stop(str(sd), "802")
+        for a in attach.attached(str(sd / "run")):
+            attach.detach(a, run_dir=str(sd / "run"))
+    with capsys.disabled():
+        print(f"\n  daemon crash: {DAEMON_ITERATIONS} rounds, {killed} killed, {time.monotonic() - t0:.1f} s")
