@@ -45,6 +45,8 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
         if t.mountpoint and os.path.ismount(t.mountpoint):
             if t.attachment is not None:
                 att_mod.control(t.attachment, {"op": "flush"}, timeout=120)
+            # Blocks freed in the journal's open transaction are not trimmed: commit it first.
+            subprocess.run(["sync", "-f", t.mountpoint], capture_output=True, timeout=step.remaining())
             r = subprocess.run(["fstrim", "-v", t.mountpoint], capture_output=True, text=True,
                                timeout=step.remaining())
             if r.returncode != 0:

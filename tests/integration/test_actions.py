@@ -325,6 +325,8 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
             [repair] = one("fsck.result", mode="repair")
             assert repair["details"]["result"] == "errors" and repair["details"]["exit_code"] in (1, 2)
             assert not one("action.failed"), one("action.failed")
+            [note] = [e for e in seen if e["kind"] == "notification" and "check found" in e["details"]["message"]]
+            assert note["severity"] == "critical" and note["details"]["trigger"]["kind"] == "fsck.result"
             assert os.path.ismount(rec.mountpoint)  # repaired and running again
             with open(os.path.join(rec.mountpoint, "keep"), "rb") as f:
                 assert f.read() == b"k" * 20000
@@ -471,3 +473,56 @@ def test_two_ves_failing_at_once_are_checked_one_after_the_other(state):
     assert a1 <= b0, spans  # the second started after the first ended
     results = {e.ve: e.details["result"] for e in events if e.kind == "fsck.result"}
     assert results == {"711": "errors", "712": "errors"}
+
+
+def test_readonly_falls_back_to_shutdown_when_the_remount_is_refused(state):
+    """A file open for writing makes `remount,ro` fail (busy): the filesystem is shut down
+    instead; release brings the VE back through a stop and a start."""
+    rec = new_ve(state)
+    write_file(os.path.join(rec.mountpoint, "kept"), b"k" * 4096)
+    holder = open(os.path.join(rec.mountpoint, "held"), "w")  # keeps the remount busy
+    try:
+        events = run_actions(state, [decision("701", {"isolate": {"mode": "readonly"}})])
+        assert ends(events) == [("isolate", "action.succeeded", None)]
+        assert events[-1].details["result"]["how"].startswith("shutdown"), events[-1].details["result"]
+        with pytest.raises(OSError) as e:
+            write_file(os.path.join(rec.mountpoint, "after"), b"x")
+        assert e.value.errno in (errno.EIO, errno.EROFS)
+    finally:
+        holder.close()
+    from fsnotifyd.actions import isolate
+    from fsnotifyd.actions.target import Targets
+
+    isolate.release(Targets(str(state)), "701")
+    write_file(os.path.join(rec.mountpoint, "after"), b"x")
+    with open(os.path.join(rec.mountpoint, "kept"), "rb") as f:
+        assert f.read() == b"k" * 4096
+
+
+def test_shrink_trim_balloon_and_resize_on_an_image_ve(state):
+    from fsnotifyd.image.resize import balloon_size, fs_size
+    from fsnotifyd.ve.registry import Registry
+
+    rec = new_ve(state, size=96 * MiB)
+    write_file(os.path.join(rec.mountpoint, "big"), os.urandom(24 * MiB))
+    os.unlink(os.path.join(rec.mountpoint, "big"))
+    events = run_actions(state, [decision("701", {"shrink": {"mode": "trim"}})])
+    assert ends(events) == [("shrink", "action.succeeded", None)]
+    assert events[-1].details["result"]["reclaimed_bytes"] >= 20 * MiB, events[-1].details["result"]
+
+    events = run_actions(state, [decision("701", {"shrink": {"mode": "balloon", "target": "16M"}})])
+    assert ends(events) == [("shrink", "action.succeeded", None)], events[-1].details
+    assert balloon_size(rec.mountpoint) == 16 * MiB
+    run_actions(state, [decision("701", {"shrink": {"mode": "balloon", "target": 0}})])
+    assert balloon_size(rec.mountpoint) == 0
+
+    write_file(os.path.join(rec.mountpoint, "kept"), b"k" * 100000)
+    events = run_actions(state, [decision("701", {"shrink": {"mode": "resize", "margin": "20%"}})])
+    assert ends(events) == [("shrink", "action.succeeded", None)], events[-1].details
+    new_size = events[-1].details["result"]["size"]
+    assert new_size < 96 * MiB
+    rec = Registry(str(state)).get("701")
+    assert rec.running and os.path.ismount(rec.mountpoint)
+    assert fs_size(rec.loop) == new_size
+    with open(os.path.join(rec.mountpoint, "kept"), "rb") as f:
+        assert f.read() == b"k" * 100000
