@@ -310,6 +310,7 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
                 done = lambda e: (e["kind"] == "action.succeeded" and e["details"]["action"] == "fsck"  # noqa: E731
                                   and e["details"]["params"].get("mode") == "repair")
                 stream.wait_for(done, timeout=120)
+                stream.wait_for(lambda e: e["kind"] == "notification" and "check found" in e["details"]["message"])
                 seen = list(stream.events)
             finally:
                 stream.close()
