@@ -1,8 +1,9 @@
 """shrink: give a VE's unused space back to the host.
 
 - ``trim``: ``fstrim`` the VE's filesystem; on an image the discards punch holes in its
-  deltas (the host gets the space at once). A stopped image is compacted too (clusters moved
-  into the holes, the file cut). Reports the bytes reclaimed (allocated blocks before/after).
+  deltas (the host gets the space at once), then the image is compacted (clusters moved into
+  the holes, the file cut; online through the exporter, the VE's I/O pausing meanwhile).
+  Reports the bytes reclaimed (allocated blocks before/after) and the compaction's figures.
 - ``balloon``: inflate the image manager's balloon to ``target`` (online; ``0`` deflates).
 - ``resize``: offline: stop the VE, ``resize2fs -M`` plus ``margin`` (default 10%), cut the
   image, compact, start the VE.
@@ -56,7 +57,9 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
                 att_mod.control(t.attachment, {"op": "flush"}, timeout=120)
         elif t.record is None:
             raise ActionError(f"VE {t.id}: trim needs its filesystem mounted")
-        if t.record is not None and t.attachment is None:
+        if t.attachment is not None:
+            result["compacted"] = att_mod.compact(t.attachment)
+        elif t.record is not None:
             with exclusive(t.record.image, "compact"), Stack.open(t.record.image) as stack:
                 c = ops.compact(stack.top)
             result["compacted"] = {"moved": c.moved, "released": c.released}

@@ -23,6 +23,7 @@ while a long operation holds the stack, and not answering means the process itse
     {"op":"snapshot","name":str|null}    → {"guid":...}
     {"op":"resize","size":bytes}         grow the disk (the FUSE file grows)
     {"op":"merge","guid":...}            merge a snapshot into its child
+    {"op":"compact"}                     compact the top delta (I/O waits meanwhile)
     {"op":"stop"}                        clean exit (the FUSE mount goes away)
 
 While writable, the top delta's in-use marker is set; a clean exit clears it (an image found
@@ -226,6 +227,13 @@ class Exporter:
             finally:
                 self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
 
+    def compact(self) -> ops.CompactResult:
+        """Compact the top delta online. The VE's I/O waits meanwhile (the stack's lock): about
+        a second per 500 clusters moved here (docs/metrics.md)."""
+        with self.lock:
+            self._need_writable_stack()
+            return ops.compact(self.stack.top)
+
     def close(self) -> None:
         with self.lock:
             try:
@@ -275,6 +283,10 @@ class Exporter:
                 self.merge(guid)
                 log.info("exporter.merge", guid=guid, image=self.image)
                 return {"ok": True, "deltas": len(self.stack.deltas)}
+            if op == "compact":
+                r = self.compact()
+                log.info("exporter.compacted", moved=r.moved, released=r.released, image=self.image)
+                return {"ok": True, "moved": r.moved, "released": r.released}
             if op == "stop":
                 log.info("exporter.stop_requested", image=self.image)
                 stop()

@@ -510,6 +510,15 @@ def test_shrink_trim_balloon_and_resize_on_an_image_ve(state):
     events = run_actions(state, [decision("701", {"shrink": {"mode": "trim"}})])
     assert ends(events) == [("shrink", "action.succeeded", None)]
     assert events[-1].details["result"]["reclaimed_bytes"] >= 20 * MiB, events[-1].details["result"]
+    compacted = events[-1].details["result"]["compacted"]
+    assert compacted["moved"] >= 0 and compacted["released"] >= 0
+    from fsnotifyd.image.check import check
+    from fsnotifyd.ve import lifecycle
+
+    lifecycle.stop(str(state), "701")  # compacted online: the image is still sound
+    assert check(rec.image).clean
+    assert check_view(state, rec.image) == 0
+    rec = lifecycle.start(str(state), "701")
 
     events = run_actions(state, [decision("701", {"shrink": {"mode": "balloon", "target": "16M"}})])
     assert ends(events) == [("shrink", "action.succeeded", None)], events[-1].details
