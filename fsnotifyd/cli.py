@@ -110,6 +110,14 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"suppressed {rules['suppressed_threshold']} by threshold, {rules['suppressed_cooldown']} by cooldown")
         for err in rules.get("last_reload_error") or []:
             print(f"  last reload FAILED (old rules kept): {err}")
+    actions = st.get("actions") or {}
+    if actions.get("enabled"):
+        print(f"actions: {actions['unfinished']} unfinished")
+        for j in (actions.get("recent") or [])[-5:]:
+            print(f"  {j['id']}: {j['action']} on VE {j['ve'] or '-'} {j['state']}"
+                  + (f" ({j['error']})" if j.get("error") else ""))
+    elif actions:
+        print("actions: disabled (decisions are only published)")
     return 0
 
 

@@ -336,6 +336,9 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
                 time.sleep(0.05)  # the notification after the repair
             jobs = daemon.status()["actions"]["recent"]
             assert all(j["state"] == "succeeded" for j in jobs if j["ve"] == "104"), jobs
+            text = subprocess.run([sys.executable, "-m", "fsnotifyd.cli", "status", "--config", str(daemon.config)],
+                                  capture_output=True, text=True).stdout
+            assert "actions: 0 unfinished" in text and "notify on VE 104 succeeded" in text, text
             lifecycle.stop(str(sd), "104")
             assert check_view(sd, rec.image) == 0
             assert check_view(sd, rec.image, repair["details"]["snapshot"]) == 4
