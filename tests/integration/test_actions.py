@@ -515,6 +515,9 @@ def test_shrink_trim_balloon_and_resize_on_an_image_ve(state):
     assert events[-1].details["result"]["reclaimed_bytes"] >= 20 * MiB, events[-1].details["result"]
     compacted = events[-1].details["result"]["compacted"]
     assert compacted["moved"] >= 0 and compacted["released"] >= 0
+    r = subprocess.run([sys.executable, "-m", "fsnotifyd.cli", "image", "compact", rec.image, "--state-dir",
+                        str(state)], capture_output=True, text=True)
+    assert r.returncode == 0 and "(online)" in r.stdout, r.stdout + r.stderr  # the CLI, on the attached image
     from fsnotifyd.image.check import check
     from fsnotifyd.ve import lifecycle
 
