@@ -112,7 +112,6 @@ class Executor:
         self.repair_window = repair_window  # (start, end) minutes after local midnight; None: any time
         self._lanes: dict[str, asyncio.Queue[Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- taking work ------------------------------------------------------------------------
     def submit(self, decision: Mapping[str, Any]) -> list[Job]:
@@ -165,7 +164,6 @@ class Executor:
         return jobs
 
     def _enqueue(self, job: Job) -> None:
-        self._loop = self._loop or asyncio.get_running_loop()
         q = self._lanes.setdefault(job.lane, asyncio.Queue())
         q.put_nowait(job)
         w = self._workers.get(job.lane)

@@ -35,6 +35,12 @@ class JobJournal:
         if lines > 2 * keep_finished + len(self.unfinished()):
             self._rewrite()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = os.fstat(self._fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":  # a torn last line: the next record starts on its own
+                    os.write(self._fd, b"\n")
 
     def _load(self) -> int:
         n = 0
@@ -72,8 +78,9 @@ class JobJournal:
 
     def record(self, job: Job) -> None:
         """Durably note ``job`` as it is now."""
-        line = (json.dumps(job.to_dict(), separators=(",", ":"), default=str) + "\n").encode()
-        os.write(self._fd, line)
+        line = memoryview((json.dumps(job.to_dict(), separators=(",", ":"), default=str) + "\n").encode())
+        while line:  # a nearly full disk can take part of a write
+            line = line[os.write(self._fd, line):]
         os.fsync(self._fd)
         self.jobs[job.id] = job
 

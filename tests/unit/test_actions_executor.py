@@ -181,7 +181,9 @@ def test_journal_skips_a_torn_line_and_names_it(tmp_path):
     j = JobJournal(str(path))
     assert list(j.jobs) == ["a/0"]
     assert j.problems and f"{path}:2:" in j.problems[0]
+    j.record(Job(id="c/0", decision="c", rule="r", ve=None, action="notify", params={}, created=2.0))
     j.close()
+    assert sorted(JobJournal(str(path)).jobs) == ["a/0", "c/0"]  # not glued to the torn line
 
 
 def test_journal_rewrite_keeps_unfinished_and_newest_finished(tmp_path):
