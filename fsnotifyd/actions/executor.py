@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from ..config import parse_window  # noqa: F401 - re-exported for the daemon and tests
 from ..errors import FsnotifydError
 from ..events import Device, Event, Kernel, hostname
 from .job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job

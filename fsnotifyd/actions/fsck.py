@@ -107,11 +107,7 @@ def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
             step.finish("restarted")
     else:
         raise ActionError(f"unknown fsck mode {mode!r}")
-    report = {"mode": mode, "snapshot": guid, **job.data["fsck"]}
-    step.emit("fsck.result", "info" if report["result"] == "clean" else "error", report)
-    if report["result"] == "failed":
-        raise ActionError(f"e2fsck failed: {', '.join(report['decoded'])}")
-    return report
+    return _report(step, {"mode": mode, "snapshot": guid, **job.data["fsck"]})
 
 
 def _unmanaged(job: Job, step: Step, t: Any) -> dict[str, Any]:
@@ -121,7 +117,11 @@ def _unmanaged(job: Job, step: Step, t: Any) -> dict[str, Any]:
     if t.mountpoint and os.path.ismount(t.mountpoint):
         raise ActionError(f"VE {t.id} is not an fsnotifyd image and {t.mountpoint} is mounted: "
                           f"fsck needs it unmounted (no snapshot to check instead)")
-    report = {"mode": mode, **e2fsck(t.device, mode == "repair", step.remaining())}
+    return _report(step, {"mode": mode, **e2fsck(t.device, mode == "repair", step.remaining())})
+
+
+def _report(step: Step, report: dict[str, Any]) -> dict[str, Any]:
+    """Emit the finding as ``fsck.result``; a failed e2fsck fails the job."""
     step.emit("fsck.result", "info" if report["result"] == "clean" else "error", report)
     if report["result"] == "failed":
         raise ActionError(f"e2fsck failed: {', '.join(report['decoded'])}")

@@ -139,9 +139,6 @@ class Exporter:
         if self.errors <= 20 or self.errors % 1000 == 0:
             log.error("exporter.io_error", op=what, error=str(e), errors=self.errors, image=self.image)
 
-    def read(self, offset: int, size: int) -> bytes:
-        return self._io("read", lambda: self.stack.read(offset, size))
-
     def read_into(self, view: memoryview, offset: int) -> int:
         return self._io("read", lambda: self.stack.read_into(offset, view))
 
@@ -412,11 +409,13 @@ def make_operations(exporter: Exporter, on_init: Callable[[], None]):
                 raise FuseOSError(errno.EROFS)
             return 0
 
+        # read and write are here so that mfusepy registers them; DiskFUSE serves both, on
+        # libfuse's own buffers.
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            return exporter.read(offset, size)
+            raise FuseOSError(errno.ENOSYS)
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            return exporter.write(offset, data)
+            raise FuseOSError(errno.ENOSYS)
 
         def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
             if mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
