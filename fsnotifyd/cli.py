@@ -212,6 +212,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bpf_defines(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    from .sources.bpf_alloc import defines
+
+    cfg = _config(args)
+    alloc = cfg.sources.get("bpf_alloc")
+    return {"alloc": defines(((alloc.region_mib if alloc else None) or 1) << 20)}
+
+
+def cmd_bpf_show(args: argparse.Namespace) -> int:
+    from .sources import bpfload
+
+    names = args.programs or list(bpfload.PROGRAMS)
+    unknown = [n for n in names if n not in bpfload.PROGRAMS]
+    if unknown:
+        print(f"fsnotifyd: no BPF program {', '.join(unknown)}; there are {', '.join(bpfload.PROGRAMS)}",
+              file=sys.stderr)
+        return 2
+    defs = _bpf_defines(args)
+    for name in names:
+        sys.stdout.write(bpfload.program_text(name, defs.get(name)))
+    return 0
+
+
+def cmd_bpf_check(args: argparse.Namespace) -> int:
+    """Compile and attach every program once, as the daemon would; report time or reason."""
+    from .sources import bpfload
+
+    defs = _bpf_defines(args)
+    failed = 0
+    for name, prog in bpfload.PROGRAMS.items():
+        try:
+            loaded = bpfload.load(name, defs.get(name))
+        except bpfload.ProbeUnavailable as e:
+            failed += 1
+            print(f"{name:<11} UNAVAILABLE  {e.reason}" + (f"\n{'':<13}hint: {e.hint}" if e.hint else ""))
+            continue
+        print(f"{name:<11} ok  compile+attach {loaded.load_seconds * 1000:.0f} ms  ({prog.about})")
+        loaded.close()
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fsnotifyd", description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)")
     common(rr)
     rr.set_defaults(func=cmd_rules_reload)
+
+    bp = sub.add_parser("bpf", help="the BPF programs: print their C, or try loading them")
+    bsub = bp.add_subparsers(dest="bpf_command", required=True)
+    bs = bsub.add_parser("show", help="print the exact C the daemon loads (compat header and defines included)")
+    bs.add_argument("programs", nargs="*", metavar="PROGRAM", help="ext4_error, space, alloc (default: all)")
+    common(bs, socket=False)
+    bs.set_defaults(func=cmd_bpf_show)
+    bc = bsub.add_parser("check", help="compile and attach each program once; exit 1 if any cannot load")
+    common(bc, socket=False)
+    bc.set_defaults(func=cmd_bpf_check)
 
     from .app import imagecli
 

@@ -23,6 +23,7 @@ class SourceConfig:
     enabled: bool = True
     interval: float | None = None
     fstypes: tuple[str, ...] = ()
+    region_mib: int | None = None  # bpf_alloc: the image cluster size regions are counted in
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def parse_window(text: str) -> tuple[int, int]:
 
 
 
-_SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev")
+_SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev", "bpf_errors", "bpf_space", "bpf_alloc", "quota")
 
 
 class _Reader:
@@ -202,7 +203,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:
         for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
-            fields = r.mapping(node, f"sources.{name}", ("enabled", "interval", "fstypes"))
+            allowed = ("enabled", "interval", "fstypes") + (("region_mib",) if name == "bpf_alloc" else ())
+            fields = r.mapping(node, f"sources.{name}", allowed)
             sc: dict[str, Any] = {}
             if "enabled" in fields:
                 sc["enabled"] = r.scalar(fields["enabled"], f"sources.{name}.enabled", bool)
@@ -210,6 +212,12 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                 sc["interval"] = float(r.number(fields["interval"], f"sources.{name}.interval", minimum=0.01))
             if "fstypes" in fields:
                 sc["fstypes"] = r.strings(fields["fstypes"], f"sources.{name}.fstypes")
+            if "region_mib" in fields:
+                mib = r.number(fields["region_mib"], f"sources.{name}.region_mib", minimum=1, integer=True)
+                if mib & (mib - 1):
+                    raise r.error(fields["region_mib"], f"sources.{name}.region_mib must be a power of two",
+                                  "region_mib")
+                sc["region_mib"] = int(mib)
             sources[name] = SourceConfig(**sc)
     kw["sources"] = sources
     if "rules" in top:

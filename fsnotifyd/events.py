@@ -25,6 +25,10 @@ KINDS = frozenset(
         "fs.writable",
         "fs.shutdown",
         "fs.mount_failed",
+        "fs.enospc",
+        "fs.edquot",
+        "fs.alloc",
+        "quota.warning",
         "blk.io_error",
         "dev.add",
         "dev.change",
@@ -50,6 +54,10 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "fs.writable": "info",
     "fs.shutdown": "critical",
     "fs.mount_failed": "error",
+    "fs.enospc": "warning",
+    "fs.edquot": "warning",
+    "fs.alloc": "info",
+    "quota.warning": "warning",
     "blk.io_error": "error",
     "dev.add": "info",
     "dev.change": "info",
@@ -157,6 +165,9 @@ class Observation:
     errors_total: int | None = None
     fs_key: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    # The VE a source attributed the fact to itself (BPF space counts: by the cgroup of the
+    # failing process, which no device names); otherwise the correlator places the device.
+    ve: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import structlog
 
+from .cgroups import CgroupMounts, Membership, matches
 from .errors import ConfigError
 from .events import Device
 from .mountinfo import MountEntry, read_mountinfo
@@ -116,6 +117,8 @@ class Inventory:
     _last_seen: dict[str, Placement] = field(default_factory=dict, init=False)
     _seqs: dict[tuple[int, int, int], int] = field(default_factory=dict, init=False)
     _next_seq: int = field(default=1, init=False)
+    cgroup_mounts: Callable[[], CgroupMounts] = CgroupMounts.read
+    _cg_mounts: CgroupMounts | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -231,6 +234,34 @@ class Inventory:
             if placement.backing_file and placement.backing_file in ve.images:
                 return ve.id
         return None
+
+    def ve_for_cgroups(self, members: Iterable[Membership]) -> str | None:
+        """The VE whose ``cgroup`` contains one of a process's cgroup memberships.
+
+        A VE's cgroup is a path under a cgroup mount (``/sys/fs/cgroup/freezer/ve101``: that
+        hierarchy only) or a path relative to any hierarchy's root (``/machine.slice/ve-101.scope``).
+        The deepest match wins, so a VE nested inside another's cgroup gets its own processes.
+        """
+        members = list(members)
+        best: tuple[int, str] | None = None
+        for ve in self.ves:
+            if not ve.cgroup:
+                continue
+            spec = self._cgroup_spec(ve.cgroup)
+            if any(matches(spec, m) for m in members):
+                depth = len(spec[1].rstrip("/"))
+                if best is None or depth > best[0]:
+                    best = (depth, ve.id)
+        return best[1] if best else None
+
+    def _cgroup_spec(self, cgroup: str) -> tuple[str | None, str]:
+        if cgroup.startswith("/sys/"):
+            if self._cg_mounts is None:
+                self._cg_mounts = self.cgroup_mounts()
+            found = self._cg_mounts.membership_of(cgroup)
+            if found is not None:
+                return found
+        return (None, "/" + cgroup.strip("/"))
 
     def _with_ve(self, p: Placement) -> Placement:
         ve = self.ve_for(p)

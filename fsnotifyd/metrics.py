@@ -44,6 +44,32 @@ class Metrics:
             "fsnotifyd_action_duration_seconds", "Time from an action job's start to its end", ["action"],
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600), registry=r,
         )
+        self.space_failures = Counter(
+            "fsnotifyd_space_failures_total",
+            "Syscalls that failed with ENOSPC or EDQUOT (sum of fs.enospc / fs.edquot counts)",
+            ["errno", "ve"], registry=r,
+        )
+        self.alloc_blocks = Counter(
+            "fsnotifyd_alloc_blocks_total", "Filesystem blocks allocated, freed and discarded (BPF telemetry)",
+            ["device", "ve", "op"], registry=r,
+        )
+        self.alloc_regions = Counter(
+            "fsnotifyd_alloc_regions_touched_total",
+            "Image-cluster sized regions that received their first allocation", ["device", "ve"], registry=r,
+        )
+        self.alloc_regions_live = Gauge(
+            "fsnotifyd_alloc_regions_live", "Regions holding allocations and not discarded whole since",
+            ["device", "ve"], registry=r,
+        )
+        self.swelling = Gauge(
+            "fsnotifyd_fs_swelling_ratio",
+            "Live regions over the regions the data in use needs (1 = compact; a thin image's growth factor)",
+            ["device", "ve"], registry=r,
+        )
+        self.quota_warnings = Counter(
+            "fsnotifyd_quota_warnings_total", "Quota warnings by kind (BHARDWARN, ISOFTWARN, ...)",
+            ["warning", "ve"], registry=r,
+        )
         self.latency = Histogram(
             "fsnotifyd_event_latency_seconds",
             "From the first observation of a fact to its publication",

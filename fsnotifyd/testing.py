@@ -160,8 +160,9 @@ class RunningDaemon:
     """``fsnotifyd run`` as a real subprocess with its own state dir, socket and journal."""
 
     def __init__(self, workdir: Path, *, extra_config: str = "", events_out: bool = True,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.env = env
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "fsnotifyd.sock")
         self.journal = self.workdir / "events.jsonl"
@@ -184,7 +185,8 @@ class RunningDaemon:
             argv += ["--events-out", str(self.events_out)]
         self.stderr = open(self.workdir / "daemon.log", "ab")
         offset = self.stderr.tell()  # a restart appends: look for readiness after this point
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

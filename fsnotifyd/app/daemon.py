@@ -268,7 +268,11 @@ class Daemon:
     def expected_sources(self, kind: str, placement: Placement | None) -> frozenset[str]:
         """Which running sources will report this kind of fact on this device."""
         up = {n for n, s in self.statuses.items() if s.up}
+        if "bpf_errors" in up:
+            up.add("bpf")  # the source's observations carry the interface's name
         want: set[str] = set()
+        if kind == "fs.error" and (placement is None or placement.fs in (None, "ext4")):
+            want.add("bpf")  # the tracepoint fires for every ext4 error, unthrottled
         if kind in ("fs.error", "fs.warning", "fs.shutdown"):
             want.add("kmsg")
         if kind == "fs.error" and placement is not None and placement.device.devnum is not None:

@@ -398,7 +398,7 @@ class Correlator:
             device=device,
             fs=(placement.fs if placement and placement.fs else None) or first.fs,
             mount=(placement.mount if placement and placement.mount else None) or first.mount,
-            ve=placement.ve if placement else None,
+            ve=first.ve or (placement.ve if placement else None),
             kernel=kernel,
             sources=tuple(sources),
             count=count,

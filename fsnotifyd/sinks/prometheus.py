@@ -21,8 +21,30 @@ class MetricsSink:
         if event.kind == "fs.error" and event.count:
             dev = event.device.name if event.device and event.device.name else ""
             self.metrics.kernel_errors.labels(dev, ve).inc(event.count)
-        if event.kind not in ("source.up", "source.down"):
+        if event.kind in ("fs.enospc", "fs.edquot"):
+            self.metrics.space_failures.labels(event.kind[3:].upper(), ve).inc(event.count)
+        elif event.kind == "fs.alloc":
+            self._alloc(event, ve)
+        elif event.kind == "quota.warning":
+            w = event.details.get("warning")
+            name = w.get("name") if isinstance(w, dict) else None
+            self.metrics.quota_warnings.labels(str(name or "unknown"), ve).inc()
+        if event.kind not in ("source.up", "source.down", "fs.alloc", "fs.enospc", "fs.edquot"):
             self.metrics.latency.observe(max(time.time() - event.time, 0.0))
+
+    def _alloc(self, event: Event, ve: str) -> None:
+        d = event.details
+        dev = event.device.name if event.device and event.device.name else ""
+        for op in ("allocated", "freed", "discarded"):
+            n = d.get(f"blocks_{op}")
+            if isinstance(n, int) and n > 0:
+                self.metrics.alloc_blocks.labels(dev, ve, op).inc(n)
+        if isinstance(d.get("regions_new"), int) and d["regions_new"] > 0:
+            self.metrics.alloc_regions.labels(dev, ve).inc(d["regions_new"])
+        if isinstance(d.get("regions_live"), int):
+            self.metrics.alloc_regions_live.labels(dev, ve).set(d["regions_live"])
+        if isinstance(d.get("swelling"), (int, float)):
+            self.metrics.swelling.labels(dev, ve).set(d["swelling"])
 
     def close(self) -> None:
         pass

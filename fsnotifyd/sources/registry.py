@@ -45,10 +45,38 @@ def _udev(cfg: SourceConfig, inv: Inventory) -> Source:
     return UdevSource()
 
 
+def _bpf_errors(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .bpf_errors import BpfErrorsSource
+
+    return BpfErrorsSource()
+
+
+def _bpf_space(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .bpf_space import BpfSpaceSource
+
+    return BpfSpaceSource(inventory=inv, interval=cfg.interval or 1.0)
+
+
+def _bpf_alloc(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .bpf_alloc import BpfAllocSource
+
+    return BpfAllocSource(inventory=inv, interval=cfg.interval or 10.0, region_mib=cfg.region_mib or 1)
+
+
+def _quota(cfg: SourceConfig, inv: Inventory) -> Source:
+    from .quota import QuotaSource
+
+    return QuotaSource()
+
+
 REGISTRY: dict[str, Factory] = {
     "kmsg": _kmsg,
     "fanotify": _fanotify,
     "sysfs": _sysfs,
     "mountinfo": _mountinfo,
     "udev": _udev,
+    "bpf_errors": _bpf_errors,
+    "bpf_space": _bpf_space,
+    "bpf_alloc": _bpf_alloc,
+    "quota": _quota,
 }

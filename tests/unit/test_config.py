@@ -14,7 +14,9 @@ class TestDefaults:
     def test_embedded_default_loads(self):
         """The embedded default config is valid and enables every source."""
         cfg = load_config(None)
-        assert set(cfg.sources) == {"kmsg", "fanotify", "sysfs", "mountinfo", "udev"}
+        assert set(cfg.sources) == {"kmsg", "fanotify", "sysfs", "mountinfo", "udev",
+                                    "bpf_errors", "bpf_space", "bpf_alloc", "quota"}
+        assert cfg.sources["bpf_alloc"].region_mib == 1
         assert all(s.enabled for s in cfg.sources.values())
         assert cfg.metrics_address == "127.0.0.1"
 
