@@ -20,6 +20,9 @@
 #ifndef FSND_KEYS
 #define FSND_KEYS 10240
 #endif
+#ifndef FSND_CG_KEYS
+#define FSND_CG_KEYS 1024
+#endif
 
 struct call_key {
     u64 cgroup_id;
@@ -50,8 +53,8 @@ struct dev_key {
 
 BPF_HASH(calls_a, struct call_key, struct call_val, FSND_KEYS);
 BPF_HASH(calls_b, struct call_key, struct call_val, FSND_KEYS);
-BPF_HASH(cgs_a, struct cg_key, struct call_val, 1024);
-BPF_HASH(cgs_b, struct cg_key, struct call_val, 1024);
+BPF_HASH(cgs_a, struct cg_key, struct call_val, FSND_CG_KEYS);
+BPF_HASH(cgs_b, struct cg_key, struct call_val, FSND_CG_KEYS);
 BPF_HASH(devs_a, struct dev_key, u64, 1024);
 BPF_HASH(devs_b, struct dev_key, u64, 1024);
 BPF_ARRAY_OF_MAPS(calls_now, "calls_a", 1);

@@ -255,12 +255,11 @@ class Inventory:
         return best[1] if best else None
 
     def _cgroup_spec(self, cgroup: str) -> tuple[str | None, str]:
-        if cgroup.startswith("/sys/"):
-            if self._cg_mounts is None:
-                self._cg_mounts = self.cgroup_mounts()
-            found = self._cg_mounts.membership_of(cgroup)
-            if found is not None:
-                return found
+        if self._cg_mounts is None:
+            self._cg_mounts = self.cgroup_mounts()
+        found = self._cg_mounts.membership_of(cgroup)
+        if found is not None:
+            return found
         return (None, "/" + cgroup.strip("/"))
 
     def _with_ve(self, p: Placement) -> Placement:

@@ -89,7 +89,7 @@ class BpfAllocSource:
     def _forget(self, dev: int) -> None:
         """A new filesystem on a device number: drop what the old one left in the maps."""
         b = self.prog.bpf  # type: ignore[union-attr]
-        regions = b["regions"]
+        regions = b[b"regions"]
         stale = [k for k in regions.keys() if k.dev == dev]
         for k in stale:
             try:
@@ -97,7 +97,7 @@ class BpfAllocSource:
             except KeyError:
                 pass
         try:
-            del b["stats"][ct.c_uint32(dev)]
+            del b[b"stats"][ct.c_uint32(dev)]
         except KeyError:
             pass
 
@@ -119,9 +119,9 @@ class BpfAllocSource:
             except OSError:
                 continue
             shift = max(0, int(math.log2(max(self.region_bytes // bsize, 1))))
-            b["region_shift"][ct.c_uint32(dev)] = ct.c_uint32(shift)
+            b[b"region_shift"][ct.c_uint32(dev)] = ct.c_uint32(shift)
             self._tracked[dev] = _Tracked(p.mount_seq, shift, bsize, dict.fromkeys(FIELDS, 0))
-        stats = {int(k.value): v for k, v in b["stats"].items()}
+        stats = {int(k.value): v for k, v in b[b"stats"].items()}
         out: list[Observation] = []
         for dev, t in list(self._tracked.items()):
             p = mounts.get(dev)
@@ -139,7 +139,7 @@ class BpfAllocSource:
             if not any(delta[f] for f in ("allocated", "freed", "discarded")):
                 continue
             out.append(self._observation(p, t, now_vals, delta, now))
-        totals = [int(b["overflow"].sum(i).value) for i in range(3)]
+        totals = [int(b[b"overflow"].sum(i).value) for i in range(3)]
         lost = sum(totals[:2]) - sum(self._overflow[:2])
         self._overflow = totals
         return out, lost

@@ -61,7 +61,7 @@ class BpfErrorsSource:
         loop = asyncio.get_running_loop()
         self.prog = await asyncio.to_thread(bpfload.load, "ext4_error")
         b = self.prog.bpf
-        table = b["errors"]
+        table = b[b"errors"]
 
         def on_record(ctx: Any, data: Any, size: int) -> int:
             try:
@@ -81,7 +81,7 @@ class BpfErrorsSource:
             while True:
                 await asyncio.sleep(self.lost_interval)
                 b.ring_buffer_consume()  # the poll is level-triggered; this only covers a missed wake-up
-                total = int(b["lost"].sum(0).value)
+                total = int(b[b"lost"].sum(0).value)
                 if total > self.lost:
                     send(Observation(source=SOURCE, kind="events.lost", time=time.time(), count=total - self.lost,
                                      details={"reason": "bpf_ringbuf_full", "program": "ext4_error"}))

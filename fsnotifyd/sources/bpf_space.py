@@ -85,8 +85,9 @@ class BpfSpaceSource:
     name = "bpf_space"
 
     def __init__(self, inventory: Inventory | None = None, interval: float = 1.0,
-                 resolver: CgroupResolver | None = None) -> None:
+                 resolver: CgroupResolver | None = None, defines: dict[str, int] | None = None) -> None:
         self.inventory = inventory
+        self.defines = defines or {}  # FSND_KEYS, FSND_CG_KEYS: map sizes (tests shrink them)
         self.interval = interval
         self.resolver = resolver or CgroupResolver()
         self.prog: bpfload.Loaded | None = None
@@ -105,15 +106,15 @@ class BpfSpaceSource:
 
     # -- the kernel side -------------------------------------------------------------------
     def _load(self) -> None:
-        self.prog = bpfload.load("space")
+        self.prog = bpfload.load("space", self.defines)
         self._point("a")  # until the slots point at maps, the programs count nothing
 
     def _point(self, suffix: str) -> None:
         b = self.prog.bpf  # type: ignore[union-attr]
-        for outer, inner in (("calls_now", "calls"), ("cgs_now", "cgs"), ("devs_now", "devs")):
+        for outer, inner in ((b"calls_now", "calls"), (b"cgs_now", "cgs"), (b"devs_now", "devs")):
             # An update of an array of maps returns after an RCU grace period: no program still
             # counts into the map it replaced.
-            b[outer][ct.c_int(0)] = ct.c_int(b[f"{inner}_{suffix}"].map_fd)
+            b[outer][ct.c_int(0)] = ct.c_int(b[f"{inner}_{suffix}".encode()].map_fd)
 
     def drain(self) -> tuple[list[Call], list[tuple[int, int, int, int]], list[int]]:
         """Swap maps and read the old ones: (calls, [(cgroup, dev, err, n)], overflow delta)."""
@@ -126,15 +127,15 @@ class BpfSpaceSource:
         self._point(self._spare)
         self._spare = old
         calls: list[Call] = []
-        for k, v in b[f"calls_{old}"].items():
+        for k, v in b[f"calls_{old}".encode()].items():
             calls.append(Call(k.cgroup_id, k.pid, bytes(k.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
                               k.syscall, k.err, v.count, v.first_ns, v.last_ns))
-        for k, v in b[f"cgs_{old}"].items():
+        for k, v in b[f"cgs_{old}".encode()].items():
             calls.append(Call(k.cgroup_id, 0, "", -1, k.err, v.count, v.first_ns, v.last_ns))
-        devs = [(k.cgroup_id, k.dev, k.err, v.value) for k, v in b[f"devs_{old}"].items()]
+        devs = [(k.cgroup_id, k.dev, k.err, v.value) for k, v in b[f"devs_{old}".encode()].items()]
         for name in ("calls", "cgs", "devs"):
-            b[f"{name}_{old}"].clear()
-        totals = [int(b["overflow"].sum(i).value) for i in range(3)]
+            b[f"{name}_{old}".encode()].clear()
+        totals = [int(b[b"overflow"].sum(i).value) for i in range(3)]
         delta = [t - o for t, o in zip(totals, self._overflow)]
         self._overflow = totals
         self.drains += 1
