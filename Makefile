@@ -20,6 +20,7 @@ bench: bootstrap
 	$(PY) bench/image_ops.py
 	$(PY) bench/image_swelling.py
 	$(PY) bench/isolate_latency.py
+	$(PY) bench/bpf_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

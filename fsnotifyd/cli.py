@@ -214,10 +214,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _bpf_defines(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     from .sources.bpf_alloc import defines
+    from .sources.bpf_space import space_defines
 
     cfg = _config(args)
     alloc = cfg.sources.get("bpf_alloc")
-    return {"alloc": defines(((alloc.region_mib if alloc else None) or 1) << 20)}
+    space = cfg.sources.get("bpf_space")
+    return {"alloc": defines(((alloc.region_mib if alloc else None) or 1) << 20),
+            "space": space_defines(bool(space and space.ext4_devices))}
 
 
 def cmd_bpf_show(args: argparse.Namespace) -> int:

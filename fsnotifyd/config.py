@@ -24,6 +24,7 @@ class SourceConfig:
     interval: float | None = None
     fstypes: tuple[str, ...] = ()
     region_mib: int | None = None  # bpf_alloc: the image cluster size regions are counted in
+    ext4_devices: bool | None = None  # bpf_space: also hook ext4's block mapping to name devices
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:
         for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
-            allowed = ("enabled", "interval", "fstypes") + (("region_mib",) if name == "bpf_alloc" else ())
+            allowed = ("enabled", "interval", "fstypes") + {"bpf_alloc": ("region_mib",),
+                                                            "bpf_space": ("ext4_devices",)}.get(name, ())
             fields = r.mapping(node, f"sources.{name}", allowed)
             sc: dict[str, Any] = {}
             if "enabled" in fields:
@@ -212,6 +214,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                 sc["interval"] = float(r.number(fields["interval"], f"sources.{name}.interval", minimum=0.01))
             if "fstypes" in fields:
                 sc["fstypes"] = r.strings(fields["fstypes"], f"sources.{name}.fstypes")
+            if "ext4_devices" in fields:
+                sc["ext4_devices"] = r.scalar(fields["ext4_devices"], f"sources.{name}.ext4_devices", bool)
             if "region_mib" in fields:
                 mib = r.number(fields["region_mib"], f"sources.{name}.region_mib", minimum=1, integer=True)
                 if mib & (mib - 1):

@@ -34,6 +34,11 @@ KIND = {_errno.ENOSPC: "fs.enospc", _errno.EDQUOT: "fs.edquot"}
 TOP = 10  # processes listed per event
 
 
+def space_defines(ext4_devices: bool) -> dict[str, int]:
+    """The program's build-time settings (also printed by ``fsnotifyd bpf show space``)."""
+    return {"FSND_EXT4_DEVICES": 1} if ext4_devices else {}
+
+
 def syscall_name(nr: int) -> str:
     try:
         from bcc.syscall import syscall_name as name
@@ -41,6 +46,17 @@ def syscall_name(nr: int) -> str:
         return name(nr).decode()
     except Exception:  # noqa: BLE001 - an unknown number keeps its number
         return str(nr)
+
+
+def _per_cpu(values: Any) -> tuple[int, int, str]:
+    """Sum a per-CPU entry: (count, earliest first time, comm) over the CPUs that counted."""
+    counted = [v for v in values if v.count]
+    count = sum(int(v.count) for v in counted)
+    first = min(counted, key=lambda v: v.first_ns) if counted else None
+    if first is None:
+        return 0, 0, ""
+    comm = bytes(first.comm).split(b"\0", 1)[0].decode("utf-8", "replace") if hasattr(first, "comm") else ""
+    return count, int(first.first_ns), comm
 
 
 @dataclass
@@ -85,9 +101,12 @@ class BpfSpaceSource:
     name = "bpf_space"
 
     def __init__(self, inventory: Inventory | None = None, interval: float = 1.0,
-                 resolver: CgroupResolver | None = None, defines: dict[str, int] | None = None) -> None:
+                 resolver: CgroupResolver | None = None, defines: dict[str, int] | None = None,
+                 ext4_devices: bool = False) -> None:
         self.inventory = inventory
-        self.defines = defines or {}  # FSND_KEYS, FSND_CG_KEYS: map sizes (tests shrink them)
+        # FSND_KEYS, FSND_CG_KEYS: map sizes (tests shrink them); FSND_EXT4_DEVICES: the hooks
+        # that name the device of failures in ext4's allocator
+        self.defines = {**space_defines(ext4_devices), **(defines or {})}
         self.interval = interval
         self.resolver = resolver or CgroupResolver()
         self.prog: bpfload.Loaded | None = None
@@ -111,7 +130,8 @@ class BpfSpaceSource:
 
     def _point(self, suffix: str) -> None:
         b = self.prog.bpf  # type: ignore[union-attr]
-        for outer, inner in ((b"calls_now", "calls"), (b"cgs_now", "cgs"), (b"devs_now", "devs")):
+        for outer, inner in ((b"cache_now", "cache"), (b"calls_now", "calls"), (b"cgs_now", "cgs"),
+                             (b"devs_now", "devs")):
             # An update of an array of maps returns after an RCU grace period: no program still
             # counts into the map it replaced.
             b[outer][ct.c_int(0)] = ct.c_int(b[f"{inner}_{suffix}".encode()].map_fd)
@@ -127,11 +147,20 @@ class BpfSpaceSource:
         self._point(self._spare)
         self._spare = old
         calls: list[Call] = []
+        now_ns = time.monotonic_ns()  # the maps keep no last time: the drain bounds it
         for k, v in b[f"calls_{old}".encode()].items():
-            calls.append(Call(k.cgroup_id, k.pid, bytes(k.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-                              k.syscall, k.err, v.count, v.first_ns, v.last_ns))
+            count, first, comm = _per_cpu(v)
+            calls.append(Call(k.cgroup_id, k.pid, comm, k.syscall, k.err, count, first, now_ns))
+        cache = b[f"cache_{old}".encode()]
+        for c in cache[ct.c_int(0)]:  # what each CPU had not yet moved into the hash
+            if c.val.count:
+                calls.append(Call(c.key.cgroup_id, c.key.pid,
+                                  bytes(c.val.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                                  c.key.syscall, c.key.err, int(c.val.count), int(c.val.first_ns), now_ns))
+        del cache[ct.c_int(0)]  # zeroes every CPU's entry
         for k, v in b[f"cgs_{old}".encode()].items():
-            calls.append(Call(k.cgroup_id, 0, "", -1, k.err, v.count, v.first_ns, v.last_ns))
+            count, first, _ = _per_cpu(v)
+            calls.append(Call(k.cgroup_id, 0, "", -1, k.err, count, first, now_ns))
         devs = [(k.cgroup_id, k.dev, k.err, v.value) for k, v in b[f"devs_{old}".encode()].items()]
         for name in ("calls", "cgs", "devs"):
             b[f"{name}_{old}".encode()].clear()

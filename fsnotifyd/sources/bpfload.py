@@ -43,7 +43,7 @@ PROGRAMS: dict[str, Program] = {
         Program("ext4_error", "ext4_error.c", ("ext4/ext4_error",),
                 "every ext4 error (device, function, line), not rate limited"),
         Program("space", "space.c",
-                ("raw_syscalls/sys_exit", "ext4/ext4_ext_map_blocks_exit", "ext4/ext4_ind_map_blocks_exit"),
+                ("raw_syscalls/sys_exit",),
                 "ENOSPC/EDQUOT counted per cgroup, process, syscall and device"),
         Program("alloc", "alloc.c", ("ext4/ext4_allocate_blocks", "ext4/ext4_free_blocks", "ext4/ext4_discard_blocks"),
                 "blocks allocated, freed, discarded and image-cluster regions touched, per device"),

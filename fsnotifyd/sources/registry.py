@@ -54,7 +54,7 @@ def _bpf_errors(cfg: SourceConfig, inv: Inventory) -> Source:
 def _bpf_space(cfg: SourceConfig, inv: Inventory) -> Source:
     from .bpf_space import BpfSpaceSource
 
-    return BpfSpaceSource(inventory=inv, interval=cfg.interval or 1.0)
+    return BpfSpaceSource(inventory=inv, interval=cfg.interval or 1.0, ext4_devices=bool(cfg.ext4_devices))
 
 
 def _bpf_alloc(cfg: SourceConfig, inv: Inventory) -> Source:

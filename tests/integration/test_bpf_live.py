@@ -178,7 +178,8 @@ WRITER = textwrap.dedent("""
 def test_million_enospc_are_a_handful_of_events_with_exact_counts(bpf_ready, tmp_path):
     """1,000,000 failing writes by an unprivileged user in a cgroup mapped to a VE: fs.enospc
     events attributed to the VE whose counts add up to exactly 1,000,000 writes, in a handful
-    of events; fallocate failures reach ext4's allocator, whose tracepoint names the device."""
+    of events; fallocate failures reach ext4's allocator, whose tracepoint (enabled with
+    ``ext4_devices``) names the device."""
     n, falloc = 1_000_000, 100
     with open_dir("fsnd-enospc-") as top, cgroup("fsnd-enospc") as cg, \
             loop_ext4(32, workdir=_dir(top / "fs")) as fs:
@@ -190,6 +191,8 @@ def test_million_enospc_are_a_handful_of_events_with_exact_counts(bpf_ready, tmp
               - id: ve-space
                 mount: {fs.mountpoint}
                 cgroup: {cg}
+            sources:
+              bpf_space: {{ext4_devices: true}}
             """))
         with d:
             stream = d.stream(["fs.enospc"])

@@ -96,8 +96,9 @@ def fail_in(cg: Path, k: int) -> None:
 
 def test_full_counting_maps_fall_back_then_count_as_lost(bpf_ready):
     """Maps of 4 process keys and 1 cgroup key: cgroup A's 6 processes fill the process map and
-    fall back to A's per-cgroup entry (still attributed); cgroup B then finds both full: its
-    failures are counted unattributed and reported as events.lost. Every failure is counted."""
+    fall back to A's per-cgroup entry (still attributed); cgroup B then finds both full: what
+    it moves out of the per-CPU cache is counted unattributed and reported as events.lost
+    (what is still in a CPU's cache at the drain keeps its process). Every failure is counted."""
     from fsnotifyd.sources.bpf_space import BpfSpaceSource
 
     k = 10
@@ -118,10 +119,12 @@ def test_full_counting_maps_fall_back_then_count_as_lost(bpf_ready):
     got = asyncio.run(main())
     enospc = [o for o in got if o.kind == "fs.enospc"]
     in_a = [o for o in enospc if f"/fsnd-loss-a-{os.getpid()}" in o.details["cgroups"]]
+    in_b = [o for o in enospc if f"/fsnd-loss-b-{os.getpid()}" in o.details["cgroups"]]
     unattributed = [o for o in enospc if "unattributed" in o.details]
     lost = [o for o in got if o.kind == "events.lost"]
     assert sum(o.count for o in in_a) == 6 * k, [(o.count, o.details["cgroups"]) for o in enospc]
-    assert sum(o.count for o in unattributed) == 3 * k
-    assert sum(o.count for o in lost) == 3 * k and lost[0].details["reason"] == "bpf_map_full"
+    u = sum(o.count for o in unattributed)
+    assert u >= k and u + sum(o.count for o in in_b) == 3 * k, [(o.count, o.details["cgroups"]) for o in enospc]
+    assert sum(o.count for o in lost) == u and lost[0].details["reason"] == "bpf_map_full"
     # other processes on the host may fail with ENOSPC too; ours are all there and nothing else is lost
     assert sum(o.count for o in enospc) >= 9 * k

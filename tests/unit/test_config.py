@@ -17,6 +17,7 @@ class TestDefaults:
         assert set(cfg.sources) == {"kmsg", "fanotify", "sysfs", "mountinfo", "udev",
                                     "bpf_errors", "bpf_space", "bpf_alloc", "quota"}
         assert cfg.sources["bpf_alloc"].region_mib == 1
+        assert cfg.sources["bpf_space"].ext4_devices is False
         assert all(s.enabled for s in cfg.sources.values())
         assert cfg.metrics_address == "127.0.0.1"
 
