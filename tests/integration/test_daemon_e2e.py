@@ -43,7 +43,7 @@ def test_trigger_fs_error_is_one_event(daemon, workdir):
         assert k["function"] == "trigger_test_error" and isinstance(k["line"], int)
         assert k["message"] == "hello from the test"
         assert k["errno"] == {"name": "EUCLEAN", "number": errno.EUCLEAN}
-        assert set(ev["sources"]) == {"kmsg", "fanotify", "sysfs"}
+        assert set(ev["sources"]) == {"bpf", "kmsg", "fanotify", "sysfs"}
         assert ev["count"] == 1 and ev["schema"] == "fsnotifyd.event/1"
         assert ev["time"].endswith("Z") and ev["severity"] == "error"
 
