@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from ..events import Device, Observation
+from ..events import Observation
 from ..inventory import Inventory, Placement
 from ..typing import Ready, Send
 from . import bpfload
@@ -173,8 +173,8 @@ class BpfAllocSource:
             "totals": {"blocks_allocated": total["allocated"], "blocks_freed": total["freed"],
                        "blocks_discarded": total["discarded"]},
         }
-        return Observation(source=SOURCE, kind="fs.alloc", time=now, device=Device(*p.device.devnum, p.device.name)
-                           if p.device.devnum else p.device, fs="ext4", mount=p.mount, details=details)
+        return Observation(source=SOURCE, kind="fs.alloc", time=now, device=p.device, fs="ext4", mount=p.mount,
+                           details=details)
 
     async def run(self, send: Send, ready: Ready) -> None:
         await asyncio.to_thread(self._load)
