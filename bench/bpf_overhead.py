@@ -72,7 +72,6 @@ import benchutil  # noqa: E402
 from benchutil import sh  # noqa: E402
 
 NOBODY = 65534
-CGROUP2 = "/sys/fs/cgroup/unified" if os.path.ismount("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
 PROGRAM_NAMES = ("ext4_error", "space", "alloc")
 TARGET_SLOWDOWN = 3.0  # %
 TARGET_CPU = 5.0  # % of one core
@@ -448,25 +447,6 @@ def sched_ns(pid: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def test_cgroup(name: str):
-    path = Path(CGROUP2) / f"{name}-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(100):  # the last task may still be exiting
-            try:
-                path.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            print(f"  WARNING: could not remove cgroup {path}", file=sys.stderr)
-
-
 def enospc_events(path: Path, ve: str) -> list[dict]:
     if not path.exists():
         return []
@@ -480,13 +460,13 @@ def enospc_events(path: Path, ve: str) -> list[dict]:
 
 
 def storm(args, work: Path, writer: list[str]) -> dict:
-    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.testing import RunningDaemon, scratch_cgroup
 
     tck = os.sysconf("SC_CLK_TCK")
     ve = "ve-bench-space"
     n = args.storm
     with contextlib.ExitStack() as stack:
-        cg = stack.enter_context(test_cgroup("fsnd-bench-enospc"))
+        cg = stack.enter_context(scratch_cgroup("fsnd-bench-enospc"))
         fs = stack.enter_context(loop_fs(work, "storm", 32))
         fs.mountpoint.chmod(0o777)
         fill_as_root(fs.mountpoint)

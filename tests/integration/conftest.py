@@ -33,3 +33,29 @@ def daemon(workdir, request):
     finally:
         rc = d.stop()
         assert rc == 0, f"daemon exited {rc}: {d.log()[-3000:]}"
+
+
+@pytest.fixture
+def bpf_ready() -> None:
+    """Root, loop ext4, and every BPF program loadable here (bcc, headers, tracepoints)."""
+    from fsnotifyd.sources import bpfload
+    from tests.conftest import _check_kernel, kernel_missing
+
+    reason = _check_kernel()
+    if reason:
+        kernel_missing(reason)
+    for name in bpfload.PROGRAMS:
+        why = bpfload.unavailable_reason(name)
+        if why:
+            kernel_missing(f"BPF program {name} cannot load here: {why[0]}")
+
+
+@pytest.fixture
+def make_cgroup():
+    """``make_cgroup(name)``: a scratch cgroup v2 context (missing v2: skip, or fail in CI)."""
+    from fsnotifyd.testing import cgroup2_root, scratch_cgroup
+    from tests.conftest import kernel_missing
+
+    if cgroup2_root() is None:
+        kernel_missing("no cgroup v2 hierarchy mounted")
+    return scratch_cgroup

@@ -22,26 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
 from fsnotifyd.testing import RunningDaemon, loop_ext4
 from tests.conftest import _check_kernel, kernel_missing
 
-CGROUP2 = "/sys/fs/cgroup/unified" if os.path.ismount("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
 NOBODY = 65534
-
-
-@pytest.fixture
-def bpf_ready() -> None:
-    reason = _check_kernel()
-    if reason:
-        kernel_missing(reason)
-    from fsnotifyd.sources import bpfload
-
-    for name in bpfload.PROGRAMS:
-        why = bpfload.unavailable_reason(name)
-        if why:
-            kernel_missing(f"BPF program {name} cannot load here: {why[0]}")
 
 
 def _dir(p: Path) -> Path:
@@ -58,23 +42,6 @@ def open_dir(prefix: str) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def cgroup(name: str) -> Iterator[Path]:
-    if not os.path.exists(os.path.join(CGROUP2, "cgroup.procs")):
-        kernel_missing(f"no cgroup v2 hierarchy at {CGROUP2}")
-    path = Path(CGROUP2) / f"{name}-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(50):  # the last task may still be exiting
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -175,13 +142,13 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_million_enospc_are_a_handful_of_events_with_exact_counts(bpf_ready, tmp_path):
+def test_million_enospc_are_a_handful_of_events_with_exact_counts(bpf_ready, make_cgroup, tmp_path):
     """1,000,000 failing writes by an unprivileged user in a cgroup mapped to a VE: fs.enospc
     events attributed to the VE whose counts add up to exactly 1,000,000 writes, in a handful
     of events; fallocate failures reach ext4's allocator, whose tracepoint (enabled with
     ``ext4_devices``) names the device."""
     n, falloc = 1_000_000, 100
-    with open_dir("fsnd-enospc-") as top, cgroup("fsnd-enospc") as cg, \
+    with open_dir("fsnd-enospc-") as top, make_cgroup("fsnd-enospc") as cg, \
             loop_ext4(32, workdir=_dir(top / "fs")) as fs:
         fs.mountpoint.chmod(0o777)
         fill_as_root(fs.mountpoint)

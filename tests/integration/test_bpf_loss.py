@@ -8,51 +8,13 @@ loop is kept from reading while the kernel produces records, and the maps are bu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Iterator
-
-import pytest
 
 from fsnotifyd.testing import loop_ext4
-from tests.conftest import _check_kernel, kernel_missing
 from tests.integration.sourcekit import running, wait_until
-
-CGROUP2 = "/sys/fs/cgroup/unified" if os.path.ismount("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
-
-
-@pytest.fixture
-def bpf_ready() -> None:
-    reason = _check_kernel()
-    if reason:
-        kernel_missing(reason)
-    from fsnotifyd.sources import bpfload
-
-    for name in ("ext4_error", "space"):
-        why = bpfload.unavailable_reason(name)
-        if why:
-            kernel_missing(f"BPF program {name} cannot load here: {why[0]}")
-
-
-@contextlib.contextmanager
-def cgroup(name: str) -> Iterator[Path]:
-    if not os.path.exists(os.path.join(CGROUP2, "cgroup.procs")):
-        kernel_missing(f"no cgroup v2 hierarchy at {CGROUP2}")
-    path = Path(CGROUP2) / f"{name}-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def test_full_ring_buffer_is_counted_as_lost(bpf_ready, tmp_path):
@@ -94,7 +56,7 @@ def fail_in(cg: Path, k: int) -> None:
                    check=True)
 
 
-def test_full_counting_maps_fall_back_then_count_as_lost(bpf_ready):
+def test_full_counting_maps_fall_back_then_count_as_lost(bpf_ready, make_cgroup):
     """Maps of 4 process keys and 1 cgroup key: cgroup A's 6 processes fill the process map and
     fall back to A's per-cgroup entry (still attributed); cgroup B then finds both full: what
     it moves out of the per-CPU cache is counted unattributed and reported as events.lost
@@ -105,7 +67,7 @@ def test_full_counting_maps_fall_back_then_count_as_lost(bpf_ready):
 
     async def main() -> list:
         src = BpfSpaceSource(interval=3600, defines={"FSND_KEYS": 4, "FSND_CG_KEYS": 1})
-        with cgroup("fsnd-loss-a") as a, cgroup("fsnd-loss-b") as b:
+        with make_cgroup("fsnd-loss-a") as a, make_cgroup("fsnd-loss-b") as b:
             async with running(src, "bpf_space") as got:
                 await src.publish(got.append)  # start from empty maps
                 got.clear()
