@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -70,6 +70,34 @@ class Metrics:
             "fsnotifyd_quota_warnings_total", "Quota warnings by kind (BHARDWARN, ISOFTWARN, ...)",
             ["warning", "ve"], registry=r,
         )
+        self.fsck_results = Counter(
+            "fsnotifyd_fsck_results_total", "fsck runs by result (clean; errors: found, or fixed by a repair; failed: nothing learnt, or errors left)",
+            ["ve", "result"], registry=r,
+        )
+        self.sink_failures = Counter(
+            "fsnotifyd_sink_failures_total", "Events a sink raised on (the other sinks still got them)",
+            ["sink"], registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "fsnotifyd_webhook_deliveries_total",
+            "Webhook POSTs by outcome (delivered, retried, rejected: the endpoint refused the event for good)",
+            ["sink", "outcome"], registry=r,
+        )
+        self.webhook_spool_events = Gauge(
+            "fsnotifyd_webhook_spool_events", "Events in a webhook's spool, not yet delivered", ["sink"], registry=r,
+        )
+        self.webhook_spool_bytes = Gauge(
+            "fsnotifyd_webhook_spool_bytes", "Bytes of a webhook's spool on disk", ["sink"], registry=r,
+        )
+        self.webhook_oldest_seconds = Gauge(
+            "fsnotifyd_webhook_oldest_spooled_seconds",
+            "Age of the oldest undelivered event in a webhook's spool (0 when empty)", ["sink"], registry=r,
+        )
+        self.control_requests = Counter(
+            "fsnotifyd_control_requests_total",
+            "Control socket requests by op and result (ok, error, refused: peer not allowed, bad: malformed)",
+            ["op", "result"], registry=r,
+        )
         self.latency = Histogram(
             "fsnotifyd_event_latency_seconds",
             "From the first observation of a fact to its publication",
@@ -80,6 +108,24 @@ class Metrics:
     def bind_correlator(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the correlator's own counters, read at scrape time (no copy to keep in step)."""
         self.registry.register(_CorrelatorCollector(stats))
+
+
+    def bind_isolated(self, isolated: Callable[[], Iterable[str]]) -> None:
+        """``fsnotifyd_ve_isolated``: 1 per VE under isolation, read from the action records at
+        scrape time, so a release by the CLI shows at once."""
+        self.registry.register(_IsolatedCollector(isolated))
+
+
+class _IsolatedCollector(Collector):
+    def __init__(self, isolated: Callable[[], Iterable[str]]) -> None:
+        self.isolated = isolated
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("fsnotifyd_ve_isolated", "1 while a VE is isolated by an action (until released)",
+                              labels=["ve"])
+        for ve in sorted(self.isolated()):
+            g.add_metric([ve], 1)
+        yield g
 
 
 class _CorrelatorCollector(Collector):

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gcc, libc6-dev and python3-dev build the C parts of the rules replay (setup.py); fio drives
-# the image I/O benchmark (bench/image_io.py).
-DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio)
+# the image I/O benchmark (bench/image_io.py); systemd gives systemd-analyze, openssl the TLS tools.
+DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
+              systemd openssl)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -47,6 +48,28 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
   ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+
+# promtool checks packaging/prometheus (tests/unit/test_alerting_assets.py). It comes from Debian's
+# prometheus package, unpacked under .cache/ rather than installed: installing the package would
+# start a Prometheus server. Without it the bootstrap goes on; the test skips (fails in CI) and says why.
+promtool=.cache/prometheus/usr/bin/promtool
+if [ ! -x "$promtool" ]; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -qq prometheus) >"$tmp/log" 2>&1 \
+     || { [ "$(id -u)" -eq 0 ] && apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus) >"$tmp/log" 2>&1; }; then
+    mkdir -p .cache && rm -rf .cache/prometheus .cache/prometheus.new
+    dpkg-deb -x "$tmp"/prometheus_*.deb .cache/prometheus.new
+    mv .cache/prometheus.new .cache/prometheus
+    echo "bootstrap: unpacked promtool into .cache/prometheus"
+  else
+    echo "bootstrap: could not download Debian's prometheus package for promtool:" >&2
+    cat "$tmp/log" >&2
+  fi
+  rm -rf "$tmp"
+fi
+if [ -x "$promtool" ] && [ "$(readlink .venv/bin/promtool)" != "../../$promtool" ]; then
+  ln -sfn "../../$promtool" .venv/bin/promtool
 fi
 
 # The C extensions (rules engine core, journal scanner) are built in place, again whenever a

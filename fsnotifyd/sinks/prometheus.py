@@ -29,6 +29,8 @@ class MetricsSink:
             w = event.details.get("warning")
             name = w.get("name") if isinstance(w, dict) else None
             self.metrics.quota_warnings.labels(str(name or "unknown"), ve).inc()
+        elif event.kind == "fsck.result":
+            self.metrics.fsck_results.labels(ve, str(event.details.get("result") or "unknown")).inc()
         if event.kind not in ("source.up", "source.down", "fs.alloc", "fs.enospc", "fs.edquot"):
             self.metrics.latency.observe(max(time.time() - event.time, 0.0))
 
