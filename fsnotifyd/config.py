@@ -28,6 +28,45 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """One HTTP endpoint that receives events as CloudEvents 1.0 (structured JSON mode)."""
+
+    name: str
+    url: str
+    kinds: tuple[str, ...] = ()  # empty: every kind; "fs.*" matches a prefix
+    token_file: str | None = None  # bearer token, read at start (kept out of the config file)
+    tls_verify: bool = True
+    ca_file: str | None = None  # CA bundle for a private CA; default: the system's
+    timeout_s: float = 10.0  # per POST
+    retry_initial_s: float = 1.0  # first backoff; doubles (with jitter) up to retry_max_s
+    retry_max_s: float = 300.0
+    spool_max_bytes: int = 64 << 20  # past this, the oldest undelivered events are dropped and counted
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    """Events to the system log: journald's native protocol (structured fields) or RFC 5424."""
+
+    enabled: bool = False
+    target: str = "auto"  # auto: journald if its socket exists, else syslog; or "journal" / "syslog"
+    path: str | None = None  # the socket; default /run/systemd/journal/socket or /dev/log
+    format: str = "rfc3164"  # syslog only: "rfc3164" (key=value in the text; every syslogd reads it) or "rfc5424"
+    ident: str = "fsnotifyd"
+    facility: str = "daemon"
+    kinds: tuple[str, ...] = ()  # empty: every kind
+    min_severity: str = "info"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Who may use the control socket and how much they may send."""
+
+    group: str = "root"  # the socket is root:<group> 0660; members may use it (status, tail, reload, release)
+    max_request_bytes: int = 64 * 1024
+    max_clients: int = 64
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/fsnotifyd"
     socket: str = "/run/fsnotifyd/fsnotifyd.sock"
@@ -45,6 +84,9 @@ class Config:
     ves: tuple[VE, ...] = ()
     rules: tuple[str, ...] | None = None  # None: the embedded default rules
     actions: ActionsConfig = field(default_factory=lambda: ActionsConfig())
+    webhooks: tuple[WebhookConfig, ...] = ()
+    syslog: SyslogConfig = field(default_factory=lambda: SyslogConfig())
+    control: ControlConfig = field(default_factory=lambda: ControlConfig())
     file: str = "<default>"
 
 
@@ -146,7 +188,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if root is None:
         return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
-                               "queue_size", "sources", "ves", "rules", "actions"))
+                               "queue_size", "sources", "ves", "rules", "actions", "sinks", "control"))
     kw: dict[str, Any] = {"file": file}
     if "state_dir" in top:
         kw["state_dir"] = r.scalar(top["state_dir"], "state_dir", str)
@@ -201,6 +243,10 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                     raise r.error(a["repair_window"], str(e), "actions.repair_window") from None
             ak["repair_window"] = w
         kw["actions"] = ActionsConfig(**ak)
+    if "sinks" in top:
+        kw.update(_sinks(r, top["sinks"]))
+    if "control" in top:
+        kw["control"] = _control(r, top["control"])
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:
         for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
@@ -261,6 +307,132 @@ def parse_config(text: str, file: str = "<string>") -> Config:
             ))
         kw["ves"] = tuple(ves)
     return Config(**kw)
+
+
+_SEVERITIES = ("debug", "info", "warning", "error", "critical")
+_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+               "ftp", *(f"local{i}" for i in range(8)))
+
+
+def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
+    s = r.mapping(node, "sinks", ("webhooks", "syslog"))
+    out: dict[str, Any] = {}
+    if "webhooks" in s:
+        out["webhooks"] = _webhooks(r, s["webhooks"])
+    if "syslog" in s:
+        y = r.mapping(s["syslog"], "sinks.syslog", ("enabled", "target", "path", "format", "ident", "facility",
+                                                    "kinds", "min_severity"))
+        yk: dict[str, Any] = {}
+        if "enabled" in y:
+            yk["enabled"] = r.scalar(y["enabled"], "sinks.syslog.enabled", bool)
+        for key, choices in (("target", ("auto", "journal", "syslog")), ("format", ("rfc5424", "rfc3164")),
+                             ("facility", _FACILITIES), ("min_severity", _SEVERITIES)):
+            if key in y:
+                yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
+        if "path" in y:
+            yk["path"] = r.scalar(y["path"], "sinks.syslog.path", (str, type(None)))
+        if "ident" in y:
+            yk["ident"] = r.scalar(y["ident"], "sinks.syslog.ident", str)
+            if not yk["ident"] or any(c.isspace() for c in yk["ident"]) or len(yk["ident"]) > 48:
+                raise r.error(y["ident"], "must be 1..48 characters without spaces", "sinks.syslog.ident")
+        if "kinds" in y:
+            yk["kinds"] = _kinds(r, y["kinds"], "sinks.syslog.kinds")
+        out["syslog"] = SyslogConfig(**yk)
+    return out
+
+
+def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise r.error(node, f"expected a list of webhooks, got {_what(node)}", "sinks.webhooks")
+    hooks: list[WebhookConfig] = []
+    for i, wnode in enumerate(node.value):
+        p = f"sinks.webhooks[{i}]"
+        w = r.mapping(wnode, p, ("name", "url", "kinds", "token_file", "tls_verify", "ca_file", "timeout_s",
+                                 "retry_initial_s", "retry_max_s", "spool_max_bytes"))
+        for required in ("name", "url"):
+            if required not in w:
+                raise r.error(wnode, "missing required key", f"{p}.{required}")
+        name = r.scalar(w["name"], f"{p}.name", str)
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+            raise r.error(w["name"], "must be letters, digits, '-', '_' or '.' (it names the spool directory)",
+                          f"{p}.name")
+        if any(h.name == name for h in hooks):
+            raise r.error(w["name"], f"duplicate webhook name {name!r}", f"{p}.name")
+        url = r.scalar(w["url"], f"{p}.url", str)
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise r.error(w["url"], f"expected an http:// or https:// URL, got {url!r}", f"{p}.url")
+        k: dict[str, Any] = {"name": name, "url": url}
+        if "kinds" in w:
+            k["kinds"] = _kinds(r, w["kinds"], f"{p}.kinds")
+        for key in ("token_file", "ca_file"):
+            if key in w:
+                k[key] = r.scalar(w[key], f"{p}.{key}", (str, type(None)))
+        if "tls_verify" in w:
+            k["tls_verify"] = r.scalar(w["tls_verify"], f"{p}.tls_verify", bool)
+        for key in ("timeout_s", "retry_initial_s", "retry_max_s"):
+            if key in w:
+                k[key] = float(r.number(w[key], f"{p}.{key}", minimum=0.01))
+        if "spool_max_bytes" in w:
+            k["spool_max_bytes"] = r.number(w["spool_max_bytes"], f"{p}.spool_max_bytes", minimum=65536, integer=True)
+        if k.get("retry_max_s", 300.0) < k.get("retry_initial_s", 1.0):
+            raise r.error(w.get("retry_max_s", wnode), "must not be below retry_initial_s", f"{p}.retry_max_s")
+        if parts.scheme == "http" and k.get("token_file"):
+            # A bearer token over plain HTTP is readable by anyone on the path; loopback is the exception.
+            if parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+                raise r.error(w["url"], "a token_file needs an https:// URL (the token would travel in clear)",
+                              f"{p}.url")
+        hooks.append(WebhookConfig(**k))
+    return tuple(hooks)
+
+
+def _control(r: _Reader, node: yaml.Node) -> ControlConfig:
+    c = r.mapping(node, "control", ("group", "max_request_bytes", "max_clients"))
+    k: dict[str, Any] = {}
+    if "group" in c:
+        group = r.scalar(c["group"], "control.group", (str, int))
+        k["group"] = str(group)
+        try:
+            resolve_group(k["group"])
+        except KeyError:
+            raise r.error(c["group"], f"no such group {group!r} on this host (see getent group)",
+                          "control.group") from None
+    if "max_request_bytes" in c:
+        k["max_request_bytes"] = r.number(c["max_request_bytes"], "control.max_request_bytes", minimum=1024,
+                                          integer=True)
+    if "max_clients" in c:
+        k["max_clients"] = r.number(c["max_clients"], "control.max_clients", minimum=1, integer=True)
+    return ControlConfig(**k)
+
+
+def resolve_group(group: str) -> int:
+    """A group name or number as a gid; KeyError when the host has no such group."""
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid
+
+
+def _choice(r: _Reader, node: yaml.Node, name: str, choices: tuple[str, ...]) -> str:
+    value = r.scalar(node, name, str)
+    if value not in choices:
+        raise r.error(node, f"expected one of {', '.join(choices)}, got {value!r}", name)
+    return value
+
+
+def _kinds(r: _Reader, node: yaml.Node, name: str) -> tuple[str, ...]:
+    from .events import KINDS
+
+    kinds = r.strings(node, name)
+    for i, k in enumerate(kinds):
+        ok = k in KINDS or (k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS))
+        if not ok:
+            item = node.value[i] if isinstance(node, yaml.SequenceNode) else node
+            raise r.error(item, f"unknown event kind {k!r}; see docs/events.md", f"{name}[{i}]")
+    return kinds
 
 
 def default_config_text() -> str:

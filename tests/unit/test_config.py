@@ -22,6 +22,25 @@ class TestDefaults:
         assert cfg.metrics_address == "127.0.0.1"
 
 
+class TestSinksAndControl:
+    def test_parsed(self):
+        cfg = parse_config(
+            "sinks:\n  webhooks:\n    - name: ops\n      url: https://h.example/x\n      kinds: [fs.*, rule.matched]\n"
+            "      token_file: /etc/fsnotifyd/t\n      tls_verify: false\n      retry_max_s: 60\n"
+            "  syslog: {enabled: true, target: journal, facility: local3, min_severity: warning}\n"
+            "control: {group: root, max_clients: 8}\n", "c.yaml")
+        (hook,) = cfg.webhooks
+        assert (hook.name, hook.url, hook.kinds, hook.token_file, hook.tls_verify, hook.retry_max_s) == (
+            "ops", "https://h.example/x", ("fs.*", "rule.matched"), "/etc/fsnotifyd/t", False, 60.0)
+        assert (cfg.syslog.enabled, cfg.syslog.target, cfg.syslog.facility, cfg.syslog.min_severity) == (
+            True, "journal", "local3", "warning")
+        assert (cfg.control.group, cfg.control.max_clients, cfg.control.max_request_bytes) == ("root", 8, 65536)
+
+    def test_defaults_send_nowhere_new(self):
+        cfg = load_config(None)
+        assert cfg.webhooks == () and not cfg.syslog.enabled and cfg.control.group == "root"
+
+
 class TestErrors:
     @pytest.mark.parametrize(
         "text, line, field, words",
@@ -34,6 +53,23 @@ class TestErrors:
             ("sources:\n  kmsg: {enabled: maybe}\n", 2, "sources.kmsg.enabled", "boolean"),
             ("correlator:\n  window_ms: -1\n", 2, "correlator.window_ms", "at least"),
             ("a: [\n", 2, None, "not valid YAML"),
+            ("sinks:\n  webhooks:\n    - name: a\n      url: ftp://x\n", 4, "sinks.webhooks[0].url", "http"),
+            ("sinks:\n  webhooks:\n    - url: https://x\n", 3, "sinks.webhooks[0].name", "missing"),
+            ("sinks:\n  webhooks:\n    - {name: a, url: 'https://x'}\n    - {name: a, url: 'https://y'}\n", 4,
+             "sinks.webhooks[1].name", "duplicate"),
+            ("sinks:\n  webhooks:\n    - name: ../x\n      url: https://x\n", 3, "sinks.webhooks[0].name",
+             "spool directory"),
+            ("sinks:\n  webhooks:\n    - name: a\n      url: http://example.net/\n      token_file: /t\n", 4,
+             "sinks.webhooks[0].url", "in clear"),
+            ("sinks:\n  webhooks:\n    - name: a\n      url: https://x\n      kinds: [fs.eror]\n", 5,
+             "sinks.webhooks[0].kinds[0]", "unknown event kind"),
+            ("sinks:\n  webhooks:\n    - name: a\n      url: https://x\n      spool_max_bytes: 10\n", 5,
+             "sinks.webhooks[0].spool_max_bytes", "at least"),
+            ("sinks:\n  syslog: {facility: local9}\n", 2, "sinks.syslog.facility", "expected one of"),
+            ("sinks:\n  syslog:\n    ident: two words\n", 3, "sinks.syslog.ident", "without spaces"),
+            ("sinks:\n  smtp: {}\n", 2, "sinks.smtp", "unknown key"),
+            ("control:\n  group: no-such-group-here\n", 2, "control.group", "no such group"),
+            ("control:\n  max_request_bytes: 10\n", 2, "control.max_request_bytes", "at least"),
         ],
     )
     def test_error_names_line_and_field(self, text, line, field, words):
