@@ -45,8 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .app.daemon import Daemon
     from .app.logging import configure_logging
 
+    from .app.sdnotify import Notifier
+    from .trust import require_root_only
+
     configure_logging(args.log_level)
+    if args.config is not None:
+        require_root_only(args.config, "config file")  # before reading it: its rules path is trusted too
     cfg = _config(args)
+    notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment children inherit
     # `kill -USR1 <pid>` prints every thread's stack to stderr: a hung daemon explains itself.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
@@ -55,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        daemon = Daemon(cfg, events_out=args.events_out)
+        daemon = Daemon(cfg, events_out=args.events_out, notifier=notifier)
         loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
         await daemon.run(stop)
 

@@ -190,9 +190,11 @@ class RunningDaemon:
     """``fsnotifyd run`` as a real subprocess with its own state dir, socket and journal."""
 
     def __init__(self, workdir: Path, *, extra_config: str = "", events_out: bool = True,
-                 metrics_port: int | None = None, env: dict[str, str] | None = None) -> None:
+                 metrics_port: int | None = None, env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.env = env
+        self.wrapper = wrapper or []  # e.g. setpriv with the systemd unit's capability set
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "fsnotifyd.sock")
         self.journal = self.workdir / "events.jsonl"
@@ -210,7 +212,7 @@ class RunningDaemon:
         import sys
         import time
 
-        argv = [sys.executable, "-m", "fsnotifyd.cli", "run", "--config", str(self.config)]
+        argv = [*self.wrapper, sys.executable, "-m", "fsnotifyd.cli", "run", "--config", str(self.config)]
         if self.events_out:
             argv += ["--events-out", str(self.events_out)]
         self.stderr = open(self.workdir / "daemon.log", "ab")

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import structlog
 
-from ..config import Config, SourceConfig, parse_window
+from ..config import Config, SourceConfig, parse_window, resolve_group
 from ..correlator import Correlator, CorrelatorSettings
-from ..errors import RuleErrors, SourceUnavailable
+from ..errors import RuleError, RuleErrors, SourceUnavailable
 from ..events import Event, Observation
 from ..inventory import Inventory, Placement
 from ..metrics import Metrics
@@ -38,9 +38,11 @@ from ..actions.target import Targets
 from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
 from ..statefile import JsonStateStore, read_json, write_json_atomic
+from ..trust import untrusted_reason
 from ..typing import Sink, Source
 from ..image.attach import attached, control, run_watchdog
 from ..ve.registry import Registry
+from .sdnotify import Notifier
 
 WATCHDOG_INTERVAL = 2.0  # seconds between checks of every attached image's exporter
 WATCHDOG_TIMEOUT = 5.0  # an exporter that does not answer its status in this long is hung
@@ -101,6 +103,7 @@ class Daemon:
     config: Config
     events_out: str | None = None
     on_ready: Callable[[], None] | None = None
+    notifier: Notifier = field(default_factory=lambda: Notifier({}))  # the CLI passes the real environment
     metrics: Metrics = field(default_factory=Metrics)
     sinks: list[Sink] = field(default_factory=list)
     sources: dict[str, Source] = field(default_factory=dict)
@@ -116,11 +119,19 @@ class Daemon:
         self.ledger = JsonStateStore(os.path.join(self.config.state_dir, "error-ledger.json"))
         if self.ledger.load_error:
             log.warning("state.corrupt", detail=self.ledger.load_error)
+        self.metrics.bind_isolated(self._isolated_ves)
+
+    def _isolated_ves(self) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.config.state_dir, "actions", "isolated"))
+        except OSError:
+            return []
+        return [n[:-5] for n in names if n.endswith(".json")]
 
     def load_rules(self) -> None:
         """Refuses to start on rules with errors (RuleErrors propagate to the CLI)."""
         self.rule_paths = list(self.config.rules) if self.config.rules is not None else [default_rules_path()]
-        self.engine = self._new_engine(load_rules(self.rule_paths))
+        self.engine = self._new_engine(self._load_trusted_rules())
         self.rules_state_path = os.path.join(self.config.state_dir, "rules-state.json")
         saved, error = read_json(self.rules_state_path)
         if error:
@@ -129,6 +140,16 @@ class Daemon:
         self.rules_status: dict[str, Any] = {"files": self.rule_paths, "rules": len(self.engine.compiled.rules),
                                              "restored_state": restored, "last_reload_error": None}
         log.info("rules.loaded", files=self.rule_paths, rules=len(self.engine.compiled.rules), restored_state=restored)
+
+    def _load_trusted_rules(self):
+        """Rules decide what root does to VEs: a rules file others can write is refused."""
+        if os.geteuid() == 0:
+            errors = [RuleError(f"refusing rules file: {reason}; only root may be able to write it "
+                                "(fix: chown root:root and chmod go-w)", file=path)
+                      for path in self.rule_paths if (reason := untrusted_reason(path)) is not None]
+            if errors:
+                raise RuleErrors(errors)
+        return load_rules(self.rule_paths)
 
     def _new_engine(self, ruleset) -> Engine:
         return Engine(ruleset, labels_of=self._labels_of)
@@ -145,7 +166,7 @@ class Daemon:
     def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why."""
         try:
-            engine = self._new_engine(load_rules(self.rule_paths))
+            engine = self._new_engine(self._load_trusted_rules())
         except RuleErrors as e:
             errors = [str(x) for x in e.errors]
             self.rules_status["last_reload_error"] = errors
@@ -176,10 +197,38 @@ class Daemon:
             self.sinks.append(JournalSink(self.events_out, max_bytes=1 << 62, keep=1, name="events-out"))
         if cfg.stdout:
             self.sinks.append(StdoutSink())
-        self.socket = SocketSink(cfg.socket, status=self.status, ops={"reload": self.reload_rules})
+        if cfg.syslog.enabled:
+            from ..sinks.syslog import SyslogSink
+
+            self.sinks.append(SyslogSink(cfg.syslog, self.metrics))
+        if cfg.webhooks:
+            from ..sinks.webhook import WebhookSink
+        for hook in cfg.webhooks:
+            sink = WebhookSink(hook, os.path.join(cfg.state_dir, "spool", f"webhook-{hook.name}"),
+                               self.metrics, host=os.uname().nodename)
+            sink.start()
+            self.sinks.append(sink)
+        self.socket = SocketSink(cfg.socket, status=self.status,
+                                 ops={"reload": self.reload_rules, "release": self.release_ve},
+                                 gid=resolve_group(cfg.control.group), max_request=cfg.control.max_request_bytes,
+                                 max_clients=cfg.control.max_clients,
+                                 count=lambda op, result: self.metrics.control_requests.labels(op, result).inc())
         await self.socket.start()
         self.sinks.append(self.socket)
         self.sinks.append(MetricsSink(self.metrics))
+
+    async def release_ve(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``fsnotifyd ve release``: undo an isolation, in a thread (it may stop/start a VE)."""
+        from ..actions import isolate
+        from ..actions.executor import ActionError
+
+        try:
+            rec = await asyncio.to_thread(isolate.release, Targets(self.config.state_dir, self.inventory.ves),
+                                          request["ve"])
+        except ActionError as e:
+            return {"ok": False, "error": str(e)}
+        log.info("ve.released", ve=request["ve"], mode=rec.get("mode"))
+        return {"ok": True, "ve": request["ve"], "mode": rec.get("mode"), "how": rec.get("how")}
 
     def start_metrics(self) -> None:
         if self.config.metrics_port is None:
@@ -292,6 +341,7 @@ class Daemon:
             try:
                 sink.publish(event)
             except Exception:  # noqa: BLE001 - a broken sink must not cost the others the event
+                self.metrics.sink_failures.labels(sink.name).inc()
                 log.exception("sink.failed", sink=sink.name, event_id=event.id)
         as_dict = event.to_dict()
         if event.kind == "rule.matched" and getattr(self, "executor", None) is not None:
@@ -321,6 +371,9 @@ class Daemon:
             "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
             "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0), "attached": self._images()},
             "lost": {"queue_full": self.bus.dropped},
+            "sinks": {s.name: s.status() for s in self.sinks
+                      if s is not self.socket and callable(getattr(s, "status", None))},
+            "control": {"group": self.config.control.group, "refused": self.socket.refused},
             "actions": self._actions(),
         }
 
@@ -354,6 +407,7 @@ class Daemon:
         # Ends on the _closing flag, not on cancellation: Python 3.11's wait_for can swallow a
         # cancel that lands as the queue hands over an item, which under a storm it always is.
         while not self._closing:
+            self.loop_tick = time.monotonic()
             deadline = corr.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, deadline - corr.clock())
             try:
@@ -393,6 +447,8 @@ class Daemon:
         except TimeoutError:
             log.warning("daemon.slow_start", waiting=[n for n, e in self._ready_waiters.items() if not e.is_set()])
         log.info("daemon.ready", sources={n: s.up for n, s in self.statuses.items()})
+        self.notifier.ready(self.status_line())
+        notifying = asyncio.create_task(self._notify_loop(), name="sd_notify") if self.notifier.enabled else None
         if self.on_ready:
             self.on_ready()
         try:
@@ -405,7 +461,41 @@ class Daemon:
                 if correlating.done():
                     correlating.result()  # a dead correlator is a bug: let it raise
         finally:
+            if notifying is not None:
+                notifying.cancel()
+            self.notifier.stopping()
             await self.teardown(correlating)
+            self.notifier.close()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what is up, what flowed, what was lost."""
+        up = [n for n, s in self.statuses.items() if s.up]
+        down = [n for n, s in self.statuses.items() if not s.up]
+        lost = sum(int(m.value) for m in self._lost_samples())
+        text = f"{len(up)}/{len(self.statuses)} sources up; {sum(self.counts.values())} events; {lost} lost"
+        return text + (f"; down: {', '.join(down)}" if down else "")
+
+    def _lost_samples(self):
+        for family in self.metrics.lost.collect():
+            yield from (x for x in family.samples if x.name.endswith("_total"))
+
+    async def _notify_loop(self) -> None:
+        """WATCHDOG=1 only while the correlator loop turns: a wedged daemon stops pinging and
+        systemd restarts it. STATUS= whenever the status line changes."""
+        period = min(self.notifier.watchdog_s / 2, 5.0) if self.notifier.watchdog_s else 5.0
+        stale_after = max(period * 2, 3.0)  # the correlator wakes at least once a second
+        last_status = ""
+        while True:
+            await asyncio.sleep(period)
+            if self.notifier.watchdog_s:
+                if time.monotonic() - getattr(self, "loop_tick", 0.0) < stale_after:
+                    self.notifier.watchdog()
+                else:
+                    log.error("daemon.watchdog_withheld", since_s=round(time.monotonic() - self.loop_tick, 1))
+            line = self.status_line()
+            if line != last_status:
+                self.notifier.status(line)
+                last_status = line
 
     def start_actions(self) -> None:
         """The executor carries out fired decisions; unfinished jobs of the last run resume."""

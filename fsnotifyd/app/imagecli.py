@@ -331,17 +331,46 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
     from ..actions.executor import ActionError
     from ..actions.target import Targets
 
-    ves = ()
-    if getattr(args, "config", None):
-        from ..config import load_config
+    from ..config import load_config
 
-        ves = load_config(args.config).ves
+    cfg = load_config(getattr(args, "config", None))
+    # Through the running daemon when there is one: it is root, so members of the control
+    # group can release a VE without root, and the daemon's own view stays in step.
+    socket_path = getattr(args, "socket", None) or cfg.socket
+    if not args.state_dir and os.path.exists(socket_path):
+        reply = _ask_daemon(socket_path, {"op": "release", "ve": args.id})
+        if reply is not None:
+            if not reply.get("ok"):
+                raise FsnotifydError(str(reply.get("error")))
+            print(f"VE {args.id} released from isolation ({reply.get('mode')}: {reply.get('how')}) by the daemon")
+            return 0
     try:
-        rec = isolate.release(Targets(_state_dir(args), ves), args.id)
+        rec = isolate.release(Targets(_state_dir(args), cfg.ves), args.id)
     except ActionError as e:
         raise FsnotifydError(str(e)) from e
     print(f"VE {args.id} released from isolation ({rec.get('mode')}: {rec.get('how')})")
     return 0
+
+
+def _ask_daemon(path: str, request: dict) -> dict | None:
+    """One request to the daemon's control socket; None when no daemon answers there."""
+    import json
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(600)  # a release may stop and start a VE (fsck included)
+            s.connect(path)
+            s.sendall((json.dumps(request) + "\n").encode())
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    return json.loads(data) if data.strip() else {"ok": False, "error": "the daemon closed the connection"}
 
 
 def cmd_ve_destroy(args: argparse.Namespace) -> int:

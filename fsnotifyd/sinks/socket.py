@@ -1,24 +1,119 @@
-"""The unix socket: live event streams for subscribers, and status on request.
+"""The control socket: live event streams for subscribers, status, and a few operator requests.
 
-Protocol: the client sends one JSON line, the server answers with JSON lines.
+Protocol: the client sends one JSON object on one line, the server answers with JSON lines.
 ``{"op": "tail", "kinds": [...], "ves": [...]}`` is acknowledged with ``{"ok": true}`` once the
 subscription is in place (so a client knows that nothing published from then on is missed),
-then every matching event follows, one per line. ``{"op": "status"}`` answers one line.
-A subscriber that stops reading is cut off when its buffer passes ``max_buffer`` bytes, and the
-cut is counted; it never slows the daemon down.
+then every matching event follows, one per line. ``{"op": "status"}`` answers one line, and so
+do the operations the daemon adds (``reload``, ``release``).
+
+Who may ask: the socket is ``root:<group>`` mode 0660, and since a file mode is only the first
+gate (a process with CAP_DAC_OVERRIDE, or a socket inherited across a privilege drop, passes
+it), every connection's peer credentials are checked too: root, or a process whose primary or
+supplementary groups (``SO_PEERGROUPS``, taken at connect time, so no /proc race) include the
+group. Requests are size limited, validated key by key, and a client that sends garbage gets an
+error line; none of it can stop the daemon. A subscriber that stops reading is cut off when its
+buffer passes ``max_buffer`` bytes, and the cut is counted; it never slows the daemon down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
+import socket
+import struct
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-from ..events import Event
+import structlog
+
+from ..events import KINDS, Event
+
+log = structlog.get_logger("fsnotifyd")
 
 MAX_REQUEST = 64 * 1024
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python's module may not name it
+REQUEST_TIMEOUT_S = 10.0
+
+Handler = Callable[[dict[str, Any]], "dict[str, Any] | Awaitable[dict[str, Any]]"]
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # 256 groups: Python caps buflen
+        groups = struct.unpack(f"{len(raw) // 4}I", raw)
+    except OSError:
+        groups = ()  # an old kernel: the primary group still counts
+    return Peer(pid, uid, gid, tuple(groups))
+
+
+# op -> allowed keys and their checks. A key the op does not know is an error: a misspelt
+# filter silently ignored would tail everything.
+def _strings(name: str, value: Any, limit: int = 64) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in value):
+        raise BadRequest(f"{name} must be a list of non-empty strings (at most 128 characters each)")
+    if len(value) > limit:
+        raise BadRequest(f"{name} has {len(value)} entries; at most {limit}")
+    return value
+
+
+def _kinds(value: Any) -> list[str]:
+    kinds = _strings("kinds", value)
+    for k in kinds:
+        if k not in KINDS and not (k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS)):
+            raise BadRequest(f"kinds: unknown event kind {k!r}")
+    return kinds
+
+
+FIELDS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "status": {},
+    "tail": {"kinds": _kinds, "ves": lambda v: _strings("ves", v, 1024)},
+    "reload": {},
+    "release": {"ve": lambda v: v if isinstance(v, str) and 0 < len(v) <= 64 else
+                _raise(BadRequest("ve must be a VE id (a non-empty string of at most 64 characters)"))},
+}
+REQUIRED = {"release": ("ve",)}
+
+
+def _raise(e: Exception) -> Any:
+    raise e
+
+
+def validate(req: Any, known_ops: tuple[str, ...]) -> dict[str, Any]:
+    """The request as a checked dict, or BadRequest naming what is wrong."""
+    if not isinstance(req, dict):
+        raise BadRequest("request must be a JSON object on one line")
+    op = req.get("op")
+    if not isinstance(op, str) or op not in known_ops:
+        raise BadRequest(f"unknown op {op!r}; expected one of {', '.join(known_ops)}")
+    fields = FIELDS.get(op, {})
+    for key, value in req.items():
+        if key == "op":
+            continue
+        if key not in fields:
+            allowed = ", ".join(fields) or "no other keys"
+            raise BadRequest(f"op {op!r} takes {allowed}; got {key!r}")
+        req[key] = fields[key](value)
+    for key in REQUIRED.get(op, ()):
+        if key not in req:
+            raise BadRequest(f"op {op!r} needs {key!r}")
+    return req
 
 
 @dataclass
@@ -39,21 +134,41 @@ class _Subscriber:
 class SocketSink:
     path: str
     status: Callable[[], dict[str, Any]] = dict
-    # Further request kinds ("reload"): op -> handler(request) -> reply fields.
-    ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
+    # Further request kinds ("reload", "release"): op -> handler(request) -> reply fields
+    # (a coroutine function for work that must not hold the event loop).
+    ops: dict[str, Handler] = field(default_factory=dict)
+    gid: int = 0  # the group allowed besides root
+    max_request: int = MAX_REQUEST
+    max_clients: int = 64
     max_buffer: int = 8 << 20
     mode: int = 0o660
     name: str = "socket"
+    # Called with (op, result) for every request: result ok, error, refused or bad.
+    count: Callable[[str, str], None] = lambda op, result: None
     dropped_subscribers: int = 0
+    refused: int = 0
     _subs: list[_Subscriber] = field(default_factory=list)
+    _clients: int = 0
     _server: asyncio.AbstractServer | None = None
+    _last_refusal_log: float = 0.0
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o755, exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)  # a stale socket from a killed daemon
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_REQUEST)
+        # Created under a umask that leaves no window in which others could connect.
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=self.max_request)
+        finally:
+            os.umask(old)
+        if os.geteuid() == 0:
+            os.chown(self.path, 0, self.gid)
         os.chmod(self.path, self.mode)
+
+    def allowed(self, peer: Peer) -> bool:
+        return peer.uid == 0 or peer.gid == self.gid or self.gid in peer.groups
 
     def publish(self, event: Event) -> None:
         if not self._subs:
@@ -76,34 +191,76 @@ class SocketSink:
         sub.writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients += 1
         try:
-            raw = await asyncio.wait_for(reader.readline(), 10)
-            req = json.loads(raw) if raw.strip() else None
-            if not isinstance(req, dict):
-                raise ValueError("request must be a JSON object on one line")
-        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError) as e:
-            await self._reply(writer, {"ok": False, "error": f"bad request: {e}"})
+            await self._serve_one(reader, writer)
+        except (ConnectionError, BrokenPipeError):
+            pass  # the client left; nothing to answer
+        except Exception as e:  # noqa: BLE001 - one request's bug must not leave its client hanging
+            log.exception("control.failed")
+            with contextlib.suppress(Exception):
+                await self._reply(writer, {"ok": False, "error": f"internal error: {e!r}"})
+        finally:
+            self._clients -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(writer.get_extra_info("socket"))
+        if not self.allowed(peer):
+            self.refused += 1
+            self.count("-", "refused")
+            now = time.monotonic()
+            if now - self._last_refusal_log > 10:  # a local user looping must not flood the log
+                self._last_refusal_log = now
+                log.warning("control.refused", pid=peer.pid, uid=peer.uid, gid=peer.gid, refused_total=self.refused)
+            await self._reply(writer, {"ok": False, "error": f"permission denied: uid {peer.uid} is not root "
+                                                             f"and not in group {self.gid}"})
             return
-        op = req.get("op")
+        if self._clients > self.max_clients:
+            self.count("-", "refused")
+            await self._reply(writer, {"ok": False, "error": f"too many clients (at most {self.max_clients})"})
+            return
+        try:
+            raw = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)
+            if len(raw) > self.max_request:
+                raise BadRequest(f"request larger than {self.max_request} bytes")
+            if not raw.endswith(b"\n") and raw:
+                raise BadRequest("request must end with a newline")
+            req = validate(json.loads(raw) if raw.strip() else None, ("status", "tail", *self.ops))
+        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError) as e:
+            # readline() raises ValueError when the line passes the stream limit.
+            msg = str(e)
+            if isinstance(e, asyncio.LimitOverrunError) or "limit" in msg:
+                msg = f"request larger than {self.max_request} bytes"
+            elif isinstance(e, TimeoutError):
+                msg = f"no complete request line within {REQUEST_TIMEOUT_S:.0f} s"
+            elif isinstance(e, json.JSONDecodeError):
+                msg = f"not JSON: {e.msg} at character {e.pos}"
+            self.count("-", "bad")
+            await self._reply(writer, {"ok": False, "error": f"bad request: {msg}"})
+            return
+        op = req["op"]
         if op == "status":
+            self.count(op, "ok")
             await self._reply(writer, {"ok": True, **self.status()})
         elif op == "tail":
-            kinds, ves = req.get("kinds") or [], req.get("ves") or []
-            if not all(isinstance(x, str) for x in [*kinds, *ves]):
-                await self._reply(writer, {"ok": False, "error": "kinds and ves must be lists of strings"})
-                return
-            sub = _Subscriber(writer, frozenset(kinds), frozenset(ves))
+            sub = _Subscriber(writer, frozenset(req.get("kinds") or []), frozenset(req.get("ves") or []))
             self._subs.append(sub)
+            self.count(op, "ok")
             writer.write(b'{"ok":true}\n')
             try:
                 await reader.read()  # the client closing its end ends the subscription
             finally:
                 self._drop(sub)
-        elif op in self.ops:
-            await self._reply(writer, self.ops[op](req))
         else:
-            known = ", ".join(["status", "tail", *self.ops])
-            await self._reply(writer, {"ok": False, "error": f"unknown op {op!r}; expected one of {known}"})
+            try:
+                reply = self.ops[op](req)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            except Exception as e:  # noqa: BLE001 - a failing request must not take the daemon down
+                log.exception("control.failed", op=op)
+                reply = {"ok": False, "error": f"{op} failed: {e}"}
+            self.count(op, "ok" if reply.get("ok") else "error")
+            await self._reply(writer, reply)
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
