@@ -29,6 +29,8 @@ def notify(job: Job, step: Step) -> dict[str, Any]:
 
 def execute(job: Job, step: Step) -> dict[str, Any]:
     argv = job.params.get("command")
+    # Rules are frozen when compiled: a list in the YAML arrives as a tuple from a live daemon.
+    argv = list(argv) if isinstance(argv, (list, tuple)) else argv
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise ActionError("exec: 'command' must be a non-empty list of strings (no shell)")
     payload = json.dumps({"job": job.id, "rule": job.rule, "ve": job.ve, "decision": job.decision,
