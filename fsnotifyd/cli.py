@@ -92,6 +92,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0 if st.get("ok") else 1
+    if not st.get("ok"):
+        print(f"fsnotifyd: {st.get('error', 'no answer from the daemon')}", file=sys.stderr)
+        return 1
     print(f"fsnotifyd pid {st['pid']}, up {st['uptime_s']} s")
     print("sources:")
     for name, s in st["sources"].items():
@@ -109,6 +112,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{io.get('writes', 0)} writes, {io.get('reads', 0)} reads, {im.get('errors') or 0} I/O errors")
     if images.get("exporters_aborted"):
         print(f"  watchdog aborted {images['exporters_aborted']} hung exporter(s)")
+    for name, sk in (st.get("sinks") or {}).items():
+        line = (f"sink {name}: {sk.get('spooled_events', 0)} spooled, {sk.get('delivered', 0)} delivered, "
+                f"{sk.get('rejected', 0)} rejected")
+        print(f"{line}; last error: {sk['last_error']}" if sk.get("last_error") else line)
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
     rules = st.get("rules") or {}
     if rules:
@@ -214,8 +221,32 @@ def cmd_config(args: argparse.Namespace) -> int:
         else:
             print(open(args.config, encoding="utf-8").read(), end="")
     else:
+        problems = _host_problems(cfg, args.config)
+        for line in problems:
+            print(f"fsnotifyd: {line}", file=sys.stderr)
+        if problems:
+            return 2
         print(f"{cfg.file}: ok ({len(cfg.ves)} VEs)")
     return 0
+
+
+def _host_problems(cfg: Config, path: str | None) -> list[str]:
+    """What `run` would refuse on this host that the file's text alone cannot show."""
+    import os
+
+    from .trust import untrusted_reason
+
+    problems = []
+    if os.geteuid() == 0:
+        for what, p in [("config file", path), *(("rules file", r) for r in cfg.rules or ())]:
+            if p is not None and (reason := untrusted_reason(p)) is not None:
+                problems.append(f"{p}: the daemon would refuse this {what}: {reason}")
+    for i, hook in enumerate(cfg.webhooks):
+        for key in ("token_file", "ca_file"):
+            f = getattr(hook, key)
+            if f is not None and not os.access(f, os.R_OK):
+                problems.append(f"{cfg.file}: sinks.webhooks[{i}].{key}: cannot read {f}")
+    return problems
 
 
 def _bpf_defines(args: argparse.Namespace) -> dict[str, dict[str, int]]:
@@ -353,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuleErrors as e:
         print(f"fsnotifyd: rules not valid, not starting:\n{e}", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        if args.command in ("status", "events", "record", "ve") or getattr(args, "rules_command", None) == "reload":
+            print(f"fsnotifyd: not allowed to use the daemon's socket ({e.strerror}): run as root or as a "
+                  "member of the control group (config: control.group)", file=sys.stderr)
+            return 1
+        raise
     except (FileNotFoundError, ConnectionRefusedError) as e:
         if args.command in ("status", "events", "record") or getattr(args, "rules_command", None) == "reload":
             print(f"fsnotifyd: cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "

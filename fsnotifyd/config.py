@@ -331,6 +331,8 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
                 yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
         if "path" in y:
             yk["path"] = r.scalar(y["path"], "sinks.syslog.path", (str, type(None)))
+            if yk["path"] is not None and len(os.fsencode(yk["path"])) > 107:
+                raise r.error(y["path"], "a unix socket path must be at most 107 bytes", "sinks.syslog.path")
         if "ident" in y:
             yk["ident"] = r.scalar(y["ident"], "sinks.syslog.ident", str)
             if not yk["ident"] or any(c.isspace() for c in yk["ident"]) or len(yk["ident"]) > 48:
@@ -364,6 +366,13 @@ def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise r.error(w["url"], f"expected an http:// or https:// URL, got {url!r}", f"{p}.url")
+        try:
+            parts.port
+        except ValueError as e:
+            raise r.error(w["url"], f"bad port in {url!r}: {e}", f"{p}.url") from None
+        if parts.username or parts.password:
+            raise r.error(w["url"], "credentials do not belong in the URL (they would be logged); "
+                          "use token_file", f"{p}.url")
         k: dict[str, Any] = {"name": name, "url": url}
         if "kinds" in w:
             k["kinds"] = _kinds(r, w["kinds"], f"{p}.kinds")

@@ -95,7 +95,7 @@ class Metrics:
         )
         self.control_requests = Counter(
             "fsnotifyd_control_requests_total",
-            "Control socket requests by op and result (ok, error, refused: peer not allowed, bad: malformed)",
+            "Control socket requests by op and result (ok, error, refused: peer not allowed, busy: too many clients, bad: malformed)",
             ["op", "result"], registry=r,
         )
         self.latency = Histogram(

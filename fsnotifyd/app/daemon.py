@@ -373,7 +373,8 @@ class Daemon:
             "lost": {"queue_full": self.bus.dropped},
             "sinks": {s.name: s.status() for s in self.sinks
                       if s is not self.socket and callable(getattr(s, "status", None))},
-            "control": {"group": self.config.control.group, "refused": self.socket.refused},
+            "control": {"group": self.config.control.group, "refused": self.socket.refused,
+                        "busy": self.socket.busy, "dropped_subscribers": self.socket.dropped_subscribers},
             "actions": self._actions(),
         }
 
@@ -491,7 +492,8 @@ class Daemon:
                 if time.monotonic() - getattr(self, "loop_tick", 0.0) < stale_after:
                     self.notifier.watchdog()
                 else:
-                    log.error("daemon.watchdog_withheld", since_s=round(time.monotonic() - self.loop_tick, 1))
+                    log.error("daemon.watchdog_withheld",
+                              since_s=round(time.monotonic() - getattr(self, "loop_tick", 0.0), 1))
             line = self.status_line()
             if line != last_status:
                 self.notifier.status(line)
@@ -547,6 +549,28 @@ class Daemon:
         log.error("image.exporter_aborted", image=att.image, loop=att.loop, pid=att.pid,
                   reason=f"no answer within {WATCHDOG_TIMEOUT}s")
 
+    def _stop_action_children(self, grace: float = 5.0) -> None:
+        """Stop what running jobs started (e2fsck, resize2fs, exec programs). Under systemd's
+        KillMode=process nothing else would, and a job resumed at the next start would then run
+        a second e2fsck beside the first. Image exporters are children too, and must live on:
+        they serve running VEs' disks."""
+        import signal
+
+        keep = {att.pid for att in attached(os.path.join(self.config.state_dir, "run"))}
+        children = [pid for pid in _children(os.getpid()) if pid not in keep]
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while children and time.monotonic() < deadline:
+            children = [pid for pid in children if _alive(pid)]
+            time.sleep(0.05)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if children:
+            log.warning("actions.children_killed", pids=children)
+
     async def teardown(self, correlating: asyncio.Task) -> None:
         if getattr(self, "_watchdog_stop", None) is not None:
             self._watchdog_stop.set()
@@ -566,7 +590,10 @@ class Daemon:
         self.correlator.flush()
         if getattr(self, "executor", None) is not None:
             await self.executor.close()  # running jobs stay "running" in the journal: resumed at the next start
+            # Closed first, so a handler thread that sees its program die below records nothing:
+            # the job is left as it was, and resumed from its last finished step.
             self.action_journal.close()
+            self._stop_action_children()
         self.ledger.flush()
         self.save_rules_state()
         for sink in self.sinks:
@@ -576,3 +603,29 @@ class Daemon:
         if server is not None:
             server.shutdown()
         log.info("daemon.stopped")
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc; zombies are already gone)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "(comm)", which may hold spaces
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"

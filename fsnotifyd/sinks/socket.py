@@ -143,10 +143,11 @@ class SocketSink:
     max_buffer: int = 8 << 20
     mode: int = 0o660
     name: str = "socket"
-    # Called with (op, result) for every request: result ok, error, refused or bad.
+    # Called with (op, result) for every request: result ok, error, refused, busy or bad.
     count: Callable[[str, str], None] = lambda op, result: None
     dropped_subscribers: int = 0
     refused: int = 0
+    busy: int = 0  # turned away: max_clients reached
     _subs: list[_Subscriber] = field(default_factory=list)
     _clients: int = 0
     _server: asyncio.AbstractServer | None = None
@@ -216,7 +217,8 @@ class SocketSink:
                                                              f"and not in group {self.gid}"})
             return
         if self._clients > self.max_clients:
-            self.count("-", "refused")
+            self.busy += 1
+            self.count("-", "busy")
             await self._reply(writer, {"ok": False, "error": f"too many clients (at most {self.max_clients})"})
             return
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fsnotifyd.app.daemon import _children
 from fsnotifyd.testing import RunningDaemon, loop_ext4
 from tests.conftest import kernel_missing
 
@@ -189,3 +190,44 @@ def test_every_source_runs_with_only_the_units_capabilities(bpf_ready, tmp_path:
             finally:
                 stream.close()
             assert sources == {"bpf", "kmsg", "fanotify", "sysfs"}, sources
+
+
+def test_stopping_ends_what_running_jobs_started(kernel, tmp_path: Path) -> None:
+    """The unit's KillMode=process leaves the daemon's children alone (exporters must outlive
+    it), so the daemon itself stops its jobs' programs at exit; the job stays unfinished in the
+    journal and runs again at the next start, never twice at once."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: slow\n    match: {kind: fs.error}\n"
+                     "    actions:\n      - exec: {command: [sleep, '300'], timeout: 600}\n")
+    (tmp_path / "fs").mkdir()
+    with loop_ext4(32, workdir=tmp_path / "fs") as fs:
+        d = RunningDaemon(tmp_path / "d", extra_config=f"rules: [{rules}]\n"
+                          f"ves:\n  - id: ve-slow\n    mount: {fs.mountpoint}\n")
+
+        def sleeps() -> list[int]:
+            return [pid for pid in _children(d.proc.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"]
+
+        def wait_sleep() -> int:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if found := sleeps():
+                    return found[0]
+                time.sleep(0.05)
+            raise AssertionError("the exec job never started: " + d.log()[-2000:])
+
+        d.start()
+        try:
+            d.wait_marked(fs)
+            fs.sysfs.joinpath("trigger_fs_error").write_text("start a slow job\n")
+            first = wait_sleep()
+            t0 = time.monotonic()
+        finally:
+            rc = d.stop()
+        assert rc == 0 and time.monotonic() - t0 < 10
+        assert not Path(f"/proc/{first}").exists(), "the job's program outlived the daemon"
+        journal = [json.loads(x) for x in (tmp_path / "d/state/actions/journal.jsonl").read_text().splitlines()]
+        assert journal[-1]["action"] == "exec" and journal[-1]["state"] == "running"
+        with d:  # the next start resumes the job: one program again
+            second = wait_sleep()
+            assert second != first and len(sleeps()) == 1
+        assert not Path(f"/proc/{second}").exists()
