@@ -30,7 +30,8 @@ wheel=$(ls build/wheel/fsnotifyd-*.whl)
 
 # Debian's python3 with its site-packages visible: bcc (python3-bpfcc) is only packaged there.
 [ -x "$PREFIX/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$PREFIX"
-"$PREFIX/bin/pip" install -q --disable-pip-version-check -r requirements.lock
+# The runtime dependencies only, at the versions the tests ran with (the lock is the constraint).
+"$PREFIX/bin/pip" install -q --disable-pip-version-check -c requirements.lock "$wheel"
 "$PREFIX/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$wheel"
 
 install -d -m 0755 "$ROOT/usr/local/sbin" "$ROOT/etc/systemd/system" "$ROOT/etc/fsnotifyd" \
