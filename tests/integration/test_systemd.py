@@ -25,6 +25,7 @@ import pytest
 from fsnotifyd.app.daemon import _children
 from fsnotifyd.testing import RunningDaemon, loop_ext4
 from tests.conftest import kernel_missing
+from tests.integration.test_ve_lifecycle import fuse, state  # noqa: F401 - fixtures, shared
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "fsnotifyd.service"
@@ -231,3 +232,32 @@ def test_stopping_ends_what_running_jobs_started(kernel, tmp_path: Path) -> None
             second = wait_sleep()
             assert second != first and len(sleeps()) == 1
         assert not Path(f"/proc/{second}").exists()
+
+
+def test_image_operations_run_with_only_the_units_capabilities(state, tmp_path: Path) -> None:
+    """What actions do to image VEs (start: FUSE exporter, loop, mount; snapshot: freeze; the
+    balloon: fallocate, chattr +i, discard; stop), under the unit's bounding set: a capability
+    missing from the unit fails here, not on an operator's host during an incident."""
+    import sys
+
+    wrapper = _capability_wrapper()
+
+    def fsnd(*argv: str) -> str:
+        r = subprocess.run([*wrapper, sys.executable, "-m", "fsnotifyd.cli", *argv, "--state-dir", str(state)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"fsnotifyd {' '.join(argv)}: {r.stdout}\n{r.stderr}"
+        return r.stdout
+
+    mnt = tmp_path / "root-caps"
+    fsnd("ve", "create", "caps", "--size", "256M", "--mountpoint", str(mnt))
+    fsnd("ve", "start", "caps")
+    image = json.loads((state / "ves" / "caps.json").read_text())["image"]
+    (mnt / "data").write_bytes(os.urandom(1 << 20))
+    os.sync()
+    fsnd("image", "snapshot", image, "--name", "before")
+    assert "balloon" in fsnd("image", "shrink", image, "--online", "64M")
+    with pytest.raises(OSError):
+        (mnt / ".fsnotifyd-balloon").unlink()  # immutable: chattr +i worked
+    fsnd("image", "shrink", image, "--online", "0")
+    fsnd("ve", "stop", "caps")
+    assert not os.path.ismount(mnt)
