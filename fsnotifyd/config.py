@@ -433,14 +433,15 @@ def _choice(r: _Reader, node: yaml.Node, name: str, choices: tuple[str, ...]) ->
 
 
 def _kinds(r: _Reader, node: yaml.Node, name: str) -> tuple[str, ...]:
-    from .events import KINDS
+    from .events import KindFilter
 
     kinds = r.strings(node, name)
     for i, k in enumerate(kinds):
-        ok = k in KINDS or (k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS))
-        if not ok:
+        try:
+            KindFilter.parse([k])
+        except ValueError as e:
             item = node.value[i] if isinstance(node, yaml.SequenceNode) else node
-            raise r.error(item, f"unknown event kind {k!r}; see docs/events.md", f"{name}[{i}]")
+            raise r.error(item, f"{e}; see docs/events.md", f"{name}[{i}]") from None
     return kinds
 
 

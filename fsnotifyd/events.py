@@ -79,6 +79,33 @@ STATE_KINDS = frozenset({"fs.readonly", "fs.writable", "fs.shutdown"})
 
 
 @dataclass(frozen=True, slots=True)
+class KindFilter:
+    """Which event kinds a subscriber, sink or webhook wants: exact kinds and ``fs.*``
+    prefixes; empty wants every kind. Built by :meth:`parse`, which refuses unknown kinds (a
+    misspelt filter would silently pass nothing)."""
+
+    exact: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, kinds: "tuple[str, ...] | list[str]") -> "KindFilter":
+        exact, prefixes = set(), []
+        for k in kinds:
+            if k in KINDS:
+                exact.add(k)
+            elif k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS):
+                prefixes.append(k[:-1])
+            else:
+                raise ValueError(f"unknown event kind {k!r}")
+        return cls(frozenset(exact), tuple(prefixes))
+
+    def __call__(self, kind: str) -> bool:
+        if not self.exact and not self.prefixes:
+            return True
+        return kind in self.exact or kind.startswith(self.prefixes)
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     """A block device as the kernel names it; any part may be unknown."""
 

@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
-from ..events import KINDS, Event
+from ..events import Event, KindFilter
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -73,12 +73,11 @@ def _strings(name: str, value: Any, limit: int = 64) -> list[str]:
     return value
 
 
-def _kinds(value: Any) -> list[str]:
-    kinds = _strings("kinds", value)
-    for k in kinds:
-        if k not in KINDS and not (k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS)):
-            raise BadRequest(f"kinds: unknown event kind {k!r}")
-    return kinds
+def _kinds(value: Any) -> KindFilter:
+    try:
+        return KindFilter.parse(_strings("kinds", value))
+    except ValueError as e:
+        raise BadRequest(f"kinds: {e}") from None
 
 
 FIELDS: dict[str, dict[str, Callable[[Any], Any]]] = {
@@ -119,15 +118,11 @@ def validate(req: Any, known_ops: tuple[str, ...]) -> dict[str, Any]:
 @dataclass
 class _Subscriber:
     writer: asyncio.StreamWriter
-    kinds: frozenset[str]
+    kinds: KindFilter
     ves: frozenset[str]
 
     def wants(self, event: Event) -> bool:
-        if self.kinds and not any(
-            event.kind == k or (k.endswith(".*") and event.kind.startswith(k[:-1])) for k in self.kinds
-        ):
-            return False
-        return not self.ves or event.ve in self.ves
+        return self.kinds(event.kind) and (not self.ves or event.ve in self.ves)
 
 
 @dataclass
@@ -245,7 +240,7 @@ class SocketSink:
             self.count(op, "ok")
             await self._reply(writer, {"ok": True, **self.status()})
         elif op == "tail":
-            sub = _Subscriber(writer, frozenset(req.get("kinds") or []), frozenset(req.get("ves") or []))
+            sub = _Subscriber(writer, req.get("kinds") or KindFilter(), frozenset(req.get("ves") or []))
             self._subs.append(sub)
             self.count(op, "ok")
             writer.write(b'{"ok":true}\n')

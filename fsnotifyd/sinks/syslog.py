@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Mapping
 import structlog
 
 from ..config import SyslogConfig
-from ..events import KINDS, SEVERITIES, Event, errno_name, rfc3339
+from ..events import SEVERITIES, Event, KindFilter, errno_name, rfc3339
 from ..metrics import Metrics
 
 log = structlog.get_logger("fsnotifyd")
@@ -339,16 +339,10 @@ class SyslogSink:
             raise ValueError(f"unknown min_severity {cfg.min_severity!r}; expected one of {', '.join(SEVERITIES)}")
         if not cfg.ident or any(c.isspace() for c in cfg.ident):
             raise ValueError(f"syslog ident {cfg.ident!r} must be non-empty and without spaces")
-        exact: set[str] = set()
-        prefixes: list[str] = []
-        for k in cfg.kinds:
-            if k.endswith(".*") and any(x.startswith(k[:-1]) for x in KINDS):
-                prefixes.append(k[:-1])
-            elif k in KINDS:
-                exact.add(k)
-            else:
-                raise ValueError(f"syslog kinds: unknown event kind {k!r}")
-        self._kinds, self._prefixes = frozenset(exact), tuple(prefixes)
+        try:
+            self._kinds = KindFilter.parse(cfg.kinds)
+        except ValueError as e:
+            raise ValueError(f"syslog kinds: {e}") from None
         self._min_rank = SEVERITIES.index(cfg.min_severity)
         self.target, self.path = resolve_target(cfg)
         if len(os.fsencode(self.path)) >= 108:  # sun_path; sendto would fail on every event
@@ -362,9 +356,7 @@ class SyslogSink:
 
     # -- filtering ---------------------------------------------------------------------------
     def wants(self, event: Event) -> bool:
-        if (self._kinds or self._prefixes) and not (
-            event.kind in self._kinds or event.kind.startswith(self._prefixes)
-        ):
+        if not self._kinds(event.kind):
             return False
         # An unknown severity passes: better a line too many than an event silently missing.
         rank = SEVERITIES.index(event.severity) if event.severity in SEVERITIES else len(SEVERITIES)

@@ -55,7 +55,7 @@ import structlog
 
 from ..config import WebhookConfig
 from ..errors import ConfigError
-from ..events import Event, hostname, rfc3339
+from ..events import Event, KindFilter, hostname, rfc3339
 from ..metrics import Metrics
 from .spool import Record, Spool, SpoolClosed
 
@@ -201,8 +201,7 @@ class WebhookSink:
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         self.origin = f"{parts.scheme}://{netloc}" + (f":{port}" if port else "")
-        self._exact = frozenset(k for k in cfg.kinds if not k.endswith("*"))
-        self._prefixes = tuple(k[:-1] for k in cfg.kinds if k.endswith("*"))
+        self._kinds = KindFilter.parse(cfg.kinds)
         self.stats = WebhookStats()
         self._backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         self._retry_log = RateLimit()
@@ -256,9 +255,7 @@ class WebhookSink:
 
     # -- publishing (event loop) -------------------------------------------------------------
     def wants(self, event: Event) -> bool:
-        if not self._exact and not self._prefixes:
-            return True
-        return event.kind in self._exact or event.kind.startswith(self._prefixes)
+        return self._kinds(event.kind)
 
     def publish(self, event: Event) -> None:
         """Spool the event and wake the sender; never waits for the network."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.sinks.journal import JournalSink
 from fsnotifyd.sinks.socket import SocketSink
@@ -79,3 +81,16 @@ class TestSocket:
             return dropped
 
         assert asyncio.run(main()) == 1
+
+
+def test_kind_filter_exact_prefix_and_unknown() -> None:
+    from fsnotifyd.events import KindFilter
+
+    f = KindFilter.parse(["fs.*", "rule.matched"])
+    assert f("fs.error") and f("fs.enospc") and f("rule.matched")
+    assert not f("dev.add") and not f("rule")
+    assert KindFilter()("anything")  # empty: every kind
+    with pytest.raises(ValueError, match="unknown event kind 'fs.eror'"):
+        KindFilter.parse(["fs.eror"])
+    with pytest.raises(ValueError, match="unknown event kind 'zz.\\*'"):
+        KindFilter.parse(["zz.*"])
