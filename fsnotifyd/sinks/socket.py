@@ -80,18 +80,19 @@ def _kinds(value: Any) -> KindFilter:
         raise BadRequest(f"kinds: {e}") from None
 
 
+def _ve_id(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise BadRequest("ve must be a VE id (a non-empty string of at most 64 characters)")
+    return value
+
+
 FIELDS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "status": {},
     "tail": {"kinds": _kinds, "ves": lambda v: _strings("ves", v, 1024)},
     "reload": {},
-    "release": {"ve": lambda v: v if isinstance(v, str) and 0 < len(v) <= 64 else
-                _raise(BadRequest("ve must be a VE id (a non-empty string of at most 64 characters)"))},
+    "release": {"ve": _ve_id},
 }
 REQUIRED = {"release": ("ve",)}
-
-
-def _raise(e: Exception) -> Any:
-    raise e
 
 
 def validate(req: Any, known_ops: tuple[str, ...]) -> dict[str, Any]:
