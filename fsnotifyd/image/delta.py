@@ -95,6 +95,10 @@ class Delta:
     _last_read_end: int = -1  # file position where the last direct read ended
     _stages: list[memoryview] = field(default_factory=list)  # free page-aligned bounce buffers, a cluster each
     _maps: list[mmap.mmap] = field(default_factory=list)  # all of them (one per concurrent request)
+    # Told of every mapping change (virtual, physical or 0): the exporter's C data path
+    # (fastio.py) keeps a copy of the top's mapping and must never write through a stale one.
+    on_map: Callable[[int, int], None] | None = None
+    on_sync: Callable[[], None] | None = None  # ... and raises what its writes in flight failed with
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -168,6 +172,7 @@ class Delta:
         ``read_ahead``: sequential direct reads read the next cluster ahead (:mod:`.readahead`)."""
         if self.writable:
             self._behind_depth = write_behind
+        self._ahead_wanted = read_ahead
         if self._dfd >= 0:
             return self._direct
         if self.fd < 0:
@@ -178,8 +183,21 @@ class Delta:
         except OSError:
             return False
         self._direct = True
-        self._ahead_wanted = read_ahead
         return True
+
+    @property
+    def direct_fd(self) -> int:
+        """The O_DIRECT descriptor data requests use, -1 when they are buffered."""
+        return self._dfd if self._direct else -1
+
+    def pending_mappings(self) -> list[tuple[int, int]]:
+        """(virtual, physical or 0) mappings made since the last commit."""
+        return list(self._pending.items())
+
+    def _map(self, vc: int, p: int) -> None:
+        self._pending[vc] = p
+        if self.on_map is not None:
+            self.on_map(vc, p)
 
     def _take_stage(self) -> memoryview:
         # list.pop and append are atomic: FUSE threads share the pool without a lock.
@@ -202,6 +220,8 @@ class Delta:
         """Wait for the writes in flight (and raise the first that failed)."""
         if self._behind is not None:
             self._behind.drain()
+        if self.on_sync is not None:
+            self.on_sync()
 
     def _changing(self) -> None:
         """The file is about to change: no read-ahead window may outlive it."""
@@ -382,7 +402,7 @@ class Delta:
         except BaseException:
             self._release(p)
             raise
-        self._pending[vc] = p
+        self._map(vc, p)
         self._fresh.add(p)
         if old:
             self._release(old)
@@ -396,7 +416,7 @@ class Delta:
             return
         self._sync()
         self._changing()
-        self._pending[vc] = 0
+        self._map(vc, 0)
         self._release(old)
         punch_hole(self.fd, old * self.cluster, self.cluster)
 
@@ -507,7 +527,7 @@ class Delta:
             if p and p < first_cluster:
                 q = self.take_cluster()
                 self.write(q, 0, self.read(p, 0, self.cluster))
-                self._pending[vc] = q
+                self._map(vc, q)
                 self._fresh.add(q)
                 # p is not freed: it becomes part of the BAT region
         self.commit()
@@ -522,7 +542,7 @@ class Delta:
         old = self.physical(vc)
         self._free.remove(to)
         self.write(to, 0, self.read(old, 0, self.cluster))
-        self._pending[vc] = to
+        self._map(vc, to)
         self._fresh.add(to)
         self._release(old)
 

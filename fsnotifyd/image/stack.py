@@ -77,11 +77,14 @@ class Stack:
     def writable(self) -> bool:
         return self.top.writable
 
-    def use_direct_io(self, write_behind: int = 0, read_ahead: bool = False) -> bool:
+    def use_direct_io(self, write_behind: int = 0, read_ahead: bool = False, *,
+                      top_read_ahead: bool | None = None) -> bool:
         """Direct I/O on every delta, write-behind on the top, read-ahead on each (see
         :meth:`.Delta.use_direct_io`); again after the stack changes (a snapshot or merge opens
-        deltas). True when all have it."""
-        return all([d.use_direct_io(write_behind, read_ahead) for d in self.deltas])
+        deltas). ``top_read_ahead``: for the top, if not as the others. True when all have it."""
+        top = self.deltas[-1]
+        return all([d.use_direct_io(write_behind, read_ahead if d is not top or top_read_ahead is None
+                                    else top_read_ahead) for d in self.deltas])
 
     def close(self) -> None:
         for d in reversed(self.deltas):
