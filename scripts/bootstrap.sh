@@ -75,7 +75,7 @@ fi
 # The C extensions (rules engine core, journal scanner) are built in place, again whenever a
 # C source is newer than its build. Without them everything still works, at half the speed
 # (tests/unit/test_rules_core.py fails then, so a broken build is not missed).
-for src in fsnotifyd/rules/_decide.c fsnotifyd/replay/_jsonl.c; do
+for src in fsnotifyd/rules/_decide.c fsnotifyd/replay/_jsonl.c fsnotifyd/image/_fastio.c; do
   so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -n1 || true)
   if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ]; then
     echo "bootstrap: building C extensions"

@@ -9,7 +9,9 @@ of the disk's virtual size; :mod:`.attach` puts a loop device on that file. Requ
 stack one to one: read, write, ``fallocate`` (PUNCH_HOLE or ZERO_RANGE with KEEP_SIZE: a
 discard; fstrim in the VE frees clusters), fsync and flush (the data, then the BAT, durable
 before the answer). A failure of the stack answers EIO (ENOSPC when the host is full) and is
-counted; the process stays up.
+counted; the process stays up. Reads and writes inside clusters the top delta maps are answered
+in C when the module is built (:mod:`.fastio`); the rest, and all of it without the module,
+here.
 
 A control socket (unix stream, JSON lines, one request → one response line) runs in threads
 beside the FUSE loop; every access to the stack, from either side, holds one lock, so a
@@ -34,6 +36,7 @@ two cannot write one image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -46,12 +49,12 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 
 from ..errors import FsnotifydError, ImageError
-from . import ops
+from . import fastio, ops
 from .stack import Stack
 
 DISK = "disk"
@@ -74,7 +77,10 @@ class Exporter:
     def __init__(self, image: str, *, readonly: bool = False, upto: str | None = None) -> None:
         self.image = os.path.abspath(image)
         self.upto = upto
-        self.lock = threading.Lock()
+        # The C data path (fastio.py) serves mapped reads and writes itself; its mutex is then
+        # the lock around the stack, so that it never runs beside a change made here.
+        self.fast = fastio.load()
+        self.lock: Any = self.fast.lock if self.fast is not None else threading.Lock()
         self.readonly = readonly or upto is not None
         self.errors = 0
         self.last_error: str | None = None
@@ -92,7 +98,19 @@ class Exporter:
             raise
         if writable:
             self._mark_in_use()
-        self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
+        with self.lock:
+            self._use_stack()
+
+    def _use_stack(self) -> None:
+        """Direct I/O, and the C data path on the top delta; again after the stack changed
+        (snapshot, merge, grow, compaction, reopen). Holds the lock."""
+        if self.fast is None:
+            self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
+            return
+        # Writes the C side makes are not ordered with Python's write-behind thread, and would
+        # make a read-ahead window of the top stale: Python's access to the top is plain then.
+        self.direct_io = self.stack.use_direct_io(0, read_ahead=True, top_read_ahead=False)
+        self.fast.serve(self.stack.top, self.stack.size, self.readonly)
 
     # -- image ownership ---------------------------------------------------------------------
     def _lock_image(self) -> None:
@@ -155,12 +173,25 @@ class Exporter:
     def status(self) -> dict[str, Any]:
         busy = self.busy_since
         busy_s = 0.0 if busy is None else time.monotonic() - busy
+        stats = dataclasses.asdict(self.stack.stats)
+        fast: dict[str, Any] | None = None  # what the C data path served (None: not in use)
+        if self.fast is not None:
+            c = self.fast.stats
+            since = c.busy_since_ns
+            if since:
+                busy_s = max(busy_s, time.monotonic() - since / 1e9)
+            for k in ("reads", "writes", "read_bytes", "written_bytes"):
+                stats[k] += getattr(c, k)
+            fast = {"reads": c.reads, "writes": c.writes, "fallbacks": c.fallbacks}
+            ahead_hits, behind_waits = c.ahead_hits, c.write_waits
+        else:
+            ahead_hits = behind_waits = 0
         return {"ok": True, "pid": os.getpid(), "image": self.image, "upto": self.upto,
                 "readonly": self.readonly, "size": self.stack.size, "direct_io": self.direct_io,
                 "healthy": busy_s < BUSY_UNHEALTHY_S, "busy_s": round(busy_s, 3),
-                "stats": dataclasses.asdict(self.stack.stats), "deltas": len(self.stack.deltas),
-                "read_ahead_hits": sum(d.read_ahead_hits for d in self.stack.deltas),
-                "write_behind_waits": sum(d.write_behind_waits for d in self.stack.deltas),
+                "stats": stats, "fast_path": fast, "deltas": len(self.stack.deltas),
+                "read_ahead_hits": ahead_hits + sum(d.read_ahead_hits for d in self.stack.deltas),
+                "write_behind_waits": behind_waits + sum(d.write_behind_waits for d in self.stack.deltas),
                 "errors": self.errors, "last_error": self.last_error, "was_in_use": self.was_in_use,
                 "uptime_s": round(time.time() - self.started, 3)}
 
@@ -171,6 +202,8 @@ class Exporter:
             if value:
                 self.stack.flush()
                 self.readonly = True
+                if self.fast is not None:
+                    self.fast.set_readonly(True)
                 return
             if self.upto is not None:
                 raise ImageError("a snapshot view is read-only", file=self.image)
@@ -184,9 +217,9 @@ class Exporter:
                 old, self.stack = self.stack, new
                 new.stats = old.stats
                 old.close()
-                self.direct_io = new.use_direct_io(WRITE_BEHIND, read_ahead=True)
                 self._mark_in_use()
             self.readonly = False
+            self._use_stack()
 
     def _need_writable(self) -> None:
         if self.readonly or not self.stack.writable:
@@ -207,13 +240,16 @@ class Exporter:
                 guid = ops.snapshot(self.stack, self.image, name=name)
             finally:
                 self.stack.top.set_in_use(True)  # the new top (or the old one if it failed)
-                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
+                self._use_stack()
             return guid
 
     def resize(self, size: int) -> int:
         with self.lock:
             self._need_writable()
-            ops.grow_stack(self.stack, self.image, size)
+            try:
+                ops.grow_stack(self.stack, self.image, size)
+            finally:
+                self._use_stack()
             return self.stack.size
 
     def merge(self, guid: str) -> None:
@@ -222,18 +258,24 @@ class Exporter:
             try:
                 ops.merge(self.image, guid, stack=self.stack)
             finally:
-                self.direct_io = self.stack.use_direct_io(WRITE_BEHIND, read_ahead=True)
+                self._use_stack()
 
     def compact(self) -> ops.CompactResult:
         """Compact the top delta online. The VE's I/O waits meanwhile (the stack's lock): about
         a second per 500 clusters moved here (docs/metrics.md)."""
         with self.lock:
             self._need_writable_stack()
-            return ops.compact(self.stack.top)
+            try:
+                return ops.compact(self.stack.top)
+            finally:
+                self._use_stack()
 
     def close(self) -> None:
         with self.lock:
             try:
+                if self.fast is not None:
+                    self.fast.off()
+                    self.fast.raise_error()  # a lost write: no clean close (the in-use mark stays)
                 if self.stack.writable:
                     self.stack.flush()
                     self.stack.top.set_in_use(False)
@@ -487,6 +529,30 @@ def _keep_request_buffers() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 16 * MAX_WRITE)
 
 
+@contextlib.contextmanager
+def _fast_callbacks(fast: fastio.FastIO | None) -> Iterator[None]:
+    """Put the C read and write in front of mfusepy's. mfusepy builds its ``fuse_operations``
+    and hands it to libfuse inside one call (``FUSE.__init__``); its module-level
+    ``fuse_main_real`` is the one place between the two, so it is wrapped for that call."""
+    if fast is None:
+        yield
+        return
+    import mfusepy
+
+    real = mfusepy.fuse_main_real
+    prototypes = {f[0]: f[1] for f in mfusepy.fuse_operations._fields_}
+
+    def main_real(argc, argv, ops_p, size, ctx):  # type: ignore[no-untyped-def]
+        fast.install(ops_p.contents, prototypes)
+        return real(argc, argv, ops_p, size, ctx)
+
+    mfusepy.fuse_main_real = main_real
+    try:
+        yield
+    finally:
+        mfusepy.fuse_main_real = real
+
+
 def serve(image: str, fuse_dir: str, control: str, *, readonly: bool = False, upto: str | None = None) -> int:
     _keep_request_buffers()
     exporter = Exporter(image, readonly=readonly, upto=upto)
@@ -511,8 +577,9 @@ def serve(image: str, fuse_dir: str, control: str, *, readonly: bool = False, up
         fuse_class, operations = make_operations(exporter, on_init)
         import logging
         logging.getLogger("mfusepy").setLevel(logging.ERROR)
-        fuse_class(operations, fuse_dir, foreground=True, nothreads=True, fsname="fsnotifyd:" + exporter.image.replace(",", "_"),
-                     subtype="fsnotifyd")
+        with _fast_callbacks(exporter.fast):
+            fuse_class(operations, fuse_dir, foreground=True, nothreads=True,
+                       fsname="fsnotifyd:" + exporter.image.replace(",", "_"), subtype="fsnotifyd")
     except RuntimeError as e:
         if str(e) != "8":  # fuse_main's 8: the loop was ended by a signal (SIGTERM, a stop request)
             log.error("exporter.fuse_failed", error=str(e), fuse_dir=fuse_dir, image=exporter.image)

@@ -56,6 +56,12 @@ def test_install_puts_everything_in_its_place(staged: Path) -> None:
     r = subprocess.run([str(staged / "opt/fsnotifyd/bin/python"), "-c", "import bcc, pyroute2, mfusepy, fsnotifyd"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # The C parts are in the wheel: the rules core, the journal scanner, the exporter's data path.
+    r = subprocess.run([str(staged / "opt/fsnotifyd/bin/python"), "-c",
+                        "import fsnotifyd.rules._decide, fsnotifyd.replay._jsonl\n"
+                        "from fsnotifyd.image import fastio\nassert fastio.load() is not None"],
+                       capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
 
 
 def test_staged_daemon_runs_from_its_own_venv(staged: Path, bpf_ready, tmp_path: Path) -> None:
