@@ -19,6 +19,9 @@ Note: the exporter reads and writes its delta files through the host page cache 
 the VE's flushes), while the raw loop uses O_DIRECT; so before each read job the host cache of
 the image's files is evicted (``posix_fadvise DONTNEED`` on those files only), or the image
 column would read from RAM (``--warm`` keeps it, to see that case). Needs root.
+
+The exporter serves mapped reads and writes in C (``fsnotifyd/image/_fastio.c``) when the
+module is built; ``FSNOTIFYD_FASTIO=0`` measures the all-Python data path instead.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ JOBS = [
     ("rand read 4K", "randread", "4k", "IOPS"),
 ]
 TARGETS = {"seq write 1M": 0.7, "seq read 1M": 0.7, "rand write 4K": 0.5}
+EXPORTER_STATUS: dict = {}  # the image column's exporter status, taken before it is detached
 
 
 
@@ -118,6 +122,8 @@ def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, li
         yield mnt, sorted(img.glob(ops.ROOT_FILE + "*"))  # the exporter reads its deltas through the host cache
     finally:
         if att is not None:
+            with contextlib.suppress(Exception):
+                EXPORTER_STATUS.update(at.status(att))
             with contextlib.suppress(Exception):
                 at.umount(att)
             at.detach(att, run_dir=str(run))
@@ -309,6 +315,11 @@ def main() -> int:
                 ratios[f"{job} {c}"] = r
                 row += f"{r:>12.2f}"
         print(row)
+    if EXPORTER_STATUS:
+        fast = EXPORTER_STATUS.get("fast_path")
+        path = ("C (_fastio): " + ", ".join(f"{k} {v}" for k, v in fast.items())) if fast else "Python"
+        print(f"\n  image exporter data path: {path}; read-ahead hits {EXPORTER_STATUS.get('read_ahead_hits')}, "
+              f"write-behind waits {EXPORTER_STATUS.get('write_behind_waits')}, errors {EXPORTER_STATUS.get('errors')}")
     if "image" in columns and "raw" in columns:
         print()
         for job, want in TARGETS.items():
