@@ -108,8 +108,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for im in images.get("attached") or []:
         health = "healthy" if im["healthy"] else f"UNHEALTHY ({im.get('error') or 'see its log'})"
         io = im.get("stats") or {}
+        path = f", data path {im['data_path']}" if im.get("data_path") else ""
         print(f"  image {im['image']} on {im['loop']} (exporter {im['pid']}): {health}, "
-              f"{io.get('writes', 0)} writes, {io.get('reads', 0)} reads, {im.get('errors') or 0} I/O errors")
+              f"{io.get('writes', 0)} writes, {io.get('reads', 0)} reads, {im.get('errors') or 0} I/O errors{path}")
     if images.get("exporters_aborted"):
         print(f"  watchdog aborted {images['exporters_aborted']} hung exporter(s)")
     for name, sk in (st.get("sinks") or {}).items():

@@ -75,11 +75,17 @@ fi
 # The C extensions (rules engine core, journal scanner) are built in place, again whenever a
 # C source is newer than its build. Without them everything still works, at half the speed
 # (tests/unit/test_rules_core.py fails then, so a broken build is not missed).
+# Built aside and renamed into place: a running exporter has _fastio mapped, and writing over
+# the file it maps would crash it.
 for src in fsnotifyd/rules/_decide.c fsnotifyd/replay/_jsonl.c fsnotifyd/image/_fastio.c; do
   so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -n1 || true)
   if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ]; then
     echo "bootstrap: building C extensions"
-    .venv/bin/python setup.py -q build_ext --inplace
+    rm -rf build/ext
+    .venv/bin/python setup.py -q build_ext --build-lib build/ext --build-temp build/ext-tmp
+    (cd build/ext && find fsnotifyd -name '*.so') | while read -r built; do
+      cp "build/ext/$built" "$built.new" && mv -f "$built.new" "$built"
+    done
     break
   fi
 done

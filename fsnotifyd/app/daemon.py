@@ -541,7 +541,8 @@ class Daemon:
                 st = {"ok": False, "healthy": False, "error": str(e)}
             out.append({"image": att.image, "loop": att.loop, "mountpoint": att.mountpoint, "pid": att.pid,
                         "healthy": bool(st.get("healthy")), "readonly": st.get("readonly", att.readonly),
-                        "errors": st.get("errors"), "stats": st.get("stats"), "error": st.get("error")})
+                        "errors": st.get("errors"), "stats": st.get("stats"), "error": st.get("error"),
+                        "data_path": ("python" if st.get("fast_path") is None else "c") if st.get("ok") else None})
         return out
 
     def _exporter_aborted(self, att: Any) -> None:

@@ -401,7 +401,7 @@ static int read_piece(char *buf, uint64_t len, uint64_t vc, uint64_t in) {
 }
 
 /* One piece of a write, inside virtual cluster vc: 0 or -1 (the request goes to Python). */
-static int write_piece(const char *buf, uint64_t len, uint64_t vc, uint64_t in) {
+static int write_piece(char *buf, uint64_t len, uint64_t vc, uint64_t in) {
     uint64_t pos = (uint64_t)S.map[vc] * S.cluster + in;
     before_write(pos, len);
     if (!direct(pos, len))
@@ -430,25 +430,29 @@ static int write_piece(const char *buf, uint64_t len, uint64_t vc, uint64_t in) 
     return n == (ssize_t)len ? 0 : -1;
 }
 
+/* Do [off, off + size) one piece per cluster; 1 when every piece was done. */
+static int by_cluster(char *buf, size_t size, off_t off, int (*piece)(char *, uint64_t, uint64_t, uint64_t)) {
+    for (uint64_t done = 0; done < size;) {
+        uint64_t at = (uint64_t)off + done, vc = at / S.cluster, in = at % S.cluster;
+        uint64_t len = S.cluster - in < size - done ? S.cluster - in : size - done;
+        if (piece(buf + done, len, vc, in) != 0)
+            return 0;
+        done += len;
+    }
+    return 1;
+}
+
 int fio_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
     pthread_mutex_lock(&S.lock);
     if (mapped(size, off)) {
         S.st.busy_since_ns = now_ns();
         int sequential = (uint64_t)off == S.last_read_end;
-        uint64_t done = 0, last_vc = 0;
-        while (done < size) {
-            uint64_t at = (uint64_t)off + done, vc = at / S.cluster, in = at % S.cluster;
-            uint64_t len = S.cluster - in < size - done ? S.cluster - in : size - done;
-            if (read_piece(buf + done, len, vc, in) != 0)
-                break;
-            done += len;
-            last_vc = vc;
-        }
+        int ok = by_cluster(buf, size, off, read_piece);
         S.st.busy_since_ns = 0;
-        if (done == size) {
+        if (ok) {
             S.last_read_end = (uint64_t)off + size;
             if (sequential && direct(0, size))
-                read_ahead(last_vc);
+                read_ahead(((uint64_t)off + size - 1) / S.cluster);
             S.st.reads++;
             S.st.read_bytes += size;
             pthread_mutex_unlock(&S.lock);
@@ -465,16 +469,10 @@ int fio_write(const char *path, const char *buf, size_t size, off_t off, void *f
     pthread_mutex_lock(&S.lock);
     if (!S.readonly && mapped(size, off)) {
         S.st.busy_since_ns = now_ns();
-        uint64_t done = 0;
-        while (done < size) {
-            uint64_t at = (uint64_t)off + done, vc = at / S.cluster, in = at % S.cluster;
-            uint64_t len = S.cluster - in < size - done ? S.cluster - in : size - done;
-            if (write_piece(buf + done, len, vc, in) != 0)
-                break;
-            done += len;
-        }
+        /* libfuse's buffer: written from, never to (the pieces take a char * to share by_cluster) */
+        int ok = by_cluster((char *)buf, size, off, write_piece);
         S.st.busy_since_ns = 0;
-        if (done == size) {
+        if (ok) {
             S.st.writes++;
             S.st.written_bytes += size;
             pthread_mutex_unlock(&S.lock);
@@ -490,7 +488,8 @@ int fio_write(const char *path, const char *buf, size_t size, off_t off, void *f
 
 /* An importable module, so setup.py builds it like the others; Python reaches the functions
  * above through ctypes on this file (fastio.py). */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastio", "The exporter's C data path.", -1, NULL};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_fastio", .m_doc = "The exporter's C data path.", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__fastio(void) {
     PyObject *m = PyModule_Create(&module);

@@ -89,8 +89,8 @@ def test_random_requests_match_the_model(images, data_path):
     counts: dict[str, int] = {}
     try:
         for step in range(400):
-            what = rng.choices(["write", "read", "discard", "flush", "snapshot", "compact", "merge", "readonly"],
-                               weights=[40, 30, 8, 6, 2, 3, 2, 2])[0]
+            what = rng.choices(["write", "read", "stream", "discard", "flush", "snapshot", "compact", "merge",
+                                "readonly"], weights=[40, 26, 4, 8, 6, 2, 3, 2, 2])[0]
             counts[what] = counts.get(what, 0) + 1
             off, n = _request(rng)
             where = f"step {step} {what} {off}+{n} (seed {seed})"
@@ -100,6 +100,15 @@ def test_random_requests_match_the_model(images, data_path):
                 model[off:off + n] = data
             elif what == "read":
                 assert disk.read(off, n) == model[off:off + n], where
+            elif what == "stream":  # a sequential reader (read-ahead) with writes landing ahead of it
+                start = rng.randrange(0, SIZE - 8 * MiB, MiB)
+                for i in range(8):
+                    assert disk.read(start + i * MiB, MiB) == model[start + i * MiB:start + (i + 1) * MiB], where
+                    ahead = start + (i + rng.randrange(1, 4)) * MiB + rng.randrange(0, MiB - 65536, 4096)
+                    if rng.random() < 0.5 and ahead + 65536 <= SIZE:
+                        data = rng.randbytes(rng.choice([4096, 65536]))
+                        disk.write(ahead, data)
+                        model[ahead:ahead + len(data)] = data
             elif what == "discard":
                 disk.discard(off, n)
                 model[off:off + n] = bytes(n)
@@ -124,7 +133,7 @@ def test_random_requests_match_the_model(images, data_path):
         for off in range(0, SIZE, 4 * MiB):
             assert disk.read(off, 4 * MiB) == model[off:off + 4 * MiB], f"final read at {off} (seed {seed})"
         st = A.status(att)
-        print(f"  {counts}; fast_path {st['fast_path']}, errors {st['errors']}")
+        print(f"  {counts}; fast_path {st['fast_path']}, read-ahead hits {st['read_ahead_hits']}, errors {st['errors']}")
         if data_path == "c":
             fast = st["fast_path"]
             assert fast is not None and fast["writes"] > 0 and fast["reads"] > 0, st

@@ -146,8 +146,9 @@ def test_events_on_a_ve_carry_its_id(state, tmp_path):
             assert ev["ve"] == "103" and ev["mount"] == str(mnt)
             [im] = daemon.status()["images"]["attached"]  # the exporter's own report, through the daemon
             assert im["healthy"] and im["loop"] == loop and im["stats"]["writes"] > 0
+            assert im["data_path"] == "c"  # the bootstrap built it; FSNOTIFYD_FASTIO is not set here
             text = fsnd("status", "--config", str(daemon.config)).stdout
-            assert f"on {loop}" in text and "healthy" in text
+            assert f"on {loop}" in text and "healthy" in text and "data path c" in text
         finally:
             fsnd("ve", "stop", "103", "--state-dir", str(sd), check=False)
             from fsnotifyd.image import attach

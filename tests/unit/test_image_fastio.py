@@ -176,7 +176,8 @@ def test_writes_in_flight_are_on_disk_before_python_goes_on(h):
 def test_random_requests_and_changes_match_the_model(h, seed):
     rng = random.Random(seed)
     for step in range(600):
-        what = rng.choices(["write", "read", "discard", "flush", "compact"], weights=[50, 35, 8, 5, 2])[0]
+        what = rng.choices(["write", "read", "stream", "discard", "flush", "compact"],
+                           weights=[50, 30, 6, 8, 5, 2])[0]
         n = rng.choice([4096, 8192, 64 << 10, CLUSTER, CLUSTER, 2 * CLUSTER])
         off = rng.randrange(0, SIZE - n + 1, 4096 if rng.random() < 0.5 else CLUSTER)
         where = f"step {step} {what} {off}+{n} (seed {seed})"
@@ -184,6 +185,13 @@ def test_random_requests_and_changes_match_the_model(h, seed):
             h.write(off, rng.randbytes(n))
         elif what == "read":
             h.check(off, n, where)
+        elif what == "stream":  # a sequential reader (read-ahead) with writes landing ahead of it
+            start = rng.randrange(0, SIZE - 8 * CLUSTER, CLUSTER)
+            for i in range(8):
+                h.check(start + i * CLUSTER, CLUSTER, f"{where} stream {i}")
+                ahead = start + (i + rng.randrange(1, 4)) * CLUSTER + rng.randrange(0, CLUSTER, 4096)
+                if rng.random() < 0.5 and ahead + 8192 <= SIZE:
+                    h.write(ahead, rng.randbytes(rng.choice([4096, 8192])))
         elif what == "discard":
             with h.fast.lock:
                 h.stack.discard(off, n)
