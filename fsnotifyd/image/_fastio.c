@@ -1,5 +1,5 @@
-/* The exporter's common requests in C: a read or a write that falls inside one cluster the
- * top delta already maps.
+/* The exporter's common requests in C: a read or a write that falls inside clusters the top
+ * delta already maps.
  *
  * Why: the exporter is one thread, and in Python each request costs more than the copy it
  * does (the GIL, a ctypes callback, the stack walk). With the FUSE loop and these two
@@ -10,9 +10,9 @@
  * decision: it loads a copy of the top delta's mapping here (virtual cluster -> physical
  * cluster, 0 = not here) and updates it, under the same mutex, whenever a mapping changes
  * (allocation, discard, compaction, snapshot, close). Anything else goes to the Python
- * callbacks mfusepy made: a cluster the top does not have (allocation, the deltas below,
- * zeros), a request across two clusters, a read-only image, a failed system call (Python
- * does it again and reports the error). A write here is acknowledged as Python's is: in
+ * callbacks mfusepy made: a request over a cluster the top does not have (allocation, the
+ * deltas below, zeros), a write to a read-only image, a failed system call (Python does the
+ * whole request again and reports the error). A write here is acknowledged as Python's is: in
  * the host page cache or written O_DIRECT, durable at the next flush, which Python does.
  *
  * The mutex is the exporter's lock: Python takes it (fastio.Lock) around everything it does
@@ -213,7 +213,6 @@ static void before_read(uint64_t pos, uint64_t len) {
         if (S.slots[i].state == WRITING && overlaps(&S.slots[i], pos, len))
             wait_for(&S.slots[i]);
 }
-
 
 /* -- called from Python (which holds the lock, except for lock/unlock themselves) -- */
 
