@@ -99,6 +99,7 @@ class Delta:
     # (fastio.py) keeps a copy of the top's mapping and must never write through a stale one.
     on_map: Callable[[int, int], None] | None = None
     on_sync: Callable[[], None] | None = None  # ... and raises what its writes in flight failed with
+    _lost: OSError | None = None  # a write acknowledged and then failed: the next commit fails too
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -218,10 +219,16 @@ class Delta:
 
     def _sync(self) -> None:
         """Wait for the writes in flight (and raise the first that failed)."""
-        if self._behind is not None:
-            self._behind.drain()
-        if self.on_sync is not None:
-            self.on_sync()
+        try:
+            if self._behind is not None:
+                self._behind.drain()
+            if self.on_sync is not None:
+                self.on_sync()
+        except OSError as e:
+            # Whatever request meets the failure first (a read, another write) fails with it, and
+            # so must the next commit: the flush is what promised the write was durable.
+            self._lost = e
+            raise
 
     def _changing(self) -> None:
         """The file is about to change: no read-ahead window may outlive it."""
@@ -436,7 +443,14 @@ class Delta:
 
     def commit(self) -> None:
         """Make pending mappings durable: data first, then the BAT entries."""
-        self._sync()
+        try:
+            self._sync()
+        except OSError:
+            self._lost = None  # reported here
+            raise
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            raise lost
         if not self._pending:
             if self.writable and self.fd >= 0:
                 os.fdatasync(self.fd)

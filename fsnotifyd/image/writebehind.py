@@ -11,7 +11,8 @@ flush covered. At most ``depth`` writes are in flight (their buffers are the mem
 flight waits for it at submission, so the writes in flight never overlap and their order
 cannot matter. Anything else that touches the file (reads, other
 writes, hole punching, the BAT commit) calls :meth:`drain` first, so it sees every earlier
-write. A failed write is raised, as the OSError it was, by the next :meth:`drain`.
+write. A failed write is raised, as the OSError it was, by the next :meth:`drain`; the delta
+then fails its next commit with it too, whatever request drained first.
 """
 
 from __future__ import annotations

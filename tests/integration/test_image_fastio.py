@@ -162,8 +162,8 @@ def _snapshots(img: str) -> list[str]:
 
 def test_failed_write_behind_write_fails_the_next_flush(images):
     """Large writes go behind (acknowledged before the disk has them, like a disk's write
-    cache). When one fails, the flush that was to make it durable fails, and the exporter
-    counts it. The failure is real: the image's host file system is full, and the write goes
+    cache). When one fails, the flush that was to make it durable fails, also when another
+    request met the failure first, and the exporter counts it. The failure is real: the image's host file system is full, and the write goes
     to a cluster that is mapped but still a hole (a first 4 KiB write allocated it)."""
     if fastio.load() is None:
         pytest.fail("fsnotifyd.image._fastio is not built: run scripts/bootstrap.sh")
@@ -202,6 +202,10 @@ def test_failed_write_behind_write_fails_the_next_flush(images):
                 except OSError as e:
                     failed = e
                     break
+            # The next request Python serves meets the failure first (a first write, to a
+            # cluster not mapped yet): it fails, and the flush must fail all the same.
+            with pytest.raises(OSError):
+                disk.write(30 * MiB, b"\5" * 4096)
             with pytest.raises(OSError) as flush:
                 os.fsync(disk.fd)
             st = A.status(att)

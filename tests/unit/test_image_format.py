@@ -570,3 +570,33 @@ def test_write_behind_keeps_order_and_reports_a_failed_write(tmp_path):
     finally:
         wb.close()
         os.close(ro)
+
+
+def test_a_failed_write_behind_write_fails_the_next_commit_whoever_met_it_first(tmp_path, monkeypatch):
+    """A write acknowledged and then failed on its thread: the first access to the delta
+    after it fails (here a read), and the next commit fails all the same, since that is what
+    promised the write durable. The failure is the kernel's: the thread's writes go to a
+    read-only descriptor of the file (EBADF)."""
+    from fsnotifyd.image import writebehind
+
+    c = 256 * KiB
+    d = image(tmp_path, 4 * c, c)
+    with Stack.open(d) as s:
+        assert s.use_direct_io(write_behind=2)
+        s.write(0, os.urandom(c))  # allocation, then the first direct write (synchronous)
+        s.write(0, os.urandom(c))
+        s.flush()
+        ro = os.open(s.top.path, os.O_RDONLY)
+        try:
+            monkeypatch.setattr(writebehind, "pwrite", lambda fd, data, pos: os.pwrite(ro, data, pos))
+            s.write(0, os.urandom(c))  # acknowledged: behind
+            with pytest.raises(OSError) as first:
+                s.read(0, 4096)
+            assert first.value.errno == 9  # EBADF
+            with pytest.raises(OSError) as flush:
+                s.flush()
+            assert flush.value.errno == 9
+            monkeypatch.undo()
+            s.flush()  # reported: the next flush is a plain one
+        finally:
+            os.close(ro)
