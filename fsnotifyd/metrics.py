@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -114,6 +114,53 @@ class Metrics:
         """``fsnotifyd_ve_isolated``: 1 per VE under isolation, read from the action records at
         scrape time, so a release by the CLI shows at once."""
         self.registry.register(_IsolatedCollector(isolated))
+
+
+    def bind_images(self, exporters: Callable[[], Iterable[tuple[str, str, Mapping[str, Any] | None]]]) -> None:
+        """The image exporters' own figures, as the watchdog last read them (image, VE or "",
+        status or None when the exporter did not answer): a scrape never waits for an exporter."""
+        self.registry.register(_ImagesCollector(exporters))
+
+
+class _ImagesCollector(Collector):
+    # The exporter's status counters (since it started: a restarted exporter starts again at 0,
+    # which Prometheus reads as a counter reset).
+    COUNTERS = [
+        ("fsnotifyd_image_io_requests_total", "Read and write requests an image's exporter served", "requests"),
+        ("fsnotifyd_image_io_bytes_total", "Bytes an image's exporter read and wrote for its VE", "bytes"),
+    ]
+
+    def __init__(self, exporters: Callable[[], Iterable[tuple[str, str, Mapping[str, Any] | None]]]) -> None:
+        self.exporters = exporters
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        requests = CounterMetricFamily(*self.COUNTERS[0][:2], labels=["image", "ve", "op"])
+        nbytes = CounterMetricFamily(*self.COUNTERS[1][:2], labels=["image", "ve", "op"])
+        errors = CounterMetricFamily("fsnotifyd_image_io_errors_total",
+                                     "Requests an image's exporter answered with an error", labels=["image", "ve"])
+        clusters = CounterMetricFamily("fsnotifyd_image_clusters_total",
+                                       "Clusters an image's exporter allocated in the top delta or freed by discards",
+                                       labels=["image", "ve", "op"])
+        fallbacks = CounterMetricFamily("fsnotifyd_image_python_requests_total",
+                                        "Requests the exporter's C data path handed to Python (first writes, "
+                                        "deltas below, failed calls)", labels=["image", "ve"])
+        healthy = GaugeMetricFamily("fsnotifyd_image_exporter_healthy",
+                                    "1 when the image's exporter answered the watchdog and no request is stuck",
+                                    labels=["image", "ve"])
+        for image, ve, st in self.exporters():
+            healthy.add_metric([image, ve], 1 if st is not None and st.get("healthy") else 0)
+            if st is None:
+                continue
+            io = st.get("stats") or {}
+            for op, n, b in (("read", "reads", "read_bytes"), ("write", "writes", "written_bytes")):
+                requests.add_metric([image, ve, op], io.get(n, 0))
+                nbytes.add_metric([image, ve, op], io.get(b, 0))
+            clusters.add_metric([image, ve, "allocated"], io.get("allocated", 0))
+            clusters.add_metric([image, ve, "discarded"], io.get("discarded", 0))
+            errors.add_metric([image, ve], st.get("errors") or 0)
+            if st.get("fast_path"):
+                fallbacks.add_metric([image, ve], st["fast_path"].get("fallbacks", 0))
+        yield from (requests, nbytes, errors, clusters, fallbacks, healthy)
 
 
 class _IsolatedCollector(Collector):

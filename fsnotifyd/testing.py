@@ -361,6 +361,15 @@ class FakeSource:
         await asyncio.Event().wait()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (bound and released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_synced(path: Path, size: int) -> str:
     """Write ``size`` random bytes to ``path`` and fsync them; returns their SHA-256."""
     import hashlib

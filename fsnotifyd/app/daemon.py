@@ -523,13 +523,28 @@ class Daemon:
         """A hung image exporter must not hang its VE's writers forever: the watchdog aborts its
         FUSE connection; the VE's writers then get I/O errors, which the sources report."""
         self.exporters_aborted = 0
+        self._exporters_seen: list[tuple[Any, dict[str, Any] | None]] = []
+        self.metrics.bind_images(self._exporter_figures)
         self._watchdog_stop = threading.Event()
         run_dir = os.path.join(self.config.state_dir, "run")
         self._watchdog = threading.Thread(
             target=run_watchdog, args=(run_dir, WATCHDOG_INTERVAL, self._watchdog_stop),
-            kwargs={"timeout": WATCHDOG_TIMEOUT, "on_abort": self._exporter_aborted},
+            kwargs={"timeout": WATCHDOG_TIMEOUT, "on_abort": self._exporter_aborted,
+                    "on_pass": self._exporters_checked},
             name="image-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _exporters_checked(self, seen: list[tuple[Any, dict[str, Any] | None]]) -> None:
+        self._exporters_seen = seen  # replaced whole: a scrape reads one round or the next
+
+    def _exporter_figures(self) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """(image, VE id or "", status) per exporter the watchdog checked last, for metrics."""
+        inventory = getattr(self, "inventory", None)
+        out = []
+        for att, st in self._exporters_seen:
+            ve = next((v.id for v in (inventory.ves if inventory else []) if att.disk in v.images), "")
+            out.append((att.image, ve, st))
+        return out
 
     def _images(self) -> list[dict[str, Any]]:
         """Every attached image with what its exporter reports (I/O counts, errors, health)."""

@@ -681,11 +681,16 @@ def abort_fuse(att: Attached) -> bool:
     return True
 
 
-def watchdog_check(att: Attached, timeout: float = 5.0) -> bool:
-    """True when the exporter answers ``status`` in time; otherwise its FUSE connection is
-    aborted (writers get EIO instead of hanging in D state) and False is returned."""
+def watchdog_check(att: Attached, timeout: float = 5.0,
+                   seen: Callable[[dict[str, Any]], None] | None = None) -> bool:
+    """True when the exporter answers ``status`` in time (``seen`` gets the answer); otherwise
+    its FUSE connection is aborted (writers get EIO instead of hanging in D state) and False
+    is returned."""
     try:
-        if control(att, {"op": "status"}, timeout).get("ok"):
+        st = control(att, {"op": "status"}, timeout)
+        if st.get("ok"):
+            if seen is not None:
+                seen(st)
             return True
     except (ImageError, ValueError) as e:
         log.warning("image.exporter_unresponsive", image=att.image, pid=att.pid, error=str(e))
@@ -694,25 +699,35 @@ def watchdog_check(att: Attached, timeout: float = 5.0) -> bool:
 
 
 def run_watchdog(run_dir: str, interval: float, stop_event: threading.Event, *, timeout: float = 5.0,
-                 on_abort: Callable[[Attached], None] | None = None) -> None:
+                 on_abort: Callable[[Attached], None] | None = None,
+                 on_pass: Callable[[list[tuple[Attached, dict[str, Any] | None]]], None] | None = None) -> None:
     """Check every recorded attachment each ``interval`` seconds until ``stop_event`` is set.
     An aborted connection stays aborted: the attachment is checked again only after it is
-    detached and attached anew (its FUSE mount is then another connection)."""
+    detached and attached anew (its FUSE mount is then another connection). ``on_pass`` gets,
+    after each round, every attachment checked with its exporter's status (None: no answer)."""
     aborted: set[tuple[str, str]] = set()
     while not stop_event.is_set():
+        seen: list[tuple[Attached, dict[str, Any] | None]] = []
         for att in attached(run_dir):
             m = _fuse_mount(att.fuse_dir)
-            if not att.loop or m is None or (att.fuse_dir, m.dev) in aborted:
+            if not att.loop or m is None:
                 continue
+            if (att.fuse_dir, m.dev) in aborted:
+                seen.append((att, None))  # still attached, still broken
+                continue
+            answer: list[dict[str, Any]] = []
             try:
-                ok = watchdog_check(att, timeout)
+                ok = watchdog_check(att, timeout, seen=answer.append)
             except (ImageError, OSError) as e:
                 log.error("image.watchdog_failed", image=att.image, error=str(e))
                 continue
+            seen.append((att, answer[0] if answer else None))
             if not ok:
                 aborted.add((att.fuse_dir, m.dev))
                 if on_abort is not None:
                     on_abort(att)
+        if on_pass is not None:
+            on_pass(seen)
         stop_event.wait(interval)
 
 

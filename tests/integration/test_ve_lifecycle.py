@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -121,12 +122,13 @@ def test_start_after_the_exporter_was_killed(state, tmp_path):
 def test_events_on_a_ve_carry_its_id(state, tmp_path):
     """The daemon learns the VE from the registry when it is mounted: a real ext4 error on its
     filesystem is one fs.error with ve=103."""
-    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.testing import RunningDaemon, free_port
 
     workdir = tmp_path / "d"
     workdir.mkdir()
     mnt = tmp_path / "root103"
-    with RunningDaemon(workdir) as daemon:
+    port = free_port()
+    with RunningDaemon(workdir, metrics_port=port) as daemon:
         sd = workdir / "state"  # the daemon's state_dir: the CLI shares its registry
         fsnd("ve", "create", "103", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(sd))
         try:
@@ -149,6 +151,21 @@ def test_events_on_a_ve_carry_its_id(state, tmp_path):
             assert im["data_path"] == "c"  # the bootstrap built it; FSNOTIFYD_FASTIO is not set here
             text = fsnd("status", "--config", str(daemon.config)).stdout
             assert f"on {loop}" in text and "healthy" in text and "data path c" in text
+            # The same figures as metrics, from the watchdog's last round (every 2 s).
+            image = im["image"]
+            want = f'fsnotifyd_image_io_requests_total{{image="{image}",op="write",ve="103"}}'
+            deadline = time.monotonic() + 10
+            while True:
+                metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                if want in metrics or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                      if line.startswith("fsnotifyd_image_")}
+            assert values.get(want, 0) > 0, [k for k in values]
+            assert values[f'fsnotifyd_image_exporter_healthy{{image="{image}",ve="103"}}'] == 1
+            assert values[f'fsnotifyd_image_io_bytes_total{{image="{image}",op="write",ve="103"}}'] > 0
+            assert f'fsnotifyd_image_python_requests_total{{image="{image}",ve="103"}}' in values
         finally:
             fsnd("ve", "stop", "103", "--state-dir", str(sd), check=False)
             from fsnotifyd.image import attach
@@ -232,12 +249,13 @@ def test_the_daemon_aborts_a_hung_exporter_and_reports_the_io_errors(state, tmp_
     the writer returns with an error instead of hanging in D state, and the I/O errors that
     follow on the VE's filesystem come out as events carrying the VE id."""
     from fsnotifyd.image import attach
-    from fsnotifyd.testing import RunningDaemon
+    from fsnotifyd.testing import RunningDaemon, free_port
 
     workdir = tmp_path / "d"
     workdir.mkdir()
     mnt = tmp_path / "root106"
-    with RunningDaemon(workdir) as daemon:
+    port = free_port()
+    with RunningDaemon(workdir, metrics_port=port) as daemon:
         sd = workdir / "state"
         fsnd("ve", "create", "106", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(sd))
         writer = None
@@ -259,6 +277,17 @@ def test_the_daemon_aborts_a_hung_exporter_and_reports_the_io_errors(state, tmp_
                 stream.close()
             assert evs[0]["kind"] in ("fs.error", "blk.io_error", "fs.readonly", "fs.shutdown")
             assert daemon.status()["images"]["exporters_aborted"] >= 1
+            # The aborted attachment stays in the metrics, unhealthy, until it is taken apart
+            # (FsnotifydImageExporterUnhealthy fires on it).
+            want = f'fsnotifyd_image_exporter_healthy{{image="{a.image}",ve="106"}} 0.0'
+            deadline = time.monotonic() + 10
+            while want not in (text := urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                 timeout=5).read().decode()):
+                assert time.monotonic() < deadline, [x for x in text.splitlines() if "image_exporter" in x]
+                time.sleep(0.5)
+            time.sleep(4)  # two more watchdog rounds: it is still there
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            assert want in text
         finally:
             for a in attach.attached(str(sd / "run")):
                 with contextlib.suppress(ProcessLookupError):
