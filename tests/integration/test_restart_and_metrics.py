@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from fsnotifyd.testing import RunningDaemon, free_port, loop_ext4
 
 pytestmark = pytest.mark.kernel
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_errors_while_down_are_reported_once(kernel, tmp_path):

@@ -34,6 +34,7 @@ from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel, rfc3339
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.webhook import REJECTED, Backoff, RateLimit, WebhookSink, retryable
+from fsnotifyd.testing import free_port
 
 HOST = "vm7"
 FAST = dict(retry_initial_s=0.05, retry_max_s=0.2, timeout_s=5.0)
@@ -190,12 +191,6 @@ class Endpoint:
                 self.arrived.wait(left)
             return list(self.requests)
 
-
-def free_port() -> int:
-    """A port nothing listens on (bound and released): the endpoint is down until started on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
