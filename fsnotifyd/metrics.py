@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -57,15 +58,8 @@ class Metrics:
             "fsnotifyd_alloc_regions_touched_total",
             "Image-cluster sized regions that received their first allocation", ["device", "ve"], registry=r,
         )
-        self.alloc_regions_live = Gauge(
-            "fsnotifyd_alloc_regions_live", "Regions holding allocations and not discarded whole since",
-            ["device", "ve"], registry=r,
-        )
-        self.swelling = Gauge(
-            "fsnotifyd_fs_swelling_ratio",
-            "Live regions over the regions the data in use needs (1 = compact; a thin image's growth factor)",
-            ["device", "ve"], registry=r,
-        )
+        self.fs_gauges = FsGauges()
+        r.register(self.fs_gauges)
         self.quota_warnings = Counter(
             "fsnotifyd_quota_warnings_total", "Quota warnings by kind (BHARDWARN, ISOFTWARN, ...)",
             ["warning", "ve"], registry=r,
@@ -109,6 +103,11 @@ class Metrics:
         """Export the correlator's own counters, read at scrape time (no copy to keep in step)."""
         self.registry.register(_CorrelatorCollector(stats))
 
+
+    def bind_mounted(self, mounted: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """The (device, VE) pairs mounted now: a filesystem's gauges are exported only while
+        its VE has it mounted on that device (see ``FsGauges``)."""
+        self.fs_gauges.mounted = mounted
 
     def bind_isolated(self, isolated: Callable[[], Iterable[str]]) -> None:
         """``fsnotifyd_ve_isolated``: 1 per VE under isolation, read from the action records at
@@ -161,6 +160,50 @@ class _ImagesCollector(Collector):
             if st.get("fast_path"):
                 fallbacks.add_metric([image, ve], st["fast_path"].get("fallbacks", 0))
         yield from (requests, nbytes, errors, clusters, fallbacks, healthy)
+
+
+class FsGauges(Collector):
+    """A filesystem's last allocation figures (live regions, swelling), by device and VE.
+
+    They come from ``fs.alloc`` events, which stop when the filesystem is unmounted, and a loop
+    device is reused by the next VE attached. A plain Gauge would keep the last value of a
+    stopped or removed VE for the daemon's lifetime, and the swelling alert with it. So a
+    scrape exports only the pairs that are mounted now, and forgets the others.
+    """
+
+    FIELDS = {
+        "regions_live": ("fsnotifyd_alloc_regions_live", "Regions holding allocations and not discarded whole since"),
+        "swelling": ("fsnotifyd_fs_swelling_ratio",
+                     "Live regions over the regions the data in use needs (1 = compact; a thin image's growth factor)"),
+    }
+
+    def __init__(self) -> None:
+        self.mounted: Callable[[], Iterable[tuple[str, str]]] | None = None  # unbound: keep all (replay, tests)
+        self._values: dict[tuple[str, str], dict[str, float]] = {}
+        self._lock = threading.Lock()  # events are set on the daemon's loop, scrapes read in the HTTP thread
+
+    def set(self, device: str, ve: str, field: str, value: float) -> None:
+        with self._lock:
+            self._values.setdefault((device, ve), {})[field] = value
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        live = set(self.mounted()) if self.mounted is not None else None
+        with self._lock:
+            if live is not None:
+                self._values = {k: v for k, v in self._values.items() if k in live}
+            values = sorted(self._values.items())
+        for field, (name, help_text) in self.FIELDS.items():
+            g = GaugeMetricFamily(name, help_text, labels=["device", "ve"])
+            for labels, v in values:
+                if field in v:
+                    g.add_metric(list(labels), v[field])
+            yield g
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Registered at construction, before anything is mounted: describe by name only, so the
+        # registry checks for clashes without calling ``mounted``.
+        for name, help_text in self.FIELDS.values():
+            yield GaugeMetricFamily(name, help_text, labels=["device", "ve"])
 
 
 class _IsolatedCollector(Collector):

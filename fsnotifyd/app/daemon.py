@@ -188,6 +188,8 @@ class Daemon:
     def build_inventory(self) -> None:
         registry = Registry(self.config.state_dir)
         self.inventory = Inventory(ves=list(self.config.ves), provider=registry.ves)
+        inventory = self.inventory
+        self.metrics.bind_mounted(lambda: [(p.device.name or "", p.ve or "") for p in inventory.mounts()])
 
     async def open_sinks(self) -> None:
         cfg = self.config

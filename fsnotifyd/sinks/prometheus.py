@@ -44,9 +44,9 @@ class MetricsSink:
         if isinstance(d.get("regions_new"), int) and d["regions_new"] > 0:
             self.metrics.alloc_regions.labels(dev, ve).inc(d["regions_new"])
         if isinstance(d.get("regions_live"), int):
-            self.metrics.alloc_regions_live.labels(dev, ve).set(d["regions_live"])
+            self.metrics.fs_gauges.set(dev, ve, "regions_live", d["regions_live"])
         if isinstance(d.get("swelling"), (int, float)):
-            self.metrics.swelling.labels(dev, ve).set(d["swelling"])
+            self.metrics.fs_gauges.set(dev, ve, "swelling", d["swelling"])
 
     def close(self) -> None:
         pass

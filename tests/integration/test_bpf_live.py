@@ -13,7 +13,6 @@ import ctypes
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import textwrap
@@ -23,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from fsnotifyd.testing import RunningDaemon, free_port, loop_ext4
 from tests.conftest import _check_kernel, kernel_missing
 
 NOBODY = 65534
@@ -44,11 +43,6 @@ def open_dir(prefix: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill_as_root(mnt: Path) -> None:
@@ -239,9 +233,17 @@ def churn(mnt: Path, fs_bytes: int, times: float, seed: int = 7) -> None:
 
 def test_allocation_telemetry_shows_swelling_and_trim(bpf_ready, tmp_path):
     """A churn workload spreads allocations: regions touched rise past what the data needs
-    (swelling > 1); fstrim shows up as discards and releases whole regions."""
+    (swelling > 1); fstrim shows up as discards and releases whole regions. The swelling gauge
+    is scraped while the VE has its filesystem mounted, and is gone once it is unmounted (a
+    stopped VE must not keep the swelling alert firing)."""
+    port = free_port()
+    gauge = "fsnotifyd_fs_swelling_ratio{device=\"%s\",ve=\"ve-alloc\"}"
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
     with loop_ext4(256, workdir=_dir(tmp_path / "fs")) as fs:
-        d = RunningDaemon(tmp_path / "d", extra_config=textwrap.dedent(f"""\
+        d = RunningDaemon(tmp_path / "d", metrics_port=port, extra_config=textwrap.dedent(f"""\
             ves:
               - id: ve-alloc
                 mount: {fs.mountpoint}
@@ -264,6 +266,11 @@ def test_allocation_telemetry_shows_swelling_and_trim(bpf_ready, tmp_path):
                 trimmed = stream.wait_for(lambda e: mine(e) and e["details"]["blocks_discarded"] > 0, timeout=10)
             finally:
                 stream.close()
+            mounted_scrape = scrape()
+            fs.umount()
+            deadline = time.monotonic() + 10  # the mount table is polled every 0.5 s
+            while gauge % fs.name in (unmounted_scrape := scrape()) and time.monotonic() < deadline:
+                time.sleep(0.2)
     touched = [e["details"]["regions_touched_total"] for e in before_trim]
     assert len(touched) >= 3, before_trim
     assert touched == sorted(touched) and touched[-1] > touched[0], touched
@@ -273,6 +280,8 @@ def test_allocation_telemetry_shows_swelling_and_trim(bpf_ready, tmp_path):
     assert last["regions_live"] > last["regions_needed"]
     t = trimmed[0]["details"]
     assert t["regions_released"] > 0 and t["regions_live"] < last["regions_live"], (t, last)
+    assert gauge % fs.name in mounted_scrape, mounted_scrape
+    assert gauge % fs.name not in unmounted_scrape and "fsnotifyd_alloc_regions_live{" not in unmounted_scrape
 
 
 def test_daemon_without_bcc_degrades_and_keeps_its_other_sources(tmp_path):

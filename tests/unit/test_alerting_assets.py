@@ -118,6 +118,8 @@ def exported() -> dict[str, set[str]]:
     m.bind_correlator(lambda: {})
     m.bind_images(lambda: [("x", "x", {"ok": True, "healthy": True, "stats": {}, "errors": 0,
                                         "fast_path": {"fallbacks": 0}})])
+    m.fs_gauges.set("x", "x", "regions_live", 1)
+    m.fs_gauges.set("x", "x", "swelling", 1.0)
     # A labelled metric shows no sample (and so no label names) before its first child exists.
     for w in vars(m).values():
         if isinstance(w, MetricWrapperBase) and getattr(w, "_labelnames", ()):

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from fsnotifyd.events import Device, Event, Kernel
+from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.journal import JournalSink
+from fsnotifyd.sinks.prometheus import MetricsSink
 from fsnotifyd.sinks.socket import SocketSink
 
 
@@ -94,3 +96,39 @@ def test_kind_filter_exact_prefix_and_unknown() -> None:
         KindFilter.parse(["fs.eror"])
     with pytest.raises(ValueError, match="unknown event kind 'zz.\\*'"):
         KindFilter.parse(["zz.*"])
+
+
+class TestMetricsSink:
+    @staticmethod
+    def alloc(dev: str, ve: str, live: int, swelling: float) -> Event:
+        return Event(kind="fs.alloc", time=1.0, host="h", severity="info", device=Device(7, 0, dev), fs="ext4",
+                     mount="/m", ve=ve, kernel=Kernel(), sources=("bpf",),
+                     details={"regions_live": live, "swelling": swelling})
+
+    def test_swelling_is_exported_only_while_its_ve_has_the_filesystem_mounted(self) -> None:
+        """The last swelling figure of a stopped VE, or of a loop device the next VE reuses, is
+        not exported (it would keep the swelling alert firing for the daemon's lifetime); one
+        forgotten stays forgotten until its filesystem reports again."""
+        m = Metrics()
+        sink = MetricsSink(m)
+        sink.publish(self.alloc("loop1", "ve1", 300, 2.5))
+        sink.publish(self.alloc("loop2", "ve2", 120, 1.2))
+        swelling = lambda dev, ve: m.registry.get_sample_value(  # noqa: E731
+            "fsnotifyd_fs_swelling_ratio", {"device": dev, "ve": ve})
+        live = lambda dev, ve: m.registry.get_sample_value(  # noqa: E731
+            "fsnotifyd_alloc_regions_live", {"device": dev, "ve": ve})
+        # Not bound to a mount table (replay, a bare registry): every figure is kept.
+        assert (swelling("loop1", "ve1"), live("loop1", "ve1"), swelling("loop2", "ve2")) == (2.5, 300, 1.2)
+        mounted = [("loop1", "ve1"), ("loop2", "ve2")]
+        m.bind_mounted(lambda: mounted)
+        assert swelling("loop1", "ve1") == 2.5 and swelling("loop2", "ve2") == 1.2
+        mounted = [("loop2", "ve2")]  # ve1 stopped
+        assert swelling("loop1", "ve1") is None and live("loop1", "ve1") is None
+        assert swelling("loop2", "ve2") == 1.2
+        mounted = [("loop2", "ve2"), ("loop1", "ve1")]  # started again: no stale figure
+        assert swelling("loop1", "ve1") is None
+        sink.publish(self.alloc("loop1", "ve1", 10, 1.0))
+        assert swelling("loop1", "ve1") == 1.0
+        mounted = [("loop1", "ve1"), ("loop2", "ve3")]  # ve2 removed, its loop device reused by ve3
+        sink.publish(self.alloc("loop2", "ve3", 5, 1.1))
+        assert swelling("loop2", "ve2") is None and swelling("loop2", "ve3") == 1.1
