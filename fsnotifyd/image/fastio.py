@@ -1,7 +1,7 @@
 """The exporter's C data path (``_fastio.c``): loading it, feeding it the top delta's mapping,
 and putting it in front of mfusepy's read and write callbacks.
 
-The C side answers a read or write that one cluster of the top delta holds, without the GIL;
+The C side answers a read or write whose clusters the top delta all maps, without the GIL;
 everything else falls through to the Python callbacks, unchanged. Python stays the owner of
 the image: it tells C which clusters the top maps (:meth:`FastIO.serve` after the stack
 changes, :meth:`FastIO.mapped` from :class:`.Delta` whenever one mapping changes), and every
@@ -122,9 +122,6 @@ class FastIO:
 
     def set_readonly(self, readonly: bool) -> None:
         self._lib.fio_set_readonly(int(readonly))
-
-    def busy_since_ns(self) -> int:
-        return self.stats.busy_since_ns
 
     # -- in front of mfusepy -------------------------------------------------------------------
     def install(self, ops: Any, prototypes: dict[str, Any]) -> None:
