@@ -88,7 +88,7 @@ class BpfAllocSource:
 
     def _forget(self, dev: int) -> None:
         """A new filesystem on a device number: drop what the old one left in the maps."""
-        b = self.prog.bpf  # type: ignore[union-attr]
+        b = self.prog
         regions = b[b"regions"]
         stale = [k for k in regions.keys() if k.dev == dev]
         for k in stale:
@@ -106,7 +106,7 @@ class BpfAllocSource:
             return self._collect(time.time() if now is None else now)
 
     def _collect(self, now: float) -> tuple[list[Observation], int]:
-        b = self.prog.bpf  # type: ignore[union-attr]
+        b = self.prog
         mounts = self._ext4_mounts()
         for dev, p in mounts.items():
             t = self._tracked.get(dev)

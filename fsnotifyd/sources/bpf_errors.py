@@ -60,28 +60,29 @@ class BpfErrorsSource:
     async def run(self, send: Send, ready: Ready) -> None:
         loop = asyncio.get_running_loop()
         self.prog = await asyncio.to_thread(bpfload.load, "ext4_error")
-        b = self.prog.bpf
-        table = b[b"errors"]
+        table = self.prog["errors"]
+        ring = self.prog.ring_buffer("errors")
 
-        def on_record(ctx: Any, data: Any, size: int) -> int:
+        def on_record(buf: Any, offset: int, size: int) -> None:
             try:
-                obs = self.observe(table.event(data))
+                obs = self.observe(table.event(buf, offset))
             except Exception:  # noqa: BLE001 - one odd record must not stop the reader
-                log.exception("bpf.decode_failed", program="ext4_error")
-                return 0
+                log.exception("bpf.decode_failed", program="ext4_error", size=size)
+                return
             self.errors += 1
             send(obs)
-            return 0
 
-        table.open_ring_buffer(on_record)
+        def consume() -> None:
+            ring.consume(on_record)
+
         fd = table.map_fd
-        loop.add_reader(fd, b.ring_buffer_consume)
+        loop.add_reader(fd, consume)
         try:
             ready()
             while True:
                 await asyncio.sleep(self.lost_interval)
-                b.ring_buffer_consume()  # the poll is level-triggered; this only covers a missed wake-up
-                total = int(b[b"lost"].sum(0).value)
+                consume()  # the poll is level-triggered; this only covers a missed wake-up
+                total = int(self.prog["lost"].sum(0).value)
                 if total > self.lost:
                     send(Observation(source=SOURCE, kind="events.lost", time=time.time(), count=total - self.lost,
                                      details={"reason": "bpf_ringbuf_full", "program": "ext4_error"}))

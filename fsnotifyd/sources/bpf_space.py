@@ -129,7 +129,7 @@ class BpfSpaceSource:
         self._point("a")  # until the slots point at maps, the programs count nothing
 
     def _point(self, suffix: str) -> None:
-        b = self.prog.bpf  # type: ignore[union-attr]
+        b = self.prog
         for outer, inner in ((b"cache_now", "cache"), (b"calls_now", "calls"), (b"cgs_now", "cgs"),
                              (b"devs_now", "devs")):
             # An update of an array of maps returns after an RCU grace period: no program still
@@ -142,7 +142,7 @@ class BpfSpaceSource:
             return self._drain()
 
     def _drain(self) -> tuple[list[Call], list[tuple[int, int, int, int]], list[int]]:
-        b = self.prog.bpf  # type: ignore[union-attr]
+        b = self.prog
         old = "a" if self._spare == "b" else "b"
         self._point(self._spare)
         self._spare = old

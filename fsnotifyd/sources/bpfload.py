@@ -1,5 +1,10 @@
 """The one place that turns ``bpf/*.c`` into attached programs (bcc), or says why it cannot.
 
+bcc compiles in a short-lived child (:mod:`.bpfchild`) that attaches the program, hands the
+map and attachment fds over on a unix socket (SCM_RIGHTS) and exits, so LLVM never lives in the
+daemon; the daemon reads the maps through ``bpf()`` (:mod:`.bpfsys`) and the ring buffers by
+mmap (:mod:`.ringbuf`). Closing those fds (:meth:`Loaded.close`) detaches the program.
+
 Every program is loaded on its own, so one that cannot run here (a tracepoint this kernel
 lacks, a verifier refusal) costs only its own source. The reasons are checked in the order an
 operator would fix them: not root, no bcc, no kernel headers, no tracefs, a missing tracepoint,
@@ -15,7 +20,10 @@ and decides where tracefs is when it is first imported.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +33,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import SourceUnavailable
+from . import bpflayout, bpfsys
+from .ringbuf import RingBuffer
 
 TRACEFS = "/sys/kernel/tracing"
 
@@ -50,9 +60,8 @@ PROGRAMS: dict[str, Program] = {
     )
 }
 
-# libbcc's compiler is not documented as safe to run from two threads at once; sources load
-# concurrently (each in a worker thread), so compiles take turns.
-_COMPILE = threading.Lock()
+# Sources load concurrently (each in a worker thread) and each may find tracefs unmounted.
+_TRACEFS = threading.Lock()
 
 
 class ProbeUnavailable(SourceUnavailable):
@@ -90,16 +99,25 @@ def headers_dir() -> str:
     return f"/lib/modules/{os.uname().release}/build"
 
 
+def _tracefs_mounted(root: str) -> bool:
+    return os.path.isdir(os.path.join(root, "events")) or os.path.isdir("/sys/kernel/debug/tracing/events")
+
+
 def ensure_tracefs(root: str = TRACEFS) -> str | None:
     """Mount tracefs if it is not mounted; returns a reason when tracepoints stay unreachable."""
-    if os.path.isdir(os.path.join(root, "events")) or os.path.isdir("/sys/kernel/debug/tracing/events"):
+    if _tracefs_mounted(root):
         return None
     if os.geteuid() != 0:
         return f"tracefs is not mounted at {root}"
-    r = subprocess.run(["mount", "-t", "tracefs", "nodev", root], capture_output=True, text=True)
-    if r.returncode != 0 or not os.path.isdir(os.path.join(root, "events")):
-        return f"tracefs is not mounted at {root} and mounting it failed: {r.stderr.strip() or r.returncode}"
-    return None
+    # One mount for all the sources that start together: the second would fail with
+    # "already mounted" and take its source down on a fresh machine.
+    with _TRACEFS:
+        if _tracefs_mounted(root):
+            return None
+        r = subprocess.run(["mount", "-t", "tracefs", "nodev", root], capture_output=True, text=True)
+        if _tracefs_mounted(root):
+            return None
+    return f"tracefs is not mounted at {root} and mounting it failed: {r.stderr.strip() or r.returncode}"
 
 
 def tracepoint_exists(tp: str) -> bool:
@@ -111,10 +129,9 @@ def unavailable_reason(name: str) -> tuple[str, str] | None:
     """(reason, hint) when program ``name`` cannot be loaded here, checked before compiling."""
     if os.geteuid() != 0:
         return "not root (loading BPF needs CAP_BPF and CAP_PERFMON or CAP_SYS_ADMIN)", "run the daemon as root"
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
-        return (f"bcc is not importable ({e})",
+    # Found, not imported: importing bcc would map LLVM into the daemon for its whole life.
+    if importlib.util.find_spec("bcc") is None:
+        return ("bcc is not importable (no module named 'bcc')",
                 "apt install python3-bpfcc and link /usr/lib/python3/dist-packages/bcc into the "
                 "virtualenv (scripts/bootstrap.sh does both); the PyPI package 'bcc' is another project")
     if not os.path.isdir(headers_dir()):
@@ -132,34 +149,113 @@ def unavailable_reason(name: str) -> tuple[str, str] | None:
 
 @dataclass
 class Loaded:
+    """One program attached: its maps by name and the descriptors that keep it attached."""
     name: str
-    bpf: Any  # bcc.BPF
+    maps: dict[str, bpfsys.Map]
+    links: dict[str, int]
     text: str
-    load_seconds: float
+    load_seconds: float  # the whole hand-over: child start, import bcc, compile, attach
     detail: dict[str, Any] = field(default_factory=dict)
+    rings: dict[str, RingBuffer] = field(default_factory=dict)
+
+    def __getitem__(self, name: str | bytes) -> bpfsys.Map:
+        key = name.decode() if isinstance(name, bytes) else name
+        return self.maps[key]
+
+    def ring_buffer(self, name: str) -> RingBuffer:
+        """The mmap consumer of ring-buffer map ``name`` (one per map, made on first use)."""
+        if name not in self.rings:
+            m = self.maps[name]
+            self.rings[name] = RingBuffer(m.map_fd, m.max_entries)
+        return self.rings[name]
 
     def close(self) -> None:
-        try:
-            self.bpf.cleanup()
-        except Exception:  # noqa: BLE001 - detaching at shutdown must not mask the real exit
-            pass
+        """Detach (the link fds go first) and let the maps go."""
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
+        for fd in list(self.links.values()) + [m.map_fd for m in self.maps.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.links.clear()
+        self.maps.clear()
+
+
+def _child_command(sock_fd: int) -> list[str]:
+    return [sys.executable, "-m", "fsnotifyd.sources.bpfchild", str(sock_fd)]
+
+
+def _receive(parent: socket.socket, proc: subprocess.Popen[bytes], name: str) -> tuple[dict[str, Any], list[int]]:
+    """The child's one message, or ProbeUnavailable when it died without one."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(parent, 1 << 20, 253)
+    except OSError as e:
+        raise ProbeUnavailable(f"BPF program '{name}': the compiler process failed: {e}",
+                               "see the daemon's stderr for the compiler's own output") from e
+    if not data:
+        rc = proc.wait()
+        raise ProbeUnavailable(f"BPF program '{name}': the compiler process exited ({rc}) without an answer",
+                               "see the daemon's stderr for the compiler's own output")
+    return json.loads(data), fds
 
 
 def load(name: str, defines: Mapping[str, int | str] | None = None) -> Loaded:
-    """Compile and attach ``name`` (blocking: call it from a worker thread)."""
+    """Compile and attach ``name`` in a child process and take over its descriptors (blocking).
+
+    Call it from a worker thread. The daemon never imports bcc: the child does, and exits once
+    the program is attached (see :mod:`.bpfchild`).
+    """
     why = unavailable_reason(name)
     if why:
         raise ProbeUnavailable(*why)
     text = program_text(name, defines)
-    from bcc import BPF
-
-    with _COMPILE:
-        t0 = time.monotonic()
+    t0 = time.monotonic()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds: list[int] = []
+    try:
+        with child:
+            proc = subprocess.Popen(_child_command(child.fileno()), stdin=subprocess.PIPE,
+                                    pass_fds=(child.fileno(),), close_fds=True)
         try:
-            b = BPF(text=text.encode())
-        except Exception as e:  # bcc raises Exception for compile and verifier failures alike
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise ProbeUnavailable(f"BPF program '{name}' did not load: {first}",
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"name": name, "text": text}).encode())
+            proc.stdin.close()
+            msg, fds = _receive(parent, proc, name)
+        finally:
+            rc = proc.wait()
+        if "error" in msg:
+            raise ProbeUnavailable(f"BPF program '{name}' did not load: {msg['error']}",
                                    f"fsnotifyd bpf show {name} prints the C; the kernel log and "
-                                   "stderr carry the compiler or verifier message") from e
-        return Loaded(name, b, text, time.monotonic() - t0)
+                                   "stderr carry the compiler or verifier message")
+        if rc != 0:
+            raise ProbeUnavailable(f"BPF program '{name}': the compiler process exited {rc}", "")
+        loaded = _adopt(name, text, msg, fds, time.monotonic() - t0)
+        fds = []
+        return loaded
+    finally:
+        parent.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _adopt(name: str, text: str, msg: dict[str, Any], fds: list[int], seconds: float) -> Loaded:
+    """Build the maps from the child's description; fds come maps first, then links."""
+    specs, link_names = msg["maps"], msg["links"]
+    if len(fds) != len(specs) + len(link_names):
+        raise ProbeUnavailable(f"BPF program '{name}': {len(fds)} descriptors received, "
+                               f"{len(specs) + len(link_names)} announced", "")
+    maps: dict[str, bpfsys.Map] = {}
+    try:
+        for spec, fd in zip(specs, fds):
+            if spec["type"] == bpfsys.RINGBUF:
+                event = bpflayout.build(spec["event"]) if "event" in spec else None
+                maps[spec["name"]] = bpfsys.Map(spec["name"], fd, None, None, event)
+            else:
+                maps[spec["name"]] = bpfsys.Map(spec["name"], fd, bpflayout.build(spec["key"]),
+                                                bpflayout.build(spec["leaf"]))
+    except (ValueError, OSError) as e:
+        raise ProbeUnavailable(f"BPF program '{name}': a map did not match its description: {e}", "") from e
+    links = dict(zip(link_names, fds[len(specs):]))
+    return Loaded(name, maps, links, text, seconds, {"compile_seconds": round(msg.get("compile_seconds", 0.0), 3)})
