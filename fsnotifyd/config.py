@@ -16,6 +16,7 @@ import yaml
 
 from .errors import ConfigError
 from .inventory import VE, validate_ve_id
+from .wording import node_kind, type_phrase, yaml_value
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,18 @@ class _Reader:
         line = node.start_mark.line + 1 if node is not None else None
         return ConfigError(msg, file=self.file, line=line, field=fieldname)
 
+    def what(self, node: yaml.Node) -> str:
+        """What a node is, for "got ...": a list, a mapping, or the scalar as written in YAML."""
+        if not isinstance(node, yaml.ScalarNode):
+            return node_kind(node)
+        try:
+            return yaml_value(yaml.safe_load(yaml.serialize(node)))
+        except yaml.YAMLError:
+            return yaml_value(node.value)
+
     def mapping(self, node: yaml.Node, path: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"expected a mapping, got {_what(node)}", path or None)
+            raise self.error(node, f"expected a mapping, got {self.what(node)}", path or None)
         out: dict[str, yaml.Node] = {}
         for knode, vnode in node.value:
             key = knode.value if isinstance(knode, yaml.ScalarNode) else None
@@ -141,15 +151,15 @@ class _Reader:
 
     def scalar(self, node: yaml.Node, name: str, kind: type | tuple[type, ...]) -> Any:
         if not isinstance(node, yaml.ScalarNode):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got {_what(node)}", name)
+            raise self.error(node, f"expected {type_phrase(kind)}, got {self.what(node)}", name)
         try:
             value = yaml.safe_load(yaml.serialize(node))
         except yaml.YAMLError as e:
             raise self.error(node, f"cannot read value: {e}", name) from None
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got a boolean", name)
-        if not isinstance(value, kind) and not (value is None and kind is type(None)):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got {value!r}", name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python, not in YAML: `port: true` is a mistake, not port 1.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.error(node, f"expected {type_phrase(kind)}, got {yaml_value(value)}", name)
         return value
 
     def number(self, node: yaml.Node, name: str, *, minimum: float = 0, integer: bool = False) -> Any:
@@ -162,18 +172,8 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode):
             return (self.scalar(node, name, str),)
         if not isinstance(node, yaml.SequenceNode):
-            raise self.error(node, f"expected a string or a list of strings, got {_what(node)}", name)
+            raise self.error(node, f"expected a string or a list of strings, got {self.what(node)}", name)
         return tuple(self.scalar(n, f"{name}[{i}]", str) for i, n in enumerate(node.value))
-
-
-def _what(node: yaml.Node) -> str:
-    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a scalar")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if kind == (int, float):
-        return "number"
-    return {str: "string", int: "integer", bool: "boolean (true/false)", float: "number"}.get(kind, str(kind))
 
 
 def parse_config(text: str, file: str = "<string>") -> Config:
@@ -276,7 +276,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if "ves" in top:
         node = top["ves"]
         if not isinstance(node, yaml.SequenceNode):
-            raise r.error(node, f"expected a list of VEs, got {_what(node)}", "ves")
+            raise r.error(node, f"expected a list of VEs, got {r.what(node)}", "ves")
         ves = []
         seen: set[str] = set()
         for i, vnode in enumerate(node.value):
@@ -345,7 +345,7 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
 
 def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
     if not isinstance(node, yaml.SequenceNode):
-        raise r.error(node, f"expected a list of webhooks, got {_what(node)}", "sinks.webhooks")
+        raise r.error(node, f"expected a list of webhooks, got {r.what(node)}", "sinks.webhooks")
     hooks: list[WebhookConfig] = []
     for i, wnode in enumerate(node.value):
         p = f"sinks.webhooks[{i}]"
