@@ -16,6 +16,7 @@ import yaml
 
 from .errors import ConfigError
 from .inventory import VE, validate_ve_id
+from .sinkvalues import facility_code, webhook_url
 from .wording import node_kind, type_phrase, yaml_value
 
 
@@ -310,8 +311,6 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 
 _SEVERITIES = ("debug", "info", "warning", "error", "critical")
-_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
-               "ftp", *(f"local{i}" for i in range(8)))
 
 
 def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
@@ -326,9 +325,15 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
         if "enabled" in y:
             yk["enabled"] = r.scalar(y["enabled"], "sinks.syslog.enabled", bool)
         for key, choices in (("target", ("auto", "journal", "syslog")), ("format", ("rfc5424", "rfc3164")),
-                             ("facility", _FACILITIES), ("min_severity", _SEVERITIES)):
+                             ("min_severity", _SEVERITIES)):
             if key in y:
                 yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
+        if "facility" in y:
+            yk["facility"] = r.scalar(y["facility"], "sinks.syslog.facility", str)
+            try:
+                facility_code(yk["facility"])  # the sink's own check, so both say the same
+            except ValueError as e:
+                raise r.error(y["facility"], str(e), "sinks.syslog.facility") from None
         if "path" in y:
             yk["path"] = r.scalar(y["path"], "sinks.syslog.path", (str, type(None)))
             if yk["path"] is not None and len(os.fsencode(yk["path"])) > 107:
@@ -361,18 +366,10 @@ def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
         if any(h.name == name for h in hooks):
             raise r.error(w["name"], f"duplicate webhook name {name!r}", f"{p}.name")
         url = r.scalar(w["url"], f"{p}.url", str)
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise r.error(w["url"], f"expected an http:// or https:// URL, got {url!r}", f"{p}.url")
         try:
-            parts.port
+            parts = webhook_url(url)  # the sink's own check, so both say the same
         except ValueError as e:
-            raise r.error(w["url"], f"bad port in {url!r}: {e}", f"{p}.url") from None
-        if parts.username or parts.password:
-            raise r.error(w["url"], "credentials do not belong in the URL (they would be logged); "
-                          "use token_file", f"{p}.url")
+            raise r.error(w["url"], str(e), f"{p}.url") from None
         k: dict[str, Any] = {"name": name, "url": url}
         if "kinds" in w:
             k["kinds"] = _kinds(r, w["kinds"], f"{p}.kinds")

@@ -203,3 +203,31 @@ class TestWording:
         python = re.compile(r"<class|NoneType|\bNone\b|\bTrue\b|\bFalse\b|\bdict\b|datetime\.")
         assert [e for e in errors if python.search(e)] == []
 
+
+class TestSinkValuesCheckedOnce:
+    """The facility and webhook URL checks are the sinks' own: config and sink say the same."""
+
+    @pytest.mark.parametrize("url", ["ftp://x/", "https://", "https://h:99999/", "https://u:p@h/", "https://@h/"])
+    def test_webhook_url(self, url, tmp_path):
+        from fsnotifyd.config import WebhookConfig
+        from fsnotifyd.sinks.webhook import WebhookSink
+
+        with pytest.raises(ConfigError) as by_config:
+            parse_config(f"sinks:\n  webhooks:\n    - name: a\n      url: '{url}'\n", "c.yaml")
+        with pytest.raises(ConfigError) as by_sink:
+            WebhookSink(WebhookConfig(name="a", url=url), str(tmp_path / "spool"), None)
+        assert by_config.value.line == 4
+        assert str(by_config.value).split(": ", 1)[1].rsplit(" (field", 1)[0] == \
+            str(by_sink.value).rsplit(" (field", 1)[0]
+
+    def test_facility(self):
+        from fsnotifyd import sinkvalues
+        from fsnotifyd.config import SyslogConfig
+        from fsnotifyd.sinks import syslog
+
+        assert syslog.facility_code is sinkvalues.facility_code and syslog.FACILITIES is sinkvalues.FACILITIES
+        with pytest.raises(ConfigError) as by_config:
+            parse_config("sinks:\n  syslog: {facility: daemons}\n", "c.yaml")
+        with pytest.raises(ValueError) as by_sink:
+            syslog.SyslogSink(SyslogConfig(facility="daemons"))
+        assert str(by_config.value) == f"c.yaml:2: {by_sink.value} (field 'sinks.syslog.facility')"
