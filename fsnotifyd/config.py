@@ -16,6 +16,8 @@ import yaml
 
 from .errors import ConfigError
 from .inventory import VE, validate_ve_id
+from .sinkvalues import facility_code, webhook_url
+from .wording import node_kind, type_phrase, yaml_value
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,18 @@ class _Reader:
         line = node.start_mark.line + 1 if node is not None else None
         return ConfigError(msg, file=self.file, line=line, field=fieldname)
 
+    def what(self, node: yaml.Node) -> str:
+        """What a node is, for "got ...": a list, a mapping, or the scalar as written in YAML."""
+        if not isinstance(node, yaml.ScalarNode):
+            return node_kind(node)
+        try:
+            return yaml_value(yaml.safe_load(yaml.serialize(node)))
+        except yaml.YAMLError:
+            return yaml_value(node.value)
+
     def mapping(self, node: yaml.Node, path: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"expected a mapping, got {_what(node)}", path or None)
+            raise self.error(node, f"expected a mapping, got {self.what(node)}", path or None)
         out: dict[str, yaml.Node] = {}
         for knode, vnode in node.value:
             key = knode.value if isinstance(knode, yaml.ScalarNode) else None
@@ -141,15 +152,15 @@ class _Reader:
 
     def scalar(self, node: yaml.Node, name: str, kind: type | tuple[type, ...]) -> Any:
         if not isinstance(node, yaml.ScalarNode):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got {_what(node)}", name)
+            raise self.error(node, f"expected {type_phrase(kind)}, got {self.what(node)}", name)
         try:
             value = yaml.safe_load(yaml.serialize(node))
         except yaml.YAMLError as e:
             raise self.error(node, f"cannot read value: {e}", name) from None
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got a boolean", name)
-        if not isinstance(value, kind) and not (value is None and kind is type(None)):
-            raise self.error(node, f"expected a {_kind_name(kind)}, got {value!r}", name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python, not in YAML: `port: true` is a mistake, not port 1.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.error(node, f"expected {type_phrase(kind)}, got {yaml_value(value)}", name)
         return value
 
     def number(self, node: yaml.Node, name: str, *, minimum: float = 0, integer: bool = False) -> Any:
@@ -162,18 +173,8 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode):
             return (self.scalar(node, name, str),)
         if not isinstance(node, yaml.SequenceNode):
-            raise self.error(node, f"expected a string or a list of strings, got {_what(node)}", name)
+            raise self.error(node, f"expected a string or a list of strings, got {self.what(node)}", name)
         return tuple(self.scalar(n, f"{name}[{i}]", str) for i, n in enumerate(node.value))
-
-
-def _what(node: yaml.Node) -> str:
-    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a scalar")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if kind == (int, float):
-        return "number"
-    return {str: "string", int: "integer", bool: "boolean (true/false)", float: "number"}.get(kind, str(kind))
 
 
 def parse_config(text: str, file: str = "<string>") -> Config:
@@ -276,7 +277,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if "ves" in top:
         node = top["ves"]
         if not isinstance(node, yaml.SequenceNode):
-            raise r.error(node, f"expected a list of VEs, got {_what(node)}", "ves")
+            raise r.error(node, f"expected a list of VEs, got {r.what(node)}", "ves")
         ves = []
         seen: set[str] = set()
         for i, vnode in enumerate(node.value):
@@ -310,8 +311,6 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 
 _SEVERITIES = ("debug", "info", "warning", "error", "critical")
-_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
-               "ftp", *(f"local{i}" for i in range(8)))
 
 
 def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
@@ -326,9 +325,15 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
         if "enabled" in y:
             yk["enabled"] = r.scalar(y["enabled"], "sinks.syslog.enabled", bool)
         for key, choices in (("target", ("auto", "journal", "syslog")), ("format", ("rfc5424", "rfc3164")),
-                             ("facility", _FACILITIES), ("min_severity", _SEVERITIES)):
+                             ("min_severity", _SEVERITIES)):
             if key in y:
                 yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
+        if "facility" in y:
+            yk["facility"] = r.scalar(y["facility"], "sinks.syslog.facility", str)
+            try:
+                facility_code(yk["facility"])  # the sink's own check, so both say the same
+            except ValueError as e:
+                raise r.error(y["facility"], str(e), "sinks.syslog.facility") from None
         if "path" in y:
             yk["path"] = r.scalar(y["path"], "sinks.syslog.path", (str, type(None)))
             if yk["path"] is not None and len(os.fsencode(yk["path"])) > 107:
@@ -345,7 +350,7 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
 
 def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
     if not isinstance(node, yaml.SequenceNode):
-        raise r.error(node, f"expected a list of webhooks, got {_what(node)}", "sinks.webhooks")
+        raise r.error(node, f"expected a list of webhooks, got {r.what(node)}", "sinks.webhooks")
     hooks: list[WebhookConfig] = []
     for i, wnode in enumerate(node.value):
         p = f"sinks.webhooks[{i}]"
@@ -361,18 +366,10 @@ def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
         if any(h.name == name for h in hooks):
             raise r.error(w["name"], f"duplicate webhook name {name!r}", f"{p}.name")
         url = r.scalar(w["url"], f"{p}.url", str)
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise r.error(w["url"], f"expected an http:// or https:// URL, got {url!r}", f"{p}.url")
         try:
-            parts.port
+            parts = webhook_url(url)  # the sink's own check, so both say the same
         except ValueError as e:
-            raise r.error(w["url"], f"bad port in {url!r}: {e}", f"{p}.url") from None
-        if parts.username or parts.password:
-            raise r.error(w["url"], "credentials do not belong in the URL (they would be logged); "
-                          "use token_file", f"{p}.url")
+            raise r.error(w["url"], str(e), f"{p}.url") from None
         k: dict[str, Any] = {"name": name, "url": url}
         if "kinds" in w:
             k["kinds"] = _kinds(r, w["kinds"], f"{p}.kinds")

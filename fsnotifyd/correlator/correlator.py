@@ -10,11 +10,16 @@ How facts are told apart:
   comes). A second observation from a source already in the group is a second fact: the group
   closes and a new one starts.
 * Counts come from the kernel's own counter where there is one: when a group closes, the
-  filesystem's ``errors_count`` is read and the event's ``count`` is its rise since the last
-  value accounted for (kept across restarts by the ledger). The published counts of a
+  filesystem's ``errors_count`` is read and its rise since the last value accounted for (kept
+  across restarts by the ledger) is the event's ``count``. The published counts of a
   filesystem therefore add up to the kernel's ``errors_count`` delta however much kmsg was
-  rate limited or fanotify coalesced. A group that finds nothing new to count (its error was
-  already counted by the previous event) is published only if it brings new details.
+  rate limited or fanotify coalesced.
+* ext4 counts an error after notifying it, sometimes a tick or two later (7 ms measured). A
+  group whose error is not counted yet waits for the rise (re-reading, backing off, for at
+  most ``counter_lag``); a rise is shared oldest view first, so each error's count stays with
+  the event carrying its details. A rise larger than its views (the counter ran ahead of the
+  views of later errors) is a *surplus*: views arriving soon after find their error already
+  counted and are published at once, with ``count`` 0, only if they bring new details.
 * State kinds (read-only, writable, shut down) merge every report of the same transition on the
   same mount; a repeat of an already published state is a confirmation, not an event.
 * A source that was expected but missed a group (kmsg throttled by ext4's rate limit) is not
@@ -52,10 +57,14 @@ class CorrelatorSettings:
     # by default) is not waited for on that device for this long, so throttling costs one
     # window of latency, not one per error.
     miss_cooldown: float = 5.0
-    recheck: float = 0.002
+    recheck: float = 0.002  # first re-read of a counter that has not counted a view's error
+    # How far apart ext4's errors_count and the views of one error can be (7 ms measured; the
+    # count comes after the notification): a view waits this long at most for its error to be
+    # counted, and a surplus counted ahead of views is matched to views that come this soon.
+    counter_lag: float = 0.5
 
 
-@dataclass
+@dataclass(eq=False)  # held groups are found in lists by identity
 class _Group:
     kind: str
     key: str
@@ -71,7 +80,14 @@ class _Group:
     details: dict[str, Any] = field(default_factory=dict)
     counter_report: Observation | None = None
     waiting_for: frozenset[str] = frozenset()
-    rechecked: bool = False
+    opened: float = 0.0
+    fs_key: str | None = None  # the filesystem whose counter a held group waits on
+    hold_until: float | None = None
+    step: float = 0.0  # the next re-read interval while held (doubles)
+
+    def seen(self) -> int:
+        """How many errors this group's views stand for (fanotify coalesces; others see one)."""
+        return max(self.fanotify_count, 1) if self.lines else 0
 
     def add(self, obs: Observation) -> None:
         if obs.source not in self.sources:
@@ -161,7 +177,10 @@ class Correlator:
         # (device key, source) -> until when that source is not waited for on that device
         self._missing: dict[tuple[str, str], float] = {}
         self._ratelimits: dict[str, _RateLimit] = {}
-        self._held: list[_Group] = []  # closed groups waiting to re-read the counter
+        self._held: list[_Group] = []  # closed groups waiting for the counter, oldest first
+        # fs key -> (errors counted ahead of their views, clock at that read); a key is present
+        # once this correlator has read that filesystem's counter.
+        self._surplus: dict[str, tuple[int, float]] = {}
 
     # -- input -------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> None:
@@ -179,7 +198,7 @@ class Correlator:
             self._close(gkey)
             group = None
         if group is None:
-            group = _Group(obs.kind, key, obs, placement, now + self._window(obs.kind))
+            group = _Group(obs.kind, key, obs, placement, now + self._window(obs.kind), opened=now)
             self._groups[gkey] = group
         else:
             self.stats.merged += 1
@@ -247,11 +266,9 @@ class Correlator:
             for source in missed - group.event_sources():
                 self._missing[(self._scope(group.key, group.placement), source)] = now + self.settings.miss_cooldown
             self._close(gkey)
-        if self._held:
-            due = [g for g in self._held if g.deadline <= now]
-            self._held = [g for g in self._held if g.deadline > now]
-            for g in due:
-                self._close_error(g)
+        for g in [g for g in self._held if g.deadline <= now]:
+            if g in self._held:  # not settled meanwhile by a read for an earlier one
+                self._recheck(g, final=False)
         if len(self._missing) > 4096:
             self._missing = {k: v for k, v in self._missing.items() if v > now}
 
@@ -262,10 +279,8 @@ class Correlator:
         """Close every open group (shutdown, end of a replay)."""
         for gkey in list(self._groups):
             self._close(gkey)
-        held, self._held = self._held, []
-        for g in held:
-            g.rechecked = True
-            self._close_error(g)
+        while self._held:
+            self._recheck(self._held[0], final=True)
 
     # -- grouping ----------------------------------------------------------------------------
     def _window(self, kind: str) -> float:
@@ -305,57 +320,118 @@ class Correlator:
                        count=max(group.lines, 1), last_time=group.last_time, details=group.details,
                        time=group.first_time)
 
+    def _read_counter(self, group: _Group) -> tuple[int, str, Kernel] | None:
+        dev = group.placement.device if group.placement else group.first.device
+        counter = self.counters.read(dev.name) if self.counters is not None and dev is not None and dev.name \
+            else None
+        if counter is not None:
+            return counter.errors_total, counter.fs_key, counter.last_error
+        r = group.counter_report
+        if r is not None and r.errors_total is not None and r.fs_key is not None:
+            return r.errors_total, r.fs_key, r.kernel  # the filesystem went away: trust the report
+        return None
+
     def _close_error(self, group: _Group) -> None:
+        reading = self._read_counter(group)
+        if reading is None:
+            count = max(group.fanotify_count, 1 if group.lines else 0)
+            if count:
+                self._publish_error(group, count, None, None, None)
+            return
+        held = [h for h in self._held if h.fs_key == reading[1]]
+        self._settle(reading, [*held, group], final=False)
+
+    def _recheck(self, group: _Group, *, final: bool) -> None:
+        reading = self._read_counter(group)
+        if reading is None or reading[1] != group.fs_key:
+            # Unmounted, or another filesystem on the device now: no counter to wait for, so
+            # count what the views saw, as for a filesystem without one.
+            self._held.remove(group)
+            self._publish_error(group, group.seen(), None, None, None)
+            return
+        self._settle(reading, [h for h in self._held if h.fs_key == group.fs_key], final=final)
+
+    def _settle(self, reading: tuple[int, str, Kernel], queue: list[_Group], *, final: bool) -> None:
+        """Share a counter's rise among the groups waiting for it, oldest first.
+
+        Each older group takes what its views saw and the newest the rest (errors no view
+        reported: throttled kmsg, coalesced fanotify, or later errors whose views are still on
+        their way). Groups left with nothing wait for the next rise, unless a recent surplus
+        says their error was counted already.
+        """
+        total, fs_key, last = reading
+        now = self.clock()
+        base = self.ledger.get(fs_key) if self.ledger is not None else None
+        # A first read of this filesystem, or a counter reset (e2fsck), counts history: none of
+        # it can be matched to views arriving now.
+        history = base is None or total < base or fs_key not in self._surplus
+        if base is None or total < base:
+            base = 0  # all that the counter records now is unreported
+        if history:
+            if len(self._surplus) > 4096:
+                self._surplus.clear()
+            self._surplus[fs_key] = (0, now)
+        surplus, surplus_time = self._surplus[fs_key]
+        left, accounted = total - base, base
+        for i, g in enumerate(queue):
+            if g in self._held:
+                self._held.remove(g)
+            newest = i == len(queue) - 1
+            share = left if newest else min(left, g.seen())
+            left -= share
+            accounted += share
+            if share > 0:
+                if not history and share > g.seen():
+                    surplus, surplus_time = surplus + share - g.seen(), now
+                # The superblock's last-error record is the newest counted error's.
+                self._publish_error(g, share, accounted, fs_key, last if newest else None)
+            elif not g.lines:
+                pass  # a periodic counter report with nothing new
+            elif surplus > 0 and g.opened <= surplus_time + self.settings.counter_lag:
+                surplus -= min(surplus, g.seen())
+                self._uncounted(g, fs_key, total)
+            elif not final and (g.hold_until is None or now < g.hold_until):
+                self._hold(g, fs_key, now)
+            else:
+                self._uncounted(g, fs_key, total)
+        self._surplus[fs_key] = (surplus, surplus_time)
+        if self.ledger is not None:
+            self.ledger.set(fs_key, total)
+
+    def _hold(self, group: _Group, fs_key: str, now: float) -> None:
+        if group.hold_until is None:
+            group.fs_key, group.hold_until, group.step = fs_key, now + self.settings.counter_lag, \
+                self.settings.recheck
+            group.deadline = now
+        if group.deadline <= now:
+            group.deadline = min(now + group.step, group.hold_until)
+            group.step *= 2
+        group.waiting_for = frozenset()
+        self._held.append(group)
+
+    def _uncounted(self, group: _Group, fs_key: str | None, total: int | None) -> None:
+        """A view whose error the counter counted with an earlier event (or never will)."""
+        if (group.kernel.function, group.kernel.line) == self._last_error.get(group.key) or \
+                group.kernel.function is None:
+            self.stats.already_counted += 1
+            return
+        self._publish_error(group, 0, total, fs_key, None)
+
+    def _publish_error(self, group: _Group, count: int, counter_total: int | None, fs_key: str | None,
+                       last: Kernel | None) -> None:
         sources = [s for s in group.sources if s != "sysfs"]
         kernel = group.kernel
         details = dict(group.details)
-        counter = None
-        dev = group.placement.device if group.placement else group.first.device
-        if self.counters is not None and dev is not None and dev.name:
-            counter = self.counters.read(dev.name)
-        if counter is None and group.counter_report is not None:
-            # The filesystem went away between the report and now: trust the report.
-            r = group.counter_report
-            counter_total, fs_key, last = r.errors_total, r.fs_key, r.kernel
-        elif counter is not None:
-            counter_total, fs_key, last = counter.errors_total, counter.fs_key, counter.last_error
-        else:
-            counter_total, fs_key = None, None
-        if counter_total is None or fs_key is None:
-            count = max(group.fanotify_count, 1 if group.lines else 0)
-            if count == 0:
-                return
-        else:
-            base = self.ledger.get(fs_key) if self.ledger is not None else None
-            if base is None or counter_total < base:
-                # First sight of this filesystem, or its counter was reset (e2fsck): all that
-                # it records now is unreported.
-                base = 0
-            count = counter_total - base
-            if self.ledger is not None:
-                self.ledger.set(fs_key, counter_total)
+        if counter_total is not None:
             details["errors_total"] = counter_total
             if count > 0:
                 sources.append("sysfs")
                 if not group.lines:
                     details["recorded"] = True  # seen only in the superblock's error record
-                if kernel.function is None or (kernel.function, kernel.line) == (last.function, last.line):
+                if last is not None and (kernel.function is None or
+                                         (kernel.function, kernel.line) == (last.function, last.line)):
                     kernel = kernel.merged(last)
             else:
-                if not group.lines:
-                    return  # a periodic counter report with nothing new
-                if not group.rechecked:
-                    # fanotify is notified before ext4 increments errors_count (both in
-                    # __ext4_error, the counter last): on another CPU the error may not be
-                    # counted yet. Look again shortly before calling it already counted.
-                    group.rechecked = True
-                    group.deadline = self.clock() + self.settings.recheck
-                    group.waiting_for = frozenset()
-                    self._held.append(group)
-                    return
-                if (kernel.function, kernel.line) == self._last_error.get(group.key) or kernel.function is None:
-                    self.stats.already_counted += 1
-                    return
                 details["already_counted"] = True
         if group.counter_report is not None and "first_error" in group.counter_report.details:
             details.setdefault("first_error", group.counter_report.details["first_error"])

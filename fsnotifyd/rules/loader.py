@@ -31,6 +31,7 @@ import yaml
 from ..errors import ConfigError, RuleError, RuleErrors
 from ..events import KINDS
 from ..inventory import validate_ve_id
+from ..wording import describe as _describe, node_kind as _node_kind, short as _short, type_phrase
 from .schema import ACTIONS, OPERATORS, Action, Condition, Match, Origin, Rule, RuleSet, Threshold, VeSelector
 
 __all__ = ["load_rules", "parse_rules", "check_paths", "check_text", "parse_duration", "EVENT_FIELDS", "RULE_KINDS"]
@@ -231,40 +232,6 @@ def _sorted_unique(errors: list[RuleError], files: list[str]) -> list[RuleError]
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _a(kind: str) -> str:
-    return ("an " if kind[:1] in "aeiou" else "a ") + kind
-
-
-def _describe(value: Any) -> str:
-    """A value as an error message shows it: its type and (short) text."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({'true' if value else 'false'})"
-    if isinstance(value, int):
-        return f"an integer ({_short(str(value))})"
-    if isinstance(value, float):
-        return f"a number ({_short(repr(value))})"
-    if isinstance(value, str):
-        return f"a string ({_short(repr(value))})"
-    name = type(value).__name__
-    if name in ("date", "datetime"):
-        return f"a {name} ({value}; quote it to make it a string)"
-    return _a(name)
-
-
-def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _node_kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return "a scalar"
 
 
 def _one_of(names: Iterable[str]) -> str:
@@ -1027,8 +994,7 @@ class _Reader:
             return f"a duration ({DURATION_HELP}) more than 0"
         if action == "snapshot" and pname == "keep":
             return "an integer of at least 1"
-        names = {str: "a string", int: "an integer", float: "a number"}
-        return " or ".join(names.get(t, t.__name__) for t in types)
+        return type_phrase(types)
 
     def param(self, action: str, pname: str, node: yaml.Node, path: str) -> Any:
         types, allowed, _ = ACTIONS[action][pname]

@@ -48,16 +48,13 @@ import structlog
 from ..config import SyslogConfig
 from ..events import SEVERITIES, Event, KindFilter, errno_name, rfc3339
 from ..metrics import Metrics
+from ..sinkvalues import FACILITIES, facility_code  # noqa: F401 - FACILITIES is part of this module's API
 
 log = structlog.get_logger("fsnotifyd")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
 
-FACILITIES: Mapping[str, int] = {
-    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
-    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, **{f"local{i}": 16 + i for i in range(8)},
-}
 # syslog(3) levels; "notice" (5) has no event severity and is used only for unknown ones.
 PRIORITIES: Mapping[str, int] = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 UNKNOWN_PRIORITY = 5
@@ -86,16 +83,6 @@ _REASONS: Mapping[int, str] = {
 }
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-
-
-def facility_code(name: str) -> int:
-    """The syslog facility number of ``name``; ValueError naming the valid ones otherwise."""
-    try:
-        return FACILITIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown syslog facility {name!r}; expected one of {', '.join(FACILITIES)}"
-        ) from None
 
 
 def resolve_target(cfg: SyslogConfig, exists: Callable[[str], bool] = os.path.exists) -> tuple[str, str]:

@@ -49,7 +49,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -57,6 +56,7 @@ from ..config import WebhookConfig
 from ..errors import ConfigError
 from ..events import Event, KindFilter, hostname, rfc3339
 from ..metrics import Metrics
+from ..sinkvalues import webhook_url
 from .spool import Record, Spool, SpoolClosed
 
 log = structlog.get_logger("fsnotifyd")
@@ -186,16 +186,12 @@ class WebhookSink:
         self.spool_dir = spool_dir
         self.metrics = metrics
         self.host = host or hostname()
-        parts = urlsplit(cfg.url)
         try:
-            port = parts.port
+            parts = webhook_url(cfg.url)
         except ValueError as e:
-            raise ConfigError(f"bad port in {cfg.url!r}: {e}", field=f"webhook {cfg.name}: url") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"expected an http:// or https:// URL, got {cfg.url!r}", field=f"webhook {cfg.name}: url")
-        if parts.username is not None or parts.password is not None:
-            raise ConfigError("credentials in the URL are not supported; use token_file",
-                              field=f"webhook {cfg.name}: url")
+            raise ConfigError(str(e), field=f"webhook {cfg.name}: url") from None
+        port = parts.port
+        assert parts.hostname is not None  # webhook_url refuses a URL without one
         self._https = parts.scheme == "https"
         self._address = (parts.hostname, port or (443 if self._https else 80))
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

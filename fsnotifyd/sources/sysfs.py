@@ -1,7 +1,8 @@
 """ext4's own error record in sysfs: the counter that makes the published counts exact.
 
-``/sys/fs/ext4/<dev>/errors_count`` is the superblock's ``s_error_count``, updated synchronously
-by every ext4_error (measured: it reads N+1 right after ``trigger_fs_error``), and it survives
+``/sys/fs/ext4/<dev>/errors_count`` is the superblock's ``s_error_count``, raised by every
+ext4_error after the error is notified: usually it reads N+1 right after ``trigger_fs_error``
+returns, sometimes a few ms later (7 ms measured; the correlator waits for it), and it survives
 in the superblock across mounts. kmsg is rate limited and fanotify coalesces, so this counter
 is the one place where every error is counted. The source reports each filesystem's counter
 on start-up and on a period; the correlator turns a rise since the last accounted value (kept

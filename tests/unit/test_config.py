@@ -118,3 +118,116 @@ class TestFuzz:
             parse_config(yaml.safe_dump(doc), "fuzz.yaml")
         except ConfigError as e:
             assert e.file == "fuzz.yaml"
+
+
+class TestWording:
+    """Every config error names types as the rules' errors do, never with a Python repr."""
+
+    @pytest.mark.parametrize(
+        "text, line, field, message",
+        [
+            ("queue_size: 1.5\n", 1, "queue_size", "expected an integer, got 1.5"),
+            ("queue_size: true\n", 1, "queue_size", "expected an integer, got true"),
+            ("metrics:\n  port: x\n", 2, "metrics.port", "expected an integer or null, got 'x'"),
+            ("stdout: maybe\n", 1, "stdout", "expected a boolean (true or false), got 'maybe'"),
+            ("socket: 5\n", 1, "socket", "expected a string, got 5"),
+            ("socket: null\n", 1, "socket", "expected a string, got null"),
+            ("state_dir: 2024-01-01\n", 1, "state_dir",
+             "expected a string, got 2024-01-01 (a date; quote it to make it a string)"),
+            ("journal:\n  path: [a]\n", 2, "journal.path", "expected a string or null, got a list"),
+            ("ves: x\n", 1, "ves", "expected a list of VEs, got 'x'"),
+            ("rules: {a: 1}\n", 1, "rules", "expected a string or a list of strings, got a mapping"),
+            ("metrics: 5\n", 1, "metrics", "expected a mapping, got 5"),
+            ("correlator:\n  window_ms: fast\n", 2, "correlator.window_ms", "expected a number, got 'fast'"),
+            ("ves:\n  - id: [1]\n", 2, "ves[0].id", "expected a string or an integer, got a list"),
+        ],
+    )
+    def test_wrong_type(self, text, line, field, message):
+        with pytest.raises(ConfigError) as ei:
+            parse_config(text, "c.yaml")
+        assert str(ei.value) == f"c.yaml:{line}: {message} (field {field!r})"
+
+    def test_no_python_repr_in_any_error(self):
+        """Every scalar, list and mapping of a full config replaced by every wrong kind of value:
+        each error names file:line and field, and reads as YAML, not Python."""
+        import re
+
+        full = {
+            "state_dir": "/var/lib/x", "socket": "/run/x.sock",
+            "journal": {"path": "/var/lib/x/e.jsonl", "max_bytes": 65536, "keep": 2},
+            "stdout": False, "metrics": {"address": "127.0.0.1", "port": 9857},
+            "correlator": {"window_ms": 20, "state_window_ms": 1000, "io_window_ms": 100},
+            "queue_size": 1024,
+            "sources": {"fanotify": {"enabled": True, "interval": 1.0, "fstypes": ["ext4"]},
+                        "bpf_alloc": {"region_mib": 1}, "bpf_space": {"ext4_devices": False}},
+            "ves": [{"id": "101", "mount": "/vz/root/101", "device": "loop3", "image": "/vz/101.img",
+                     "cgroup": "/sys/fs/cgroup/x", "labels": {"tier": "gold"}}],
+            "rules": ["rules.yaml"],
+            "actions": {"enabled": True, "dry_run": False, "concurrency": 1, "timeout_s": 600,
+                        "fsck_timeout_s": 3600, "repair_window": "01:00-05:00"},
+            "sinks": {"webhooks": [{"name": "ops", "url": "https://h.example/x", "kinds": ["fs.*"],
+                                    "token_file": "/t", "tls_verify": True, "ca_file": "/ca", "timeout_s": 10,
+                                    "retry_initial_s": 1, "retry_max_s": 300, "spool_max_bytes": 65536}],
+                      "syslog": {"enabled": True, "target": "auto", "path": "/dev/log", "format": "rfc3164",
+                                 "ident": "fsnotifyd", "facility": "daemon", "kinds": ["fs.*"],
+                                 "min_severity": "info"}},
+            "control": {"group": "root", "max_request_bytes": 65536, "max_clients": 64},
+        }
+        parse_config(yaml.safe_dump(full), "c.yaml")  # the template itself is valid
+
+        def paths(node, prefix=()):
+            yield prefix
+            children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for k, v in children:
+                yield from paths(v, (*prefix, k))
+
+        def replaced(node, path, value):
+            if not path:
+                return value
+            copy = dict(node) if isinstance(node, dict) else list(node)
+            copy[path[0]] = replaced(node[path[0]], path[1:], value)
+            return copy
+
+        import datetime
+
+        wrong = ["x", "", 1.5, 7, -1, True, None, [1], {"a": 1}, datetime.date(2024, 1, 1)]
+        errors = []
+        for path in list(paths(full))[1:]:
+            for value in wrong:
+                try:
+                    parse_config(yaml.safe_dump(replaced(full, path, value)), "c.yaml")
+                except ConfigError as e:
+                    errors.append(str(e))
+                    assert re.match(r"c\.yaml:\d+: ", str(e)) and e.field, str(e)
+        assert len(errors) > 300
+        python = re.compile(r"<class|NoneType|\bNone\b|\bTrue\b|\bFalse\b|\bdict\b|datetime\.")
+        assert [e for e in errors if python.search(e)] == []
+
+
+class TestSinkValuesCheckedOnce:
+    """The facility and webhook URL checks are the sinks' own: config and sink say the same."""
+
+    @pytest.mark.parametrize("url", ["ftp://x/", "https://", "https://h:99999/", "https://u:p@h/", "https://@h/"])
+    def test_webhook_url(self, url, tmp_path):
+        from fsnotifyd.config import WebhookConfig
+        from fsnotifyd.sinks.webhook import WebhookSink
+
+        with pytest.raises(ConfigError) as by_config:
+            parse_config(f"sinks:\n  webhooks:\n    - name: a\n      url: '{url}'\n", "c.yaml")
+        with pytest.raises(ConfigError) as by_sink:
+            WebhookSink(WebhookConfig(name="a", url=url), str(tmp_path / "spool"), None)
+        assert by_config.value.line == 4
+        assert str(by_config.value).split(": ", 1)[1].rsplit(" (field", 1)[0] == \
+            str(by_sink.value).rsplit(" (field", 1)[0]
+
+    def test_facility(self):
+        from fsnotifyd import sinkvalues
+        from fsnotifyd.config import SyslogConfig
+        from fsnotifyd.sinks import syslog
+
+        assert syslog.facility_code is sinkvalues.facility_code and syslog.FACILITIES is sinkvalues.FACILITIES
+        with pytest.raises(ConfigError) as by_config:
+            parse_config("sinks:\n  syslog: {facility: daemons}\n", "c.yaml")
+        with pytest.raises(ValueError) as by_sink:
+            syslog.SyslogSink(SyslogConfig(facility="daemons"))
+        assert str(by_config.value) == f"c.yaml:2: {by_sink.value} (field 'sinks.syslog.facility')"
