@@ -14,8 +14,16 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Once per event, not per source: a sum() over it is the number of events, however
+        # many interfaces saw each. The per-source view has no VE label, to stay small.
         self.events = Counter(
-            "fsnotifyd_events_total", "Published events", ["kind", "source", "ve"], registry=r
+            "fsnotifyd_events_total", "Published events (each once, whatever its count and sources)",
+            ["kind", "severity", "ve"], registry=r,
+        )
+        self.source_events = Counter(
+            "fsnotifyd_source_events_total",
+            "Published events each source contributed to (an event seen by 4 sources adds 1 to each)",
+            ["source", "kind"], registry=r,
         )
         self.kernel_errors = Counter(
             "fsnotifyd_kernel_errors_total",

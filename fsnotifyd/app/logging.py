@@ -1,4 +1,5 @@
-"""structlog set-up: key=value on a terminal, JSON lines otherwise (journald, files)."""
+"""structlog set-up: key=value on a terminal, JSON lines otherwise (journald, files); on
+journald's stream each line starts with its ``<N>`` priority (see ``journalstream``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import sys
 
 import structlog
 
+from .journalstream import PriorityPrefix, stderr_is_journal
+
+
+def _stderr_fd() -> int | None:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a real fd
+        return None
+
 
 def configure_logging(level: str = "info") -> None:
     renderer = (
@@ -14,6 +24,9 @@ def configure_logging(level: str = "info") -> None:
         if sys.stderr.isatty()
         else structlog.processors.JSONRenderer()
     )
+    fd = _stderr_fd()
+    if fd is not None and stderr_is_journal(fd):
+        renderer = PriorityPrefix(renderer)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..events import Event
+from ..events import SEVERITIES, Event
 from ..metrics import Metrics
 
 
@@ -16,8 +16,12 @@ class MetricsSink:
 
     def publish(self, event: Event) -> None:
         ve = event.ve or ""
+        # A severity outside the known five (a typo in a rule's notification) must not make a
+        # new series per spelling.
+        severity = event.severity if event.severity in SEVERITIES else "unknown"
+        self.metrics.events.labels(event.kind, severity, ve).inc()
         for source in event.sources:
-            self.metrics.events.labels(event.kind, source, ve).inc()
+            self.metrics.source_events.labels(source, event.kind).inc()
         if event.kind == "fs.error" and event.count:
             dev = event.device.name if event.device and event.device.name else ""
             self.metrics.kernel_errors.labels(dev, ve).inc(event.count)

@@ -226,7 +226,8 @@ def test_dashboard_metrics_exist() -> None:
     assert found == []
     used = {n for _, e in exprs for n in METRIC.findall(e)}
     wanted = {
-        "fsnotifyd_events_total", "fsnotifyd_kernel_errors_total", "fsnotifyd_source_up",
+        "fsnotifyd_events_total", "fsnotifyd_source_events_total", "fsnotifyd_kernel_errors_total",
+        "fsnotifyd_source_up",
         "fsnotifyd_events_lost_total", "fsnotifyd_actions_total", "fsnotifyd_fsck_results_total",
         "fsnotifyd_ve_isolated", "fsnotifyd_fs_swelling_ratio", "fsnotifyd_space_failures_total",
         "fsnotifyd_event_latency_seconds_bucket", "fsnotifyd_webhook_spool_events",

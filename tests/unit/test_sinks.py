@@ -132,3 +132,34 @@ class TestMetricsSink:
         mounted = [("loop1", "ve1"), ("loop2", "ve3")]  # ve2 removed, its loop device reused by ve3
         sink.publish(self.alloc("loop2", "ve3", 5, 1.1))
         assert swelling("loop2", "ve2") is None and swelling("loop2", "ve3") == 1.1
+
+    def test_an_event_counts_once_however_many_sources_saw_it(self) -> None:
+        """One kernel error seen by four sources is one event in fsnotifyd_events_total (a
+        sum() over it must not be multiplied by the number of sources); the per-source view is
+        fsnotifyd_source_events_total, one for each source. An aggregated event (count 3) is
+        still one event: its kernel errors are in fsnotifyd_kernel_errors_total."""
+        m = Metrics()
+        sink = MetricsSink(m)
+        sources = ("bpf", "kmsg", "fanotify", "sysfs")
+        sink.publish(Event(kind="fs.error", time=1.0, host="h", severity="error", device=Device(7, 3, "loop3"),
+                           fs="ext4", mount="/m", ve="101", kernel=Kernel(function="f"), sources=sources, count=3))
+
+        def samples(name: str) -> dict[frozenset, float]:
+            return {frozenset(s.labels.items()): s.value for f in m.registry.collect() for s in f.samples
+                    if s.name == name}
+
+        assert samples("fsnotifyd_events_total") == {
+            frozenset({"kind": "fs.error", "severity": "error", "ve": "101"}.items()): 1.0}
+        assert samples("fsnotifyd_source_events_total") == {
+            frozenset({"source": s, "kind": "fs.error"}.items()): 1.0 for s in sources}
+        assert samples("fsnotifyd_kernel_errors_total") == {
+            frozenset({"device": "loop3", "ve": "101"}.items()): 3.0}
+
+    def test_an_unknown_severity_is_one_series_not_one_per_spelling(self) -> None:
+        m = Metrics()
+        sink = MetricsSink(m)
+        for severity in ("urgent", "URGENT"):  # a rule's notify: params, not checked against the five
+            sink.publish(Event(kind="notification", time=1.0, host="h", severity=severity, device=None, fs=None,
+                               mount=None, ve=None, kernel=Kernel(), sources=("actions",)))
+        assert m.registry.get_sample_value(
+            "fsnotifyd_events_total", {"kind": "notification", "severity": "unknown", "ve": ""}) == 2.0

@@ -1,0 +1,48 @@
+"""Is standard error journald's stdout stream, and the ``<N>`` prefix that gives a line its
+priority there (sd-daemon(3); journald reads it with the unit's ``SyslogLevelPrefix=yes``, the
+default).
+
+Without the prefix journald files every line at the unit's ``SyslogLevel=`` (info), and
+``journalctl -u fsnotifyd -p err`` misses the daemon's errors. But a prefix anywhere else is
+noise in a file or a terminal, so it is only written when stderr is the stream systemd set up:
+``JOURNAL_STREAM`` holds that stream's ``st_dev:st_ino`` (systemd.exec(5)), and the variable
+alone proves nothing, because processes inherit it even after their stderr was redirected
+(an image exporter's stderr is a log file under the state directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Mapping
+
+# structlog's level names (add_log_level maps exception -> error, warn -> warning) to syslog(3)
+# priorities, as the syslog sink maps event severities.
+PRIORITIES: Mapping[str, int] = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+
+_DEV_INO = re.compile(r"([0-9]+):([0-9]+)")
+
+
+def stderr_is_journal(fd: int = 2, environ: Mapping[str, str] = os.environ) -> bool:
+    """True when ``fd`` is the journal stream ``JOURNAL_STREAM`` names."""
+    m = _DEV_INO.fullmatch(environ.get("JOURNAL_STREAM", ""))
+    if m is None:
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:  # closed (a daemonised child): nothing to prefix for
+        return False
+    return (st.st_dev, st.st_ino) == (int(m.group(1)), int(m.group(2)))
+
+
+class PriorityPrefix:
+    """Wraps structlog's final renderer: ``<N>`` + the rendered line. Needs the ``level`` key
+    (``add_log_level``); a level it does not know gets no prefix, i.e. the unit's default."""
+
+    def __init__(self, renderer: Callable[[Any, str, Any], str]) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        priority = PRIORITIES.get(event_dict.get("level", ""))
+        line = self.renderer(logger, method_name, event_dict)
+        return line if priority is None else f"<{priority}>{line}"
