@@ -39,11 +39,7 @@ def _run_dir(args: argparse.Namespace) -> str:
 def _attached(args: argparse.Namespace, image: str):
     from ..image import attach
 
-    real = os.path.realpath(image)
-    for a in attach.attached(_run_dir(args)):
-        if os.path.realpath(a.image) == real and not a.upto:
-            return a
-    return None
+    return attach.attachment(_run_dir(args), image)
 
 
 def _need_attached(args: argparse.Namespace, image: str):

@@ -141,6 +141,14 @@ def attached(run_dir: str) -> list[Attached]:
     return out
 
 
+def attachment(run_dir: str, image: str, upto: str | None = None) -> Attached | None:
+    """The recorded attachment of ``image`` itself (``upto`` None) or of its snapshot view
+    ``upto``, looked up by its name: never another attachment of the same image (a VE and a
+    snapshot view of its image are two attachments, two exporters, two loop devices)."""
+    got = _load(_paths(run_dir, attachment_name(image, upto))["record"])
+    return None if got is None else got[0]
+
+
 # -- small system helpers ------------------------------------------------------------------------
 
 def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -731,5 +739,6 @@ def run_watchdog(run_dir: str, interval: float, stop_event: threading.Event, *, 
         stop_event.wait(interval)
 
 
-__all__ = ["Attached", "attach", "attached", "abort_fuse", "attachment_name", "control", "detach", "grow", "has_cap_sys_resource", "merge", "mount",
+__all__ = ["Attached", "attach", "attached", "abort_fuse", "attachment", "attachment_name", "control", "detach", "grow",
+           "has_cap_sys_resource", "merge", "mount",
            "run_watchdog", "set_readonly", "snapshot", "status", "umount", "watchdog_check"]

@@ -50,14 +50,6 @@ def create(state_dir: str, ve_id: str, size: int, *, mountpoint: str | None = No
     return rec
 
 
-def _attachment(run_dir: str, image: str) -> att_mod.Attached | None:
-    real = os.path.realpath(image)
-    for a in att_mod.attached(run_dir):
-        if os.path.realpath(a.image) == real:
-            return a
-    return None
-
-
 def _healthy(a: att_mod.Attached) -> bool:
     try:
         return bool(att_mod.control(a, {"op": "status"}, timeout=5).get("healthy"))
@@ -77,7 +69,8 @@ def start(state_dir: str, ve_id: str) -> VeRecord:
     paths, reg = Paths(state_dir), Registry(state_dir)
     with reg.ve_locked(ve_id):
         rec = reg.get(ve_id)
-        a = _attachment(paths.run_dir, rec.image)
+        # The VE's own attachment, by name: a snapshot view of its image is another one.
+        a = att_mod.attachment(paths.run_dir, rec.image)
         if a is not None and _healthy(a) and a.mountpoint and os.path.ismount(a.mountpoint):
             return reg.update(ve_id, running=True, loop=a.loop, disk=a.disk)
         if a is not None:  # left by a crash: take it apart before starting afresh
@@ -113,7 +106,7 @@ def stop(state_dir: str, ve_id: str) -> VeRecord:
     paths, reg = Paths(state_dir), Registry(state_dir)
     with reg.ve_locked(ve_id):
         rec = reg.get(ve_id)
-        a = _attachment(paths.run_dir, rec.image)
+        a = att_mod.attachment(paths.run_dir, rec.image)
         if a is not None:
             att_mod.detach(a, run_dir=paths.run_dir)
         return reg.update(ve_id, running=False, loop=None, disk=None)

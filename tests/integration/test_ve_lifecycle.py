@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,12 +44,9 @@ def fuse(kernel):
         kernel_missing(f"mfusepy/libfuse3 not importable: {e}")
 
 
-@pytest.fixture
-def state(tmp_path, fuse):
-    """A state dir; at the end every VE in it is stopped and every attachment detached."""
-    sd = tmp_path / "state"
-    sd.mkdir()
-    yield sd
+def _take_down(sd: Path) -> None:
+    """Stop every VE of state dir ``sd``, detach every attachment (snapshot views too), and
+    check that nothing of it is left on the machine."""
     from fsnotifyd.image import attach
     from fsnotifyd.ve.registry import Registry
 
@@ -59,6 +57,34 @@ def state(tmp_path, fuse):
     leftovers = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(sd) not in leftovers, leftovers
     assert str(sd) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.fixture
+def state(tmp_path, fuse):
+    """A state dir; at the end every VE in it is stopped and every attachment detached."""
+    sd = tmp_path / "state"
+    sd.mkdir()
+    yield sd
+    _take_down(sd)
+
+
+@pytest.fixture
+def short_state(fuse):
+    """A state dir with a short path (``/tmp/fsnd-XXXXXXXX/state``), taken down like
+    :func:`state` and removed. Short enough that the VE's attachment record keeps its
+    flattened path as its name while a snapshot view's (``...@GUID``) is hashed to
+    ``ID-<hash>``, which sorts first: the order in which the issue-15 report met them."""
+    top = Path(tempfile.mkdtemp(prefix="fsnd-", dir="/tmp"))
+    sd = top / "state"
+    sd.mkdir()
+    try:
+        yield sd
+    finally:
+        try:
+            _take_down(sd)
+        finally:
+            if str(top) not in Path("/proc/self/mountinfo").read_text():  # never rm into a mount
+                shutil.rmtree(top, ignore_errors=True)
 
 
 from fsnotifyd.testing import sha256_of as sha  # noqa: E402
@@ -354,3 +380,75 @@ def test_offline_operations_refuse_an_image_in_use(state, tmp_path):
     fsnd("ve", "stop", "108", "--state-dir", str(state))
     with exclusive(image, "compact"):
         pass
+
+
+def _snapshot_view(sd: Path, image: str, where: Path) -> str:
+    """`image snapshot` then `image mount-snapshot` at ``where``; returns the snapshot's GUID."""
+    fsnd("image", "snapshot", image, "--state-dir", str(sd))
+    guid = json.loads(fsnd("image", "snapshots", image, "--json", "--state-dir", str(sd)).stdout)[-1]["guid"]
+    fsnd("image", "mount-snapshot", image, guid, str(where), "--state-dir", str(sd))
+    return guid
+
+
+def _attachments(sd: Path, upto: str | None = None) -> list:
+    """The recorded attachments of ``sd``: the images' own (``upto`` None) or views of ``upto``."""
+    from fsnotifyd.image import attach
+
+    return [a for a in attach.attached(str(sd / "run")) if a.upto == upto]
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie has exited: here PID 1 may be slow to reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _backing(loop: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def test_stop_after_a_snapshot_view_stops_the_ve(short_state):
+    """Issue 15 (3), the reported sequence through the CLI: `ve create --start`, `image
+    snapshot`, `image mount-snapshot`, `umount` of the view, `ve stop`. The stop takes down
+    the VE itself (not the view, another attachment of the same image): its mount, its loop
+    device and its exporter are gone, the image checks clean, the registry says stopped."""
+    sd = short_state
+    fsnd("ve", "create", "--start", "d1", "--size", "128M", "--state-dir", str(sd))
+    rec = record(sd, "d1")
+    [own] = _attachments(sd)
+    assert own.loop == rec["loop"] and own.pid
+    view = sd.parent / "view"
+    guid = _snapshot_view(sd, rec["image"], view)
+    subprocess.run(["umount", str(view)], check=True)
+
+    r = fsnd("ve", "stop", "d1", "--state-dir", str(sd))
+    assert "VE d1 stopped" in r.stdout
+    targets = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout.split()
+    assert rec["mountpoint"] not in targets, targets
+    assert _backing(rec["loop"]) != rec["disk"], f"{rec['loop']} still on {rec['disk']}"
+    assert not _alive(own.pid), f"exporter pid {own.pid} still there"
+    checked = fsnd("image", "check", rec["image"], "--state-dir", str(sd), check=False)
+    assert checked.returncode == 0 and "clean" in checked.stdout, checked.stdout + checked.stderr
+    [listed] = json.loads(fsnd("ve", "list", "--json", "--state-dir", str(sd)).stdout)
+    assert listed["running"] is False and listed["loop"] is None
+    # The view is not the VE's: `ve stop` leaves it to `image detach`.
+    assert len(_attachments(sd, upto=guid)) == 1
+    fsnd("image", "detach", rec["image"], "--state-dir", str(sd))
+
+
+def test_start_while_a_snapshot_view_is_mounted_keeps_the_ve_on_its_own_device(short_state):
+    """`ve start` of a running VE is a no-op even with a snapshot view of its image mounted:
+    the registry keeps the VE's own loop device, not the view's."""
+    sd = short_state
+    fsnd("ve", "create", "--start", "d2", "--size", "128M", "--state-dir", str(sd))
+    rec = record(sd, "d2")
+    _snapshot_view(sd, rec["image"], sd.parent / "view")
+    fsnd("ve", "start", "d2", "--state-dir", str(sd))
+    assert record(sd, "d2")["loop"] == rec["loop"]
+    assert os.path.ismount(rec["mountpoint"]) and os.path.ismount(sd.parent / "view")
+
