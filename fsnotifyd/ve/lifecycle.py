@@ -12,12 +12,16 @@ import os
 import subprocess
 from dataclasses import dataclass
 
+import structlog
+
 from ..errors import ImageError
 from ..image import attach as att_mod
 from ..image import ops, resize
 from ..image.check import check
 from ..image.lock import exclusive
 from .registry import Registry, VeRecord
+
+log = structlog.get_logger("fsnotifyd.ve.lifecycle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +107,34 @@ def start(state_dir: str, ve_id: str) -> VeRecord:
 
 
 def stop(state_dir: str, ve_id: str) -> VeRecord:
+    """Unmount and detach the VE, then look: the registry says stopped only once nothing of it
+    is left (no mount at its mount point, no loop device on its disk, no exporter). Otherwise
+    :class:`ImageError` names what is still up, and the record says running, with the reason."""
     paths, reg = Paths(state_dir), Registry(state_dir)
     with reg.ve_locked(ve_id):
         rec = reg.get(ve_id)
-        a = att_mod.attachment(paths.run_dir, rec.image)
-        if a is not None:
-            att_mod.detach(a, run_dir=paths.run_dir)
-        return reg.update(ve_id, running=False, loop=None, disk=None)
+
+        def still_up() -> list[str]:
+            return att_mod.leftovers(rec.image, run_dir=paths.run_dir, mountpoint=rec.mountpoint)
+
+        failure: ImageError | None = None
+        left = still_up()
+        if left:
+            try:
+                # By the attachment's name, with or without its record: what a crash left goes too.
+                att_mod.detach(rec.image, run_dir=paths.run_dir)
+            except ImageError as e:
+                failure = e
+            left = still_up()
+        if left:
+            why = (f"{failure.message}; " if failure else "") + "still up: " + ", ".join(left)
+            reg.update(ve_id, running=True, reason=f"stop failed: {why}")
+            log.error("ve.stop_failed", ve=ve_id, left=left, error=failure.message if failure else None)
+            raise ImageError(f"VE {ve_id} is not stopped: {why}", file=rec.image)
+        if failure is not None:  # a step failed, yet nothing is left: stopped all the same
+            log.warning("ve.stop_incomplete", ve=ve_id, error=failure.message)
+        # A stop of a stopped VE keeps the reason it is down (a refused start).
+        return reg.update(ve_id, running=False, loop=None, disk=None, reason=None if rec.running else rec.reason)
 
 
 def destroy(state_dir: str, ve_id: str, *, keep_image: bool = False) -> None:

@@ -452,3 +452,26 @@ def test_start_while_a_snapshot_view_is_mounted_keeps_the_ve_on_its_own_device(s
     assert record(sd, "d2")["loop"] == rec["loop"]
     assert os.path.ismount(rec["mountpoint"]) and os.path.ismount(sd.parent / "view")
 
+
+def test_a_stop_that_cannot_finish_says_so_and_the_ve_stays_running(state, tmp_path):
+    """A process inside the VE keeps its filesystem busy: `ve stop` fails, names what is
+    still up, exits non-zero, and the registry keeps saying running (it is)."""
+    mnt = tmp_path / "root109"
+    fsnd("ve", "create", "109", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    fsnd("ve", "start", "109", "--state-dir", str(state))
+    busy = subprocess.Popen(["sleep", "300"], cwd=mnt)
+    try:
+        r = fsnd("ve", "stop", "109", "--state-dir", str(state), check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "VE 109 is not stopped" in r.stderr and str(mnt) in r.stderr, r.stderr
+        rec = record(state, "109")
+        assert rec["running"] and os.path.ismount(mnt)
+        assert "stop failed" in rec["reason"]
+        listed = fsnd("ve", "list", "--state-dir", str(state)).stdout
+        assert "running" in listed and "stop failed" in listed
+    finally:
+        busy.kill()  # our own child, by pid
+        busy.wait()
+    fsnd("ve", "stop", "109", "--state-dir", str(state))
+    rec = record(state, "109")
+    assert not rec["running"] and rec["reason"] is None and not os.path.ismount(mnt)
