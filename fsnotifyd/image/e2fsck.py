@@ -9,12 +9,15 @@ here, in the image manager, which the actions may import and the VE lifecycle al
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 
 EXIT_BITS = {1: "errors corrected", 2: "errors corrected, reboot needed", 4: "errors left uncorrected",
              8: "operational error", 16: "usage or syntax error", 32: "cancelled by request",
              128: "shared library error"}
+
+_BANNER = re.compile(r"e2fsck \d+\.\d+")
 
 
 def decode(code: int) -> list[str]:
@@ -48,8 +51,10 @@ class Result:
         return outcome(self.exit_code, repair=True) != "failed"
 
     def tail(self, lines: int = 2) -> str:
-        """The last non-empty lines of the output (where e2fsck says how it ended)."""
-        return " / ".join([ln.strip() for ln in self.output.splitlines() if ln.strip()][-lines:])
+        """The last lines of the output, where e2fsck says how it ended (its version banner,
+        printed on stderr, left out)."""
+        said = [ln.strip() for ln in self.output.splitlines() if ln.strip() and not _BANNER.match(ln)]
+        return " / ".join(said[-lines:])
 
 
 def run(device: str, *options: str, timeout: float | None = None) -> Result:

@@ -475,3 +475,92 @@ def test_a_stop_that_cannot_finish_says_so_and_the_ve_stays_running(state, tmp_p
     fsnd("ve", "stop", "109", "--state-dir", str(state))
     rec = record(state, "109")
     assert not rec["running"] and rec["reason"] is None and not os.path.ismount(mnt)
+
+
+def _fill_to_the_last_block(mnt: Path, loop: str) -> None:
+    """Every data block of the filesystem used, no /lost+found, a root directory whose blocks
+    are full, and /d/victim (100 kB) whose entry is about to go: e2fsck can then neither make
+    /lost+found nor link the victim into the root directory (no block to grow either)."""
+    import errno
+
+    # ext4 keeps 2 % of the clusters back even from root; e2fsck's allocator does not.
+    (Path("/sys/fs/ext4") / os.path.basename(loop) / "reserved_clusters").write_text("0")
+    (mnt / "lost+found").rmdir()
+    (mnt / "d").mkdir()
+    write_file(mnt / "d" / "victim", 100_000)
+
+    def fill(path: Path, chunk: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            while True:
+                os.write(fd, b"\0" * chunk)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        finally:
+            os.close(fd)
+
+    fill(mnt / "fill", 1 << 20)
+    fill(mnt / "fill", 4096)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)  # delalloc reservations back, then the rest
+    for i in range(1000):  # more files, each to ENOSPC, until one gets no block at all
+        fill(mnt / f"s{i}", 4096)
+        if (mnt / f"s{i}").stat().st_size == 0:
+            break
+    n = 0
+    try:
+        while True:  # names as short as e2fsck's ("#12"): then its entry cannot fit either
+            (mnt / f"z{n:x}").touch(exist_ok=False)
+            n += 1
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    assert os.statvfs(mnt).f_bfree == 0
+
+
+def _block_count(image: str, sd: Path) -> int:
+    from fsnotifyd.image import attach
+
+    a = attach.attach(image, run_dir=str(sd / "run"), readonly=True)
+    try:
+        out = subprocess.run(["dumpe2fs", "-h", a.loop], capture_output=True, text=True, check=True).stdout
+    finally:
+        attach.detach(a, run_dir=str(sd / "run"))
+    return int(next(ln.split(":")[1] for ln in out.splitlines() if ln.startswith("Block count:")))
+
+
+def test_start_refuses_a_filesystem_e2fsck_cannot_repair(state, tmp_path):
+    """Issue 15 (4): a disk grown while detached makes `ve start` run `e2fsck -fy` before
+    resize2fs. On a filesystem -p passes (marked clean) but -fy leaves with errors (exit 4:
+    full to the last block, no /lost+found and an unattached inode, so 'Insufficient space to
+    recover lost files'), the start stops there: nothing resized or mounted, the image detached
+    and clean, the VE stopped with the reason in its record, `ve list`, `ve show` and the
+    `ve.start_refused` log line, and the CLI exits non-zero naming e2fsck's exit status."""
+    mnt = tmp_path / "root110"
+    fsnd("ve", "create", "110", "--size", "64M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    fsnd("ve", "start", "110", "--state-dir", str(state))
+    rec = record(state, "110")
+    _fill_to_the_last_block(mnt, rec["loop"])
+    fsnd("ve", "stop", "110", "--state-dir", str(state))
+    loop = fsnd("image", "attach", rec["image"], "--state-dir", str(state)).stdout.split()[-1]
+    try:
+        subprocess.run(["debugfs", "-w", "-R", "unlink /d/victim", loop], check=True, capture_output=True)
+        assert subprocess.run(["e2fsck", "-p", loop], capture_output=True).returncode == 0  # clean to -p
+    finally:
+        fsnd("image", "detach", rec["image"], "--state-dir", str(state))
+    blocks = _block_count(rec["image"], state)
+    fsnd("image", "grow", rec["image"], "128M", "--state-dir", str(state))
+
+    r = fsnd("ve", "start", "110", "--state-dir", str(state), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "VE 110 not started: e2fsck -fy" in r.stderr and "exited 4 (errors left uncorrected)" in r.stderr, r.stderr
+    assert "ve.start_refused" in r.stdout and "exit_code=4" in r.stdout, r.stdout
+    assert not os.path.ismount(mnt) and _attachments(state) == []
+    assert str(state) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    checked = fsnd("image", "check", rec["image"], "--state-dir", str(state), check=False)
+    assert checked.returncode == 0 and "clean" in checked.stdout, checked.stdout + checked.stderr
+    after = record(state, "110")
+    assert not after["running"] and after["loop"] is None
+    assert after["reason"] == "start refused: e2fsck -fy exited 4 (errors left uncorrected)", after["reason"]
+    assert after["reason"] in fsnd("ve", "list", "--state-dir", str(state)).stdout
+    assert after["reason"] in fsnd("ve", "show", "110", "--state-dir", str(state)).stdout
+    assert _block_count(rec["image"], state) == blocks  # resize2fs did not run
