@@ -558,7 +558,7 @@ def leftovers(image_dir: str, *, run_dir: str, upto: str | None = None,
     loops = _loops_on(p["disk"])
     mounts = [m for loop in loops for m in _mounts_of(loop)]
     if mountpoint is not None:
-        mp = os.path.abspath(mountpoint)
+        mp = os.path.realpath(mountpoint)  # as the mount table names it
         mounts += [m for m in _mounts() if m.mountpoint == mp and m not in mounts]
     out = [f"{m.mountpoint} mounted ({m.source})" for m in mounts]
     out += [f"loop device {loop}" for loop in loops]

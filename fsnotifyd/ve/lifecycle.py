@@ -136,6 +136,7 @@ def _refused(paths: Paths, reg: Registry, rec: VeRecord, e: FsnotifydError) -> N
     that failed too): the registry never says stopped while the VE is mounted."""
     left = att_mod.leftovers(rec.image, run_dir=paths.run_dir, mountpoint=rec.mountpoint)
     if isinstance(e, FsckFailed):
+        # Without the device: that loop device went with the attachment.
         why = f"{' '.join(e.command[:-1])} exited {e.exit_code} ({', '.join(e.decoded)})"
         fsck = {"command": list(e.command), "exit_code": e.exit_code, "decoded": e.decoded}
     else:
