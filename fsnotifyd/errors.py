@@ -68,3 +68,13 @@ class ImageError(FsnotifydError):
         prefix = f"{file}: " if file else ""
         suffix = f" (field {field!r})" if field else ""
         super().__init__(f"{prefix}{message}{suffix}")
+
+
+class FsckFailed(ImageError):
+    """e2fsck could not repair a filesystem (exit status 4 and up, or killed): it must not be
+    resized or mounted read-write. Carries the command and its exit status."""
+
+    def __init__(self, message: str, *, command: tuple[str, ...], exit_code: int, decoded: list[str],
+                 file: str | None = None) -> None:
+        self.command, self.exit_code, self.decoded = command, exit_code, decoded
+        super().__init__(message, file=file)

@@ -17,32 +17,13 @@ import subprocess
 from typing import Any
 
 from ..image import attach as att_mod
+from ..image.e2fsck import decode, outcome
 from ..ve import lifecycle
 from . import isolate
 from . import snapshot as snap
 from .executor import ActionError, Step
 from .job import Job
 from .target import Targets
-
-# e2fsck(8) exit status bits
-EXIT_BITS = {1: "errors corrected", 2: "errors corrected, reboot needed", 4: "errors left uncorrected",
-             8: "operational error", 16: "usage or syntax error", 32: "cancelled by request",
-             128: "shared library error"}
-
-
-def decode(code: int) -> list[str]:
-    return [text for bit, text in EXIT_BITS.items() if code & bit] or ["no errors"]
-
-
-def outcome(code: int, repair: bool) -> str:
-    """``clean``, ``errors`` (a check found some, even when e2fsck -n then gave up: bit 8 with
-    bit 4 is common on a damaged journal; a repair fixed them) or ``failed`` (nothing learnt,
-    or a repair that left errors)."""
-    if code == 0:
-        return "clean"
-    if repair:
-        return "errors" if code & 3 and not code & ~3 else "failed"
-    return "errors" if code & 7 else "failed"
 
 
 def e2fsck(device: str, repair: bool, timeout: float) -> dict[str, Any]:

@@ -64,9 +64,7 @@ class Targets:
             except FsnotifydError as e:
                 raise ActionError(f"VE {ve_id}: {e}") from e
         if rec is not None:
-            real = os.path.realpath(rec.image)
-            att = next((a for a in att_mod.attached(self.run_dir) if os.path.realpath(a.image) == real
-                        and a.upto is None), None)
+            att = att_mod.attachment(self.run_dir, rec.image)
             return Target(ve_id, rec, rec.mountpoint, att.loop if att else None, None, att)
         for ve in self.configured:
             if ve.id == ve_id:

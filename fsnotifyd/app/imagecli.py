@@ -39,11 +39,7 @@ def _run_dir(args: argparse.Namespace) -> str:
 def _attached(args: argparse.Namespace, image: str):
     from ..image import attach
 
-    real = os.path.realpath(image)
-    for a in attach.attached(_run_dir(args)):
-        if os.path.realpath(a.image) == real and not a.upto:
-            return a
-    return None
+    return attach.attachment(_run_dir(args), image)
 
 
 def _need_attached(args: argparse.Namespace, image: str):
@@ -292,11 +288,12 @@ def cmd_ve_list(args: argparse.Namespace) -> int:
     recs = Registry(_state_dir(args)).all()
     if args.json:
         _print([{"id": r.id, "image": r.image, "mountpoint": r.mountpoint, "running": r.running, "loop": r.loop,
-                 "labels": r.labels, "created": r.created} for r in recs], True)
+                 "labels": r.labels, "created": r.created, "reason": r.reason} for r in recs], True)
         return 0
     for r in recs:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
-        print(f"{r.id:<12} {'running' if r.running else 'stopped':<8} {r.loop or '-':<12} {r.mountpoint}  {labels}")
+        print(f"{r.id:<12} {'running' if r.running else 'stopped':<8} {r.loop or '-':<12} {r.mountpoint}  {labels}"
+              + (f"  ({r.reason})" if r.reason else ""))
     return 0
 
 
@@ -305,6 +302,8 @@ def cmd_ve_show(args: argparse.Namespace) -> int:
 
     rec = Registry(_state_dir(args)).get(args.id)
     print(f"VE {rec.id}: {'running on ' + str(rec.loop) if rec.running else 'stopped'}")
+    if rec.reason:
+        print(f"reason      {rec.reason}")
     print(f"mount point {rec.mountpoint}; labels {rec.labels or '-'}")
     args.image, args.json = rec.image, False
     return cmd_info(args)

@@ -141,6 +141,14 @@ def attached(run_dir: str) -> list[Attached]:
     return out
 
 
+def attachment(run_dir: str, image: str, upto: str | None = None) -> Attached | None:
+    """The recorded attachment of ``image`` itself (``upto`` None) or of its snapshot view
+    ``upto``, looked up by its name: never another attachment of the same image (a VE and a
+    snapshot view of its image are two attachments, two exporters, two loop devices)."""
+    got = _load(_paths(run_dir, attachment_name(image, upto))["record"])
+    return None if got is None else got[0]
+
+
 # -- small system helpers ------------------------------------------------------------------------
 
 def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -540,6 +548,28 @@ def detach(image_dir_or_attached: str | Attached, *, run_dir: str, upto: str | N
     log.info("image.detached", image=att.image, loop=att.loop or None, pid=att.pid or None)
 
 
+def leftovers(image_dir: str, *, run_dir: str, upto: str | None = None,
+              mountpoint: str | None = None) -> list[str]:
+    """What of an attachment is still on the machine, one phrase each (empty: nothing), looked
+    for as :func:`detach` does, without its record: mounts of loop devices on its disk (and
+    anything mounted at ``mountpoint``), those loop devices, its exporter processes, its FUSE
+    mount, its record. For checking after a detach that it really went."""
+    p = _paths(os.path.abspath(run_dir), attachment_name(image_dir, upto))
+    loops = _loops_on(p["disk"])
+    mounts = [m for loop in loops for m in _mounts_of(loop)]
+    if mountpoint is not None:
+        mp = os.path.realpath(mountpoint)  # as the mount table names it
+        mounts += [m for m in _mounts() if m.mountpoint == mp and m not in mounts]
+    out = [f"{m.mountpoint} mounted ({m.source})" for m in mounts]
+    out += [f"loop device {loop}" for loop in loops]
+    out += [f"exporter pid {pid}" for pid in _exporters_for(p["control"])]
+    if _fuse_mount(p["fuse_dir"]) is not None:
+        out.append(f"FUSE mount {p['fuse_dir']}")
+    if os.path.exists(p["record"]):
+        out.append(f"attachment record {p['record']}")
+    return out
+
+
 def _stop_exporter(att: Attached, pid: int) -> None:
     state = _proc_state(pid)
     if state is None:
@@ -731,5 +761,6 @@ def run_watchdog(run_dir: str, interval: float, stop_event: threading.Event, *, 
         stop_event.wait(interval)
 
 
-__all__ = ["Attached", "attach", "attached", "abort_fuse", "attachment_name", "control", "detach", "grow", "has_cap_sys_resource", "merge", "mount",
+__all__ = ["Attached", "attach", "attached", "abort_fuse", "attachment", "attachment_name", "control", "detach", "grow",
+           "has_cap_sys_resource", "leftovers", "merge", "mount",
            "run_watchdog", "set_readonly", "snapshot", "status", "umount", "watchdog_check"]

@@ -6,7 +6,9 @@ against). Writers take an exclusive ``flock`` on ``ves/.lock`` for the whole
 read-modify-write, and records are replaced atomically (write-temp, fsync, rename, fsync dir),
 so the CLI and the daemon can read and change the registry at the same time, and a crash
 leaves each record old or new. The registry outlives reboots: ``running`` then just says what
-was running, and ``fsnotifyd ve start`` brings a VE back from any state.
+was running, and ``fsnotifyd ve start`` brings a VE back from any state. ``reason`` says why a
+VE is not as last asked (a start refused, a stop that could not finish) until a start or stop
+succeeds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class VeRecord:
     running: bool = False
     loop: str | None = None  # /dev/loopN while running
     disk: str | None = None  # the FUSE file the loop device reads (its backing file)
+    reason: str | None = None  # why it is not as last asked: a start refused, a stop not finished
 
     def to_ve(self) -> VE:
         """What the daemon's inventory matches events with."""
@@ -146,6 +149,7 @@ def _record(raw: object, path: str) -> VeRecord:
         return VeRecord(id=validate_ve_id(raw["id"]), image=raw["image"], mountpoint=raw["mountpoint"], labels=labels,
                         created=float(raw.get("created") or 0.0), running=bool(raw.get("running")),
                         loop=raw.get("loop") if isinstance(raw.get("loop"), str) else None,
-                        disk=raw.get("disk") if isinstance(raw.get("disk"), str) else None)
+                        disk=raw.get("disk") if isinstance(raw.get("disk"), str) else None,
+                        reason=raw.get("reason") if isinstance(raw.get("reason"), str) else None)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad VE record: {e}", file=path) from None

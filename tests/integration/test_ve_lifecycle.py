@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,12 +44,9 @@ def fuse(kernel):
         kernel_missing(f"mfusepy/libfuse3 not importable: {e}")
 
 
-@pytest.fixture
-def state(tmp_path, fuse):
-    """A state dir; at the end every VE in it is stopped and every attachment detached."""
-    sd = tmp_path / "state"
-    sd.mkdir()
-    yield sd
+def _take_down(sd: Path) -> None:
+    """Stop every VE of state dir ``sd``, detach every attachment (snapshot views too), and
+    check that nothing of it is left on the machine."""
     from fsnotifyd.image import attach
     from fsnotifyd.ve.registry import Registry
 
@@ -59,6 +57,34 @@ def state(tmp_path, fuse):
     leftovers = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(sd) not in leftovers, leftovers
     assert str(sd) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.fixture
+def state(tmp_path, fuse):
+    """A state dir; at the end every VE in it is stopped and every attachment detached."""
+    sd = tmp_path / "state"
+    sd.mkdir()
+    yield sd
+    _take_down(sd)
+
+
+@pytest.fixture
+def short_state(fuse):
+    """A state dir with a short path (``/tmp/fsnd-XXXXXXXX/state``), taken down like
+    :func:`state` and removed. Short enough that the VE's attachment record keeps its
+    flattened path as its name while a snapshot view's (``...@GUID``) is hashed to
+    ``ID-<hash>``, which sorts first: the order in which the issue-15 report met them."""
+    top = Path(tempfile.mkdtemp(prefix="fsnd-", dir="/tmp"))
+    sd = top / "state"
+    sd.mkdir()
+    try:
+        yield sd
+    finally:
+        try:
+            _take_down(sd)
+        finally:
+            if str(top) not in Path("/proc/self/mountinfo").read_text():  # never rm into a mount
+                shutil.rmtree(top, ignore_errors=True)
 
 
 from fsnotifyd.testing import sha256_of as sha  # noqa: E402
@@ -354,3 +380,187 @@ def test_offline_operations_refuse_an_image_in_use(state, tmp_path):
     fsnd("ve", "stop", "108", "--state-dir", str(state))
     with exclusive(image, "compact"):
         pass
+
+
+def _snapshot_view(sd: Path, image: str, where: Path) -> str:
+    """`image snapshot` then `image mount-snapshot` at ``where``; returns the snapshot's GUID."""
+    fsnd("image", "snapshot", image, "--state-dir", str(sd))
+    guid = json.loads(fsnd("image", "snapshots", image, "--json", "--state-dir", str(sd)).stdout)[-1]["guid"]
+    fsnd("image", "mount-snapshot", image, guid, str(where), "--state-dir", str(sd))
+    return guid
+
+
+def _attachments(sd: Path, upto: str | None = None) -> list:
+    """The recorded attachments of ``sd``: the images' own (``upto`` None) or views of ``upto``."""
+    from fsnotifyd.image import attach
+
+    return [a for a in attach.attached(str(sd / "run")) if a.upto == upto]
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie has exited: here PID 1 may be slow to reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _backing(loop: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def test_stop_after_a_snapshot_view_stops_the_ve(short_state):
+    """Issue 15 (3), the reported sequence through the CLI: `ve create --start`, `image
+    snapshot`, `image mount-snapshot`, `umount` of the view, `ve stop`. The stop takes down
+    the VE itself (not the view, another attachment of the same image): its mount, its loop
+    device and its exporter are gone, the image checks clean, the registry says stopped."""
+    sd = short_state
+    fsnd("ve", "create", "--start", "d1", "--size", "128M", "--state-dir", str(sd))
+    rec = record(sd, "d1")
+    [own] = _attachments(sd)
+    assert own.loop == rec["loop"] and own.pid
+    view = sd.parent / "view"
+    guid = _snapshot_view(sd, rec["image"], view)
+    subprocess.run(["umount", str(view)], check=True)
+
+    r = fsnd("ve", "stop", "d1", "--state-dir", str(sd))
+    assert "VE d1 stopped" in r.stdout
+    targets = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout.split()
+    assert rec["mountpoint"] not in targets, targets
+    assert _backing(rec["loop"]) != rec["disk"], f"{rec['loop']} still on {rec['disk']}"
+    assert not _alive(own.pid), f"exporter pid {own.pid} still there"
+    checked = fsnd("image", "check", rec["image"], "--state-dir", str(sd), check=False)
+    assert checked.returncode == 0 and "clean" in checked.stdout, checked.stdout + checked.stderr
+    [listed] = json.loads(fsnd("ve", "list", "--json", "--state-dir", str(sd)).stdout)
+    assert listed["running"] is False and listed["loop"] is None
+    # The view is not the VE's: `ve stop` leaves it to `image detach`.
+    assert len(_attachments(sd, upto=guid)) == 1
+    fsnd("image", "detach", rec["image"], "--state-dir", str(sd))
+
+
+def test_start_while_a_snapshot_view_is_mounted_keeps_the_ve_on_its_own_device(short_state):
+    """`ve start` of a running VE is a no-op even with a snapshot view of its image mounted:
+    the registry keeps the VE's own loop device, not the view's."""
+    sd = short_state
+    fsnd("ve", "create", "--start", "d2", "--size", "128M", "--state-dir", str(sd))
+    rec = record(sd, "d2")
+    _snapshot_view(sd, rec["image"], sd.parent / "view")
+    fsnd("ve", "start", "d2", "--state-dir", str(sd))
+    assert record(sd, "d2")["loop"] == rec["loop"]
+    assert os.path.ismount(rec["mountpoint"]) and os.path.ismount(sd.parent / "view")
+
+
+def test_a_stop_that_cannot_finish_says_so_and_the_ve_stays_running(state, tmp_path):
+    """A process inside the VE keeps its filesystem busy: `ve stop` fails, names what is
+    still up, exits non-zero, and the registry keeps saying running (it is)."""
+    mnt = tmp_path / "root109"
+    fsnd("ve", "create", "109", "--size", "128M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    fsnd("ve", "start", "109", "--state-dir", str(state))
+    busy = subprocess.Popen(["sleep", "300"], cwd=mnt)
+    try:
+        r = fsnd("ve", "stop", "109", "--state-dir", str(state), check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "VE 109 is not stopped" in r.stderr and str(mnt) in r.stderr, r.stderr
+        rec = record(state, "109")
+        assert rec["running"] and os.path.ismount(mnt)
+        assert "stop failed" in rec["reason"]
+        listed = fsnd("ve", "list", "--state-dir", str(state)).stdout
+        assert "running" in listed and "stop failed" in listed
+    finally:
+        busy.kill()  # our own child, by pid
+        busy.wait()
+    fsnd("ve", "stop", "109", "--state-dir", str(state))
+    rec = record(state, "109")
+    assert not rec["running"] and rec["reason"] is None and not os.path.ismount(mnt)
+
+
+def _fill_to_the_last_block(mnt: Path, loop: str) -> None:
+    """Every data block of the filesystem used, no /lost+found, a root directory whose blocks
+    are full, and /d/victim (100 kB) whose entry is about to go: e2fsck can then neither make
+    /lost+found nor link the victim into the root directory (no block to grow either)."""
+    import errno
+
+    # ext4 keeps 2 % of the clusters back even from root; e2fsck's allocator does not.
+    (Path("/sys/fs/ext4") / os.path.basename(loop) / "reserved_clusters").write_text("0")
+    (mnt / "lost+found").rmdir()
+    (mnt / "d").mkdir()
+    write_file(mnt / "d" / "victim", 100_000)
+
+    def fill(path: Path, chunk: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            while True:
+                os.write(fd, b"\0" * chunk)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        finally:
+            os.close(fd)
+
+    fill(mnt / "fill", 1 << 20)
+    fill(mnt / "fill", 4096)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)  # delalloc reservations back, then the rest
+    for i in range(1000):  # more files, each to ENOSPC, until one gets no block at all
+        fill(mnt / f"s{i}", 4096)
+        if (mnt / f"s{i}").stat().st_size == 0:
+            break
+    n = 0
+    try:
+        while True:  # names as short as e2fsck's ("#12"): then its entry cannot fit either
+            (mnt / f"z{n:x}").touch(exist_ok=False)
+            n += 1
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    assert os.statvfs(mnt).f_bfree == 0
+
+
+def _block_count(image: str, sd: Path) -> int:
+    from fsnotifyd.image import attach
+
+    a = attach.attach(image, run_dir=str(sd / "run"), readonly=True)
+    try:
+        out = subprocess.run(["dumpe2fs", "-h", a.loop], capture_output=True, text=True, check=True).stdout
+    finally:
+        attach.detach(a, run_dir=str(sd / "run"))
+    return int(next(ln.split(":")[1] for ln in out.splitlines() if ln.startswith("Block count:")))
+
+
+def test_start_refuses_a_filesystem_e2fsck_cannot_repair(state, tmp_path):
+    """Issue 15 (4): a disk grown while detached makes `ve start` run `e2fsck -fy` before
+    resize2fs. On a filesystem -p passes (marked clean) but -fy leaves with errors (exit 4:
+    full to the last block, no /lost+found and an unattached inode, so 'Insufficient space to
+    recover lost files'), the start stops there: nothing resized or mounted, the image detached
+    and clean, the VE stopped with the reason in its record, `ve list`, `ve show` and the
+    `ve.start_refused` log line, and the CLI exits non-zero naming e2fsck's exit status."""
+    mnt = tmp_path / "root110"
+    fsnd("ve", "create", "110", "--size", "64M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    fsnd("ve", "start", "110", "--state-dir", str(state))
+    rec = record(state, "110")
+    _fill_to_the_last_block(mnt, rec["loop"])
+    fsnd("ve", "stop", "110", "--state-dir", str(state))
+    loop = fsnd("image", "attach", rec["image"], "--state-dir", str(state)).stdout.split()[-1]
+    try:
+        subprocess.run(["debugfs", "-w", "-R", "unlink /d/victim", loop], check=True, capture_output=True)
+        assert subprocess.run(["e2fsck", "-p", loop], capture_output=True).returncode == 0  # clean to -p
+    finally:
+        fsnd("image", "detach", rec["image"], "--state-dir", str(state))
+    blocks = _block_count(rec["image"], state)
+    fsnd("image", "grow", rec["image"], "128M", "--state-dir", str(state))
+
+    r = fsnd("ve", "start", "110", "--state-dir", str(state), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "VE 110 not started: e2fsck -fy" in r.stderr and "exited 4 (errors left uncorrected)" in r.stderr, r.stderr
+    assert "ve.start_refused" in r.stdout and "exit_code=4" in r.stdout, r.stdout
+    assert not os.path.ismount(mnt) and _attachments(state) == []
+    assert str(state) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    checked = fsnd("image", "check", rec["image"], "--state-dir", str(state), check=False)
+    assert checked.returncode == 0 and "clean" in checked.stdout, checked.stdout + checked.stderr
+    after = record(state, "110")
+    assert not after["running"] and after["loop"] is None
+    assert after["reason"] == "start refused: e2fsck -fy exited 4 (errors left uncorrected)", after["reason"]
+    assert after["reason"] in fsnd("ve", "list", "--state-dir", str(state)).stdout
+    assert after["reason"] in fsnd("ve", "show", "110", "--state-dir", str(state)).stdout
+    assert _block_count(rec["image"], state) == blocks  # resize2fs did not run
