@@ -119,6 +119,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_detach(args: argparse.Namespace) -> int:
     from ..image import attach
 
+    if args.snapshot:
+        return _detach_view(args, args.snapshot)
     real = os.path.realpath(args.image)
     found = [a for a in attach.attached(_run_dir(args)) if os.path.realpath(a.image) == real]
     if not found:
@@ -164,6 +166,27 @@ def cmd_mount_snapshot(args: argparse.Namespace) -> int:
     attach.mount(a, args.mountpoint, readonly=True)
     print(f"snapshot {args.guid} on {a.loop} mounted read-only at {args.mountpoint}")
     return 0
+
+
+def _detach_view(args: argparse.Namespace, guid: str) -> int:
+    """Take down one snapshot view (its mounts, loop device, exporter), leaving the image's
+    own attachment, and a running VE on it, alone."""
+    from ..image import attach
+
+    a = attach.attachment(_run_dir(args), args.image, upto=guid)
+    if a is None:
+        print(f"{args.image}: snapshot {guid} is not attached")
+        return 0
+    attach.detach(a, run_dir=_run_dir(args))
+    left = attach.leftovers(args.image, run_dir=_run_dir(args), upto=guid)
+    if left:
+        raise FsnotifydError(f"snapshot {guid} of {args.image} is not detached; still up: {'; '.join(left)}")
+    print(f"snapshot {guid} unmounted and detached")
+    return 0
+
+
+def cmd_umount_snapshot(args: argparse.Namespace) -> int:
+    return _detach_view(args, args.guid)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -413,7 +436,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("mountpoint")
     m.add_argument("--readonly", action="store_true")
     cmd("umount", cmd_umount, "unmount (stays attached)")
-    cmd("detach", cmd_detach, "unmount, detach the loop, stop the exporter (also after a crash)")
+    dt = cmd("detach", cmd_detach, "unmount, detach the loop, stop the exporter (also after a crash)")
+    dt.add_argument("--snapshot", metavar="GUID", help="only this snapshot view (the image and its VE stay up)")
     s = cmd("snapshot", cmd_snapshot, "freeze, stack a new delta, thaw: O(1) in the image size")
     s.add_argument("--name")
     sl = cmd("snapshots", cmd_snapshots, "list snapshots")
@@ -421,6 +445,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ms = cmd("mount-snapshot", cmd_mount_snapshot, "mount a snapshot read-only (for checks)")
     ms.add_argument("guid")
     ms.add_argument("mountpoint")
+    us = cmd("umount-snapshot", cmd_umount_snapshot,
+             "unmount a snapshot view and detach it (the image and its VE stay up)")
+    us.add_argument("guid")
     mg = cmd("merge", cmd_merge, "delete a snapshot, merging its data into the delta above")
     mg.add_argument("guid")
     g = cmd("grow", cmd_grow, "grow the disk (online: the filesystem too)")

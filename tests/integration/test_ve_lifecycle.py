@@ -441,6 +441,31 @@ def test_stop_after_a_snapshot_view_stops_the_ve(short_state):
     fsnd("image", "detach", rec["image"], "--state-dir", str(sd))
 
 
+def test_umount_snapshot_takes_down_the_view_and_leaves_the_ve_running(short_state):
+    """`image umount-snapshot IMAGE GUID` unmounts the view and detaches it (its loop device
+    and exporter go), while the VE on the same image keeps its mount, device and exporter;
+    `image detach IMAGE --snapshot GUID` does the same for a view already unmounted."""
+    sd = short_state
+    fsnd("ve", "create", "--start", "d3", "--size", "128M", "--state-dir", str(sd))
+    rec = record(sd, "d3")
+    [own] = _attachments(sd)
+    view = sd.parent / "view"
+    guid = _snapshot_view(sd, rec["image"], view)
+    [v] = _attachments(sd, upto=guid)
+    r = fsnd("image", "umount-snapshot", rec["image"], guid, "--state-dir", str(sd))
+    assert f"snapshot {guid} unmounted and detached" in r.stdout
+    assert not os.path.ismount(view)
+    assert _backing(v.loop) != v.disk and not _alive(v.pid)
+    assert _attachments(sd, upto=guid) == []
+    assert os.path.ismount(rec["mountpoint"]) and _alive(own.pid) and _backing(rec["loop"]) == rec["disk"]
+    guid2 = _snapshot_view(sd, rec["image"], view)
+    subprocess.run(["umount", str(view)], check=True)
+    fsnd("image", "detach", rec["image"], "--snapshot", guid2, "--state-dir", str(sd))
+    assert _attachments(sd, upto=guid2) == [] and os.path.ismount(rec["mountpoint"])
+    fsnd("ve", "stop", "d3", "--state-dir", str(sd))
+    assert not os.path.ismount(rec["mountpoint"])
+
+
 def test_start_while_a_snapshot_view_is_mounted_keeps_the_ve_on_its_own_device(short_state):
     """`ve start` of a running VE is a no-op even with a snapshot view of its image mounted:
     the registry keeps the VE's own loop device, not the view's."""
