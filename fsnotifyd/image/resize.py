@@ -20,8 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ImageError
-from . import ops
+from ..errors import FsckFailed, ImageError
+from . import e2fsck, ops
 from .stack import Stack
 
 BALLOON = ".fsnotifyd-balloon"
@@ -130,7 +130,10 @@ def fs_size(device: str) -> int:
 def shrink_filesystem(device: str, size: int | None) -> int:
     """e2fsck then resize2fs an unmounted ext4 to ``size`` bytes (None: as small as it goes);
     returns the new size."""
-    _run("e2fsck", "-fy", device, ok=(0, 1))
+    r = e2fsck.run(device, "-fy")
+    if not r.repaired:  # exit 4 and up: resizing a filesystem e2fsck left broken breaks it more
+        raise FsckFailed(f"not shrunk: {' '.join(r.command)} exited {r.exit_code} ({', '.join(r.decoded)}): "
+                         f"{r.tail()}", command=r.command, exit_code=r.exit_code, decoded=r.decoded, file=device)
     if size is None:
         _run("resize2fs", "-M", device)
     else:
