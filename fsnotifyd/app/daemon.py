@@ -112,6 +112,7 @@ class Daemon:
     started: float = field(default_factory=time.time)
     registry: dict[str, Any] = field(default_factory=lambda: dict(REGISTRY))
     _closing: bool = False
+    _announced_ready: bool = False  # READY=1 sent: from then on a reload is told to systemd
 
     # -- steps -------------------------------------------------------------------------------
     def open_state(self) -> None:
@@ -164,21 +165,44 @@ class Daemon:
         return {}
 
     def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
-        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why."""
+        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why.
+
+        Told to systemd as RELOADING=1 ... READY=1 (READY also after a refused reload: the
+        daemon runs on with the old rules), so ``systemctl reload`` covers the whole reload."""
+        if getattr(self, "rules_status", None) is None:
+            # SIGHUP before the first rules were loaded: those are read from the files anyway.
+            return {"ok": False, "error": "the daemon is still starting; its rules are being loaded"}
+        announce = self._announced_ready
+        if announce:
+            self.notifier.reloading()
+        try:
+            return self._reload_rules()
+        finally:
+            if announce:
+                self.notifier.ready(self.status_line())
+
+    def _reload_rules(self) -> dict[str, Any]:
+        kept = len(self.engine.compiled.rules)
         try:
             engine = self._new_engine(self._load_trusted_rules())
         except RuleErrors as e:
             errors = [str(x) for x in e.errors]
-            self.rules_status["last_reload_error"] = errors
-            self.metrics.rules_reloads.labels("failed").inc()
-            log.error("rules.reload_failed", errors=errors, kept=len(self.engine.compiled.rules))
-            return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors}
-        engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
-        self.engine = engine
-        self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
-        self.metrics.rules_reloads.labels("ok").inc()
-        log.info("rules.reloaded", rules=len(engine.compiled.rules))
-        return {"ok": True, "rules": len(engine.compiled.rules)}
+        except Exception as e:  # noqa: BLE001 - a reload must not cost the daemon its rules
+            log.exception("rules.reload_crashed")
+            errors = [f"internal error while loading the rules: {e!r}"]
+        else:
+            engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
+            self.engine = engine
+            self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
+            self.metrics.rules_reloads.labels("ok").inc()
+            log.info("rules.reloaded", rules=len(engine.compiled.rules))
+            return {"ok": True, "rules": len(engine.compiled.rules)}
+        self.rules_status["last_reload_error"] = errors
+        self.metrics.rules_reloads.labels("failed").inc()
+        log.error("rules.reload_failed", errors=errors, kept=kept)
+        # "errors" marks a refusal: the CLI exits 1 on it, 2 on any other failed request.
+        return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors,
+                "rules": kept}
 
     def save_rules_state(self) -> None:
         if self.engine.dirty:
@@ -451,6 +475,7 @@ class Daemon:
             log.warning("daemon.slow_start", waiting=[n for n, e in self._ready_waiters.items() if not e.is_set()])
         log.info("daemon.ready", sources={n: s.up for n, s in self.statuses.items()})
         self.notifier.ready(self.status_line())
+        self._announced_ready = True
         notifying = asyncio.create_task(self._notify_loop(), name="sd_notify") if self.notifier.enabled else None
         if self.on_ready:
             self.on_ready()
@@ -476,7 +501,10 @@ class Daemon:
         down = [n for n, s in self.statuses.items() if not s.up]
         lost = sum(int(m.value) for m in self._lost_samples())
         text = f"{len(up)}/{len(self.statuses)} sources up; {sum(self.counts.values())} events; {lost} lost"
-        return text + (f"; down: {', '.join(down)}" if down else "")
+        text += f"; down: {', '.join(down)}" if down else ""
+        if (getattr(self, "rules_status", None) or {}).get("last_reload_error"):
+            text += "; rules reload failed, old rules kept"
+        return text
 
     def _lost_samples(self):
         for family in self.metrics.lost.collect():
