@@ -119,6 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = (f"sink {name}: {sk.get('spooled_events', 0)} spooled, {sk.get('delivered', 0)} delivered, "
                 f"{sk.get('rejected', 0)} rejected")
         print(f"{line}; last error: {sk['last_error']}" if sk.get("last_error") else line)
+    _print_files(st.get("files") or {})
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
     rules = st.get("rules") or {}
     if rules:
@@ -135,6 +136,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif actions:
         print("actions: disabled (decisions are only published)")
     return 0
+
+
+def _print_files(files: dict[str, dict[str, Any]]) -> None:
+    """The daemon's own files (state, journals): only those the disk refuses get a line each."""
+    failing = {p: f for p, f in files.items() if not f.get("ok", True)}
+    if not failing:
+        print(f"own files: all {len(files)} written")
+        return
+    print(f"own files: {len(failing)} of {len(files)} cannot be written "
+          "(kept in memory, written again once the disk takes them)")
+    for path, f in sorted(failing.items()):
+        since = f" for {time.time() - f['since']:.0f} s" if f.get("since") else ""
+        print(f"  {path}: {f.get('errno')} ({f.get('error')}){since}, {f.get('refused', 0)} writes refused")
 
 
 async def _stream(args: argparse.Namespace, out, duration: float | None) -> int:
