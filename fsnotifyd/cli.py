@@ -6,7 +6,8 @@
   fsnotifyd record --out FILE [--duration S]             write the live stream to a file for replay
   fsnotifyd rules check PATH...                          validate rules files
   fsnotifyd rules test RULES... --events LOG...          replay recorded events/kernel logs through rules
-  fsnotifyd rules reload                                 reload the running daemon's rules (or SIGHUP)
+  fsnotifyd rules reload                                 reload the running daemon's rules (or SIGHUP);
+                                                         exit 1 when they are refused, 2 when not asked
   fsnotifyd config check|show [--config FILE]            validate / print the effective config
 """
 
@@ -76,15 +77,16 @@ async def _request(path: str, req: dict[str, Any]) -> tuple[asyncio.StreamReader
     return reader, writer
 
 
+async def _ask_async(path: str, op: str) -> dict[str, Any]:
+    reader, writer = await _request(path, {"op": op})
+    line = await reader.readline()
+    writer.close()
+    return json.loads(line)
+
+
 def _ask(args: argparse.Namespace, op: str) -> dict[str, Any]:
     """One request to the daemon, one reply."""
-    async def main() -> dict[str, Any]:
-        reader, writer = await _request(_socket_path(args), {"op": op})
-        line = await reader.readline()
-        writer.close()
-        return json.loads(line)
-
-    return asyncio.run(main())
+    return asyncio.run(_ask_async(_socket_path(args), op))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -117,6 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = (f"sink {name}: {sk.get('spooled_events', 0)} spooled, {sk.get('delivered', 0)} delivered, "
                 f"{sk.get('rejected', 0)} rejected")
         print(f"{line}; last error: {sk['last_error']}" if sk.get("last_error") else line)
+    _print_files(st.get("files") or {})
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")
     rules = st.get("rules") or {}
     if rules:
@@ -133,6 +136,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif actions:
         print("actions: disabled (decisions are only published)")
     return 0
+
+
+def _print_files(files: dict[str, dict[str, Any]]) -> None:
+    """The daemon's own files (state, journals): only those the disk refuses get a line each."""
+    failing = {p: f for p, f in files.items() if not f.get("ok", True)}
+    if not failing:
+        print(f"own files: all {len(files)} written")
+        return
+    print(f"own files: {len(failing)} of {len(files)} cannot be written "
+          "(kept in memory, written again once the disk takes them)")
+    for path, f in sorted(failing.items()):
+        since = f" for {time.time() - f['since']:.0f} s" if f.get("since") else ""
+        print(f"  {path}: {f.get('errno')} ({f.get('error')}){since}, {f.get('refused', 0)} writes refused")
 
 
 async def _stream(args: argparse.Namespace, out, duration: float | None) -> int:
@@ -203,13 +219,37 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
                          ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired)
 
 
+RELOAD_TIMEOUT_S = 60.0  # loading rules takes well under a second; past this the daemon is stuck
+
+
 def cmd_rules_reload(args: argparse.Namespace) -> int:
-    reply = _ask(args, "reload")
+    """Exit 0: the new rules are in force; 1: refused, the old rules stay (errors on stderr);
+    2: no answer (not running, not allowed, stuck). ``systemctl reload`` runs this (ExecReload=),
+    so it returns only once the daemon has finished the reload."""
+    path = _socket_path(args)
+    try:
+        reply = asyncio.run(asyncio.wait_for(_ask_async(path, "reload"), RELOAD_TIMEOUT_S))
+    except PermissionError as e:
+        print(f"fsnotifyd: not allowed to use the daemon's socket {path} ({e.strerror}): run as root or as a "
+              "member of the control group (config: control.group)", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        print(f"fsnotifyd: cannot reach the daemon at {path}: {e.strerror}. Is it running (fsnotifyd run)?",
+              file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(f"fsnotifyd: the daemon at {path} did not answer within {RELOAD_TIMEOUT_S:.0f} s", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # reset, or no JSON line: the daemon went away mid-request
+        print(f"fsnotifyd: no answer from the daemon at {path}: {e}", file=sys.stderr)
+        return 2
     if reply.get("ok"):
         print(f"rules reloaded: {reply['rules']} rules in force")
         return 0
     print(f"fsnotifyd: {reply.get('error')}", file=sys.stderr)
-    for e in reply.get("errors", []):
+    if "errors" not in reply:
+        return 2  # refused as a peer (permission), or the request failed: nothing was tried
+    for e in reply["errors"]:
         print(e, file=sys.stderr)
     return 1
 
@@ -350,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
     rt.add_argument("--boot-time", help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
     rt.set_defaults(func=cmd_rules_test)
-    rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)")
+    rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)",
+                         description="Returns once the daemon has reloaded. Exit 0: the new rules are in "
+                                     "force; 1: they were refused and the old rules stay (the errors, as "
+                                     "file:line:column, on stderr); 2: the daemon could not be asked.")
     common(rr)
     rr.set_defaults(func=cmd_rules_reload)
 
@@ -386,13 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsnotifyd: rules not valid, not starting:\n{e}", file=sys.stderr)
         return 2
     except PermissionError as e:
-        if args.command in ("status", "events", "record", "ve") or getattr(args, "rules_command", None) == "reload":
+        if args.command in ("status", "events", "record", "ve"):
             print(f"fsnotifyd: not allowed to use the daemon's socket ({e.strerror}): run as root or as a "
                   "member of the control group (config: control.group)", file=sys.stderr)
             return 1
         raise
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        if args.command in ("status", "events", "record") or getattr(args, "rules_command", None) == "reload":
+        if args.command in ("status", "events", "record"):
             print(f"fsnotifyd: cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
                   "Is it running (fsnotifyd run)?", file=sys.stderr)
             return 1

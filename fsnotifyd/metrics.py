@@ -106,6 +106,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2, 5),
             registry=r,
         )
+        self.journal_write_failures = Counter(
+            "fsnotifyd_journal_write_failures_total",
+            "Events a JSONL journal could not write (disk full, read-only, I/O error); the other sinks still got them",
+            ["sink"], registry=r,
+        )
 
     def bind_correlator(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the correlator's own counters, read at scrape time (no copy to keep in step)."""
@@ -122,6 +127,11 @@ class Metrics:
         scrape time, so a release by the CLI shows at once."""
         self.registry.register(_IsolatedCollector(isolated))
 
+
+    def bind_files(self, files: Callable[[], Iterable[Any]]) -> None:
+        """``fsnotifyd_state_write_failing``: 1 per own file (state, journals) the disk refuses
+        now, 0 once written again (``fsnotifyd.statefile.FileHealth.files``)."""
+        self.registry.register(_FilesCollector(files))
 
     def bind_images(self, exporters: Callable[[], Iterable[tuple[str, str, Mapping[str, Any] | None]]]) -> None:
         """The image exporters' own figures, as the watchdog last read them (image, VE or "",
@@ -212,6 +222,20 @@ class FsGauges(Collector):
         # registry checks for clashes without calling ``mounted``.
         for name, help_text in self.FIELDS.values():
             yield GaugeMetricFamily(name, help_text, labels=["device", "ve"])
+
+
+class _FilesCollector(Collector):
+    def __init__(self, files: Callable[[], Iterable[Any]]) -> None:
+        self.files = files
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("fsnotifyd_state_write_failing",
+                              "1 while the disk refuses writes to one of the daemon's own files (state, journal); "
+                              "its value is kept in memory and written again once the disk takes it",
+                              labels=["file"])
+        for f in sorted(self.files(), key=lambda f: f.path):
+            g.add_metric([f.path], 0 if f.ok else 1)
+        yield g
 
 
 class _IsolatedCollector(Collector):

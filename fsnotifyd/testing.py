@@ -191,17 +191,20 @@ class RunningDaemon:
 
     def __init__(self, workdir: Path, *, extra_config: str = "", events_out: bool = True,
                  metrics_port: int | None = None, env: dict[str, str] | None = None,
-                 wrapper: list[str] | None = None) -> None:
+                 wrapper: list[str] | None = None, state_dir: Path | None = None,
+                 journal: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.env = env
         self.wrapper = wrapper or []  # e.g. setpriv with the systemd unit's capability set
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "fsnotifyd.sock")
-        self.journal = self.workdir / "events.jsonl"
+        # Elsewhere than the workdir, e.g. on a small filesystem a test fills up (the log stays).
+        self.state_dir = Path(state_dir) if state_dir else self.workdir / "state"
+        self.journal = Path(journal) if journal else self.workdir / "events.jsonl"
         self.events_out = self.workdir / "events-out.jsonl" if events_out else None
         self.config = self.workdir / "config.yaml"
         self.config.write_text(
-            f"state_dir: {self.workdir / 'state'}\nsocket: {self.socket}\n"
+            f"state_dir: {self.state_dir}\nsocket: {self.socket}\n"
             f"journal: {{path: {self.journal}}}\n"
             f"metrics: {{address: 127.0.0.1, port: {'null' if metrics_port is None else metrics_port}}}\n"
             + extra_config

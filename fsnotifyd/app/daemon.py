@@ -37,7 +37,7 @@ from ..actions.journal import JobJournal
 from ..actions.target import Targets
 from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
-from ..statefile import JsonStateStore, read_json, write_json_atomic
+from ..statefile import FileHealth, JsonStateStore, StateFile, read_json
 from ..trust import untrusted_reason
 from ..typing import Sink, Source
 from ..image.attach import attached, control, run_watchdog
@@ -112,14 +112,18 @@ class Daemon:
     started: float = field(default_factory=time.time)
     registry: dict[str, Any] = field(default_factory=lambda: dict(REGISTRY))
     _closing: bool = False
+    _announced_ready: bool = False  # READY=1 sent: from then on a reload is told to systemd
+    # The daemon's own files (state, journals) the disk refuses now: kept in memory, retried.
+    files: FileHealth = field(default_factory=FileHealth)
 
     # -- steps -------------------------------------------------------------------------------
     def open_state(self) -> None:
         os.makedirs(self.config.state_dir, exist_ok=True)
-        self.ledger = JsonStateStore(os.path.join(self.config.state_dir, "error-ledger.json"))
+        self.ledger = JsonStateStore(os.path.join(self.config.state_dir, "error-ledger.json"), self.files)
         if self.ledger.load_error:
             log.warning("state.corrupt", detail=self.ledger.load_error)
         self.metrics.bind_isolated(self._isolated_ves)
+        self.metrics.bind_files(self.files.files)
 
     def _isolated_ves(self) -> list[str]:
         try:
@@ -133,6 +137,7 @@ class Daemon:
         self.rule_paths = list(self.config.rules) if self.config.rules is not None else [default_rules_path()]
         self.engine = self._new_engine(self._load_trusted_rules())
         self.rules_state_path = os.path.join(self.config.state_dir, "rules-state.json")
+        self.rules_state_file = StateFile(self.rules_state_path, self.files)
         saved, error = read_json(self.rules_state_path)
         if error:
             log.warning("state.corrupt", detail=error)
@@ -164,26 +169,57 @@ class Daemon:
         return {}
 
     def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
-        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why."""
+        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why.
+
+        Told to systemd as RELOADING=1 ... READY=1 (READY also after a refused reload: the
+        daemon runs on with the old rules), so ``systemctl reload`` covers the whole reload."""
+        if getattr(self, "rules_status", None) is None:
+            # SIGHUP before the first rules were loaded: those are read from the files anyway.
+            return {"ok": False, "error": "the daemon is still starting; its rules are being loaded"}
+        announce = self._announced_ready
+        if announce:
+            self.notifier.reloading()
+        try:
+            return self._reload_rules()
+        finally:
+            if announce:
+                self.notifier.ready(self.status_line())
+
+    def _reload_rules(self) -> dict[str, Any]:
+        kept = len(self.engine.compiled.rules)
         try:
             engine = self._new_engine(self._load_trusted_rules())
         except RuleErrors as e:
             errors = [str(x) for x in e.errors]
-            self.rules_status["last_reload_error"] = errors
-            self.metrics.rules_reloads.labels("failed").inc()
-            log.error("rules.reload_failed", errors=errors, kept=len(self.engine.compiled.rules))
-            return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors}
-        engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
-        self.engine = engine
-        self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
-        self.metrics.rules_reloads.labels("ok").inc()
-        log.info("rules.reloaded", rules=len(engine.compiled.rules))
-        return {"ok": True, "rules": len(engine.compiled.rules)}
+        except Exception as e:  # noqa: BLE001 - a reload must not cost the daemon its rules
+            log.exception("rules.reload_crashed")
+            errors = [f"internal error while loading the rules: {e!r}"]
+        else:
+            engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
+            self.engine = engine
+            self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
+            self.metrics.rules_reloads.labels("ok").inc()
+            log.info("rules.reloaded", rules=len(engine.compiled.rules))
+            return {"ok": True, "rules": len(engine.compiled.rules)}
+        self.rules_status["last_reload_error"] = errors
+        self.metrics.rules_reloads.labels("failed").inc()
+        log.error("rules.reload_failed", errors=errors, kept=kept)
+        # "errors" marks a refusal: the CLI exits 1 on it, 2 on any other failed request.
+        return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors,
+                "rules": kept}
 
-    def save_rules_state(self) -> None:
-        if self.engine.dirty:
-            write_json_atomic(self.rules_state_path, self.engine.state())
+    def save_rules_state(self) -> bool:
+        if self.engine.dirty and self.rules_state_file.write(self.engine.state()):
             self.engine.dirty = False
+        return not self.engine.dirty
+
+    def flush_state(self) -> None:
+        """Write what changed; also what the disk refused before (it may take it now). Never
+        raises for a refused write: the values stay in memory until it lands."""
+        self.ledger.flush()
+        self.save_rules_state()
+        if getattr(self, "executor", None) is not None:
+            self.action_journal.flush()
 
     def build_inventory(self) -> None:
         registry = Registry(self.config.state_dir)
@@ -193,10 +229,13 @@ class Daemon:
 
     async def open_sinks(self) -> None:
         cfg = self.config
+        refused = self.metrics.journal_write_failures
         if cfg.journal_path:
-            self.sinks.append(JournalSink(cfg.journal_path, cfg.journal_max_bytes, cfg.journal_keep))
+            self.sinks.append(JournalSink(cfg.journal_path, cfg.journal_max_bytes, cfg.journal_keep, health=self.files,
+                                          count_refused=refused.labels("journal").inc))
         if self.events_out:
-            self.sinks.append(JournalSink(self.events_out, max_bytes=1 << 62, keep=1, name="events-out"))
+            self.sinks.append(JournalSink(self.events_out, max_bytes=1 << 62, keep=1, name="events-out",
+                                          health=self.files, count_refused=refused.labels("events-out").inc))
         if cfg.stdout:
             self.sinks.append(StdoutSink())
         if cfg.syslog.enabled:
@@ -378,6 +417,7 @@ class Daemon:
             "control": {"group": self.config.control.group, "refused": self.socket.refused,
                         "busy": self.socket.busy, "dropped_subscribers": self.socket.dropped_subscribers},
             "actions": self._actions(),
+            "files": {f.path: f.as_dict() for f in self.files.files()},
         }
 
     def _actions(self) -> dict[str, Any]:
@@ -430,8 +470,7 @@ class Daemon:
                                          details={"reason": "queue_full"}))
                 reported_drops = self.bus.dropped
             if time.monotonic() - last_flush >= 1.0:
-                self.ledger.flush()
-                self.save_rules_state()
+                self.flush_state()
                 last_flush = time.monotonic()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -451,6 +490,7 @@ class Daemon:
             log.warning("daemon.slow_start", waiting=[n for n, e in self._ready_waiters.items() if not e.is_set()])
         log.info("daemon.ready", sources={n: s.up for n, s in self.statuses.items()})
         self.notifier.ready(self.status_line())
+        self._announced_ready = True
         notifying = asyncio.create_task(self._notify_loop(), name="sd_notify") if self.notifier.enabled else None
         if self.on_ready:
             self.on_ready()
@@ -476,7 +516,12 @@ class Daemon:
         down = [n for n, s in self.statuses.items() if not s.up]
         lost = sum(int(m.value) for m in self._lost_samples())
         text = f"{len(up)}/{len(self.statuses)} sources up; {sum(self.counts.values())} events; {lost} lost"
-        return text + (f"; down: {', '.join(down)}" if down else "")
+        text += f"; down: {', '.join(down)}" if down else ""
+        if failing := self.files.failing():
+            text += f"; cannot write {len(failing)} own file(s): {', '.join(sorted({f.errno or '' for f in failing}))}"
+        if (getattr(self, "rules_status", None) or {}).get("last_reload_error"):
+            text += "; rules reload failed, old rules kept"
+        return text
 
     def _lost_samples(self):
         for family in self.metrics.lost.collect():
@@ -511,7 +556,8 @@ class Daemon:
         targets = Targets(self.config.state_dir, self.config.ves)
         table = handlers(targets)
         timeouts = {name: a.timeout_s for name in table} | {"fsck": a.fsck_timeout_s}
-        self.action_journal = JobJournal(os.path.join(self.config.state_dir, "actions", "journal.jsonl"))
+        self.action_journal = JobJournal(os.path.join(self.config.state_dir, "actions", "journal.jsonl"),
+                                         health=self.files)
         # Action events go through the rules once (an fsck.result may escalate to a repair).
         self.executor = Executor(self.action_journal, table, lambda e: self.publish(e, depth=1),
                                  heavy_limit=a.concurrency, timeouts=timeouts, metrics=self.metrics,
@@ -612,8 +658,14 @@ class Daemon:
             # the job is left as it was, and resumed from its last finished step.
             self.action_journal.close()
             self._stop_action_children()
-        self.ledger.flush()
-        self.save_rules_state()
+        # A disk that still refuses them is said, not raised: the daemon is stopping cleanly.
+        if not self.ledger.flush():
+            log.error("state.not_saved", path=self.ledger.path,
+                      hint="the next start counts errors again from the value on disk: some are reported "
+                           "twice, none is missed")
+        if not self.save_rules_state():
+            log.error("state.not_saved", path=self.rules_state_path,
+                      hint="the next start has the rules' windows and cooldowns of the last write")
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 sink.close()

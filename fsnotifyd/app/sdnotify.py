@@ -2,7 +2,8 @@
 
 Under ``Type=notify`` systemd waits for ``READY=1`` before it counts the service as started,
 shows ``STATUS=`` lines in ``systemctl status``, and with ``WatchdogSec=`` restarts the service
-when ``WATCHDOG=1`` stops arriving. The protocol is one datagram of ``KEY=VALUE`` lines to the
+when ``WATCHDOG=1`` stops arriving. A reload is ``RELOADING=1`` before and ``READY=1`` after
+(also after a failed one: the service runs on, with what it had). The protocol is one datagram of ``KEY=VALUE`` lines to the
 unix socket named by ``$NOTIFY_SOCKET`` (``@`` means the abstract namespace). Outside systemd
 the variable is unset and every call is a no-op.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping, MutableMapping
 
 import structlog
@@ -57,6 +59,12 @@ class Notifier:
 
     def ready(self, status: str) -> bool:
         return self.send({"READY": 1, "STATUS": status, "MAINPID": os.getpid()})
+
+    def reloading(self) -> bool:
+        # MONOTONIC_USEC tells systemd (>= 253, Type=notify-reload) which reload this is, so a
+        # READY=1 of an earlier one cannot end it; older versions ignore the key.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send({"RELOADING": 1, "MONOTONIC_USEC": usec, "STATUS": "reloading rules"})
 
     def status(self, status: str) -> bool:
         return self.send({"STATUS": status})

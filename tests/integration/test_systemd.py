@@ -14,8 +14,10 @@ import configparser
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,6 +58,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
     assert int(svc["WatchdogSec"].rstrip("s")) >= 10
     assert svc["Restart"] == "on-failure"
+    # systemctl reload waits for the CLI, which waits for the daemon's answer (not kill -HUP).
+    assert svc["ExecReload"] == "/opt/fsnotifyd/bin/fsnotifyd rules reload --config /etc/fsnotifyd/config.yaml"
 
 
 class NotifyListener:
@@ -152,6 +156,105 @@ def test_watchdog_stops_when_the_daemon_is_wedged(bpf_ready, tmp_path: Path, lis
     finally:
         os.kill(d.proc.pid, 18)
         d.stop()
+
+
+RULES_ONE = """version: 1
+rules:
+  - name: note-errors
+    match: {kind: fs.error}
+    actions: [notify]
+"""
+RULES_TWO = RULES_ONE + """  - name: note-readonly
+    match: {kind: fs.readonly}
+    actions: [notify]
+"""
+RULES_BAD = RULES_TWO + """  - name: broken
+    match: {kind: fs.eror}
+    actions: [notify]
+"""
+
+
+def _reload_cli(*args: str, wrapper: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(wrapper or []), sys.executable, "-m", "fsnotifyd.cli", "rules", "reload", *args],
+                          capture_output=True, text=True, timeout=90, cwd="/")
+
+
+def _reload_pair(listener: NotifyListener, after: int, timeout: float = 10.0) -> tuple[dict[str, str], dict[str, str]]:
+    """The RELOADING=1 and the READY=1 after it among the messages from index ``after`` on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msgs = [m for _, m in listener.messages[after:]]
+        start = next((i for i, m in enumerate(msgs) if m.get("RELOADING") == "1"), None)
+        if start is not None:
+            done = next((m for m in msgs[start + 1:] if m.get("READY") == "1"), None)
+            if done is not None:
+                assert not any(m.get("READY") for m in msgs[:start]), msgs  # READY never before RELOADING
+                return msgs[start], done
+        time.sleep(0.02)
+    raise AssertionError(f"no RELOADING=1 then READY=1: {listener.messages[after:]}")
+
+
+def test_reload_is_synchronous_and_told_to_systemd(kernel, tmp_path: Path, listener: NotifyListener) -> None:
+    """``fsnotifyd rules reload`` (the unit's ExecReload) returns once the reload is done: exit 0
+    with the new rules in force, exit 1 with file:line when they are refused (the old ones
+    stay); the daemon sends RELOADING=1 (with MONOTONIC_USEC) before and READY=1 after, for a
+    refused reload and for SIGHUP too. A peer the socket does not allow gets exit 2 and
+    reloads nothing."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES_ONE)
+    d = RunningDaemon(tmp_path / "d", extra_config=f"rules: [{rules}]\n", env={"NOTIFY_SOCKET": listener.path})
+    d.start()
+    try:
+        listener.wait("READY", "1")
+        assert d.status()["rules"]["rules"] == 1
+
+        rules.write_text(RULES_TWO)
+        seen = len(listener.messages)
+        t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        r = _reload_cli("--config", str(d.config))
+        t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert r.returncode == 0 and "2 rules in force" in r.stdout, r.stdout + r.stderr
+        assert d.status()["rules"]["rules"] == 2  # in force when the command returned: no polling
+        reloading, ready = _reload_pair(listener, seen)
+        assert t0 <= int(reloading["MONOTONIC_USEC"]) <= t1, (t0, reloading, t1)
+        assert ready["MAINPID"] == str(d.proc.pid) and "reload failed" not in ready["STATUS"]
+
+        rules.write_text(RULES_BAD)
+        seen = len(listener.messages)
+        r = _reload_cli("--config", str(d.config))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "old rules stay in force" in r.stderr and f"{rules}:10:" in r.stderr and "fs.eror" in r.stderr
+        st = d.status()["rules"]
+        assert st["rules"] == 2 and "fs.eror" in st["last_reload_error"][0]
+        _, ready = _reload_pair(listener, seen)  # READY=1 after a refused reload too: still running
+        assert "rules reload failed, old rules kept" in ready["STATUS"]
+
+        rules.write_text(RULES_ONE)
+        seen = len(listener.messages)
+        d.proc.send_signal(signal.SIGHUP)
+        _reload_pair(listener, seen)
+        assert d.status()["rules"] == {**d.status()["rules"], "rules": 1, "last_reload_error": None}
+
+        # The socket's permission model: uid 65534 outside the control group. Without a way
+        # past the file mode the connect fails; with CAP_DAC_OVERRIDE the daemon refuses the
+        # peer by its credentials. Either way exit 2, and nothing was reloaded.
+        if shutil.which("setpriv") is None:
+            kernel_missing("setpriv not installed (util-linux)")
+        rules.write_text(RULES_TWO)
+        seen = len(listener.messages)
+        nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        r = _reload_cli("--socket", d.socket, wrapper=nobody)
+        assert r.returncode == 2 and "not allowed" in r.stderr, r.stdout + r.stderr
+        r = _reload_cli("--socket", d.socket, wrapper=[*nobody, "--inh-caps", "+dac_override",
+                                                       "--ambient-caps", "+dac_override"])
+        assert r.returncode == 2 and "permission denied" in r.stderr, r.stdout + r.stderr
+        time.sleep(0.3)
+        assert d.status()["rules"]["rules"] == 1
+        assert not any(m.get("RELOADING") for _, m in listener.messages[seen:]), listener.messages[seen:]
+    finally:
+        d.stop()
+    r = _reload_cli("--socket", d.socket)  # no daemon: it could not be asked
+    assert r.returncode == 2 and "cannot reach the daemon" in r.stderr, r.stderr
 
 
 def _capability_wrapper() -> list[str]:

@@ -252,3 +252,55 @@ def test_a_repair_outside_its_window_waits_and_other_ves_go_on(tmp_path):
     state = asyncio.run(main())
     assert [x[1] for x in rec.log] == ["fsck:2"]  # b's check ran; a's repair and what follows it wait
     assert state == {"dec-0/0": "queued", "dec-0/1": "queued", "dec-1/0": "succeeded"}
+
+
+def test_a_journal_the_disk_refuses_holds_records_and_writes_them_later(tmp_path, monkeypatch) -> None:
+    """While appends fail (a full disk) jobs still run: each job's newest record is held in
+    memory, said once, and appended in order by the next record or flush once the disk takes
+    it; a part-written line is cut off again."""
+    import errno
+    import os
+
+    from structlog.testing import capture_logs
+
+    from fsnotifyd import statefile
+
+    full = {"on": False, "take": 0}
+    real = os.write
+
+    def write(fd, data):
+        if not full["on"]:
+            return real(fd, data)
+        if full["take"]:
+            n, full["take"] = real(fd, bytes(data[:full["take"]])), 0
+            return n
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(statefile, "_has_room", lambda path: not full["on"])
+    path = tmp_path / "actions" / "journal.jsonl"
+    recorder = Recorder()
+
+    async def main() -> None:
+        journal = JobJournal(str(path))
+        ex = Executor(journal, {"note": recorder.handler("note")}, lambda e: None)
+        ex.submit(decision(1, "101", {"note": {"n": 1}}))
+        await ex.idle()
+        full.update(on=True, take=25)
+        with capture_logs() as logs:
+            ex.submit(decision(2, "101", {"note": {"n": 2}}))
+            await ex.idle()
+        assert [x["event"] for x in logs if x["event"].startswith("state.")] == ["state.write_failed"]
+        assert journal.held == 1 and journal.jobs["dec-2/0"].state == SUCCEEDED  # it ran all the same
+        assert not journal.flush()
+        full["on"] = False
+        with capture_logs() as logs:
+            assert journal.flush() and journal.held == 0
+        assert [x["event"] for x in logs] == ["state.write_recovered"]
+        journal.close()
+
+    asyncio.run(main())
+    assert [r[1] for r in recorder.log] == ["note:1", "note:2"]
+    lines = [json.loads(x) for x in path.read_text().splitlines()]  # every line whole
+    assert [(x["id"], x["state"]) for x in lines][-1] == ("dec-2/0", SUCCEEDED)
+    assert JobJournal(str(path)).jobs["dec-2/0"].state == SUCCEEDED and not JobJournal(str(path)).problems

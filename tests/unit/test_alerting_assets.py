@@ -21,6 +21,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from fsnotifyd.metrics import Metrics
+from fsnotifyd.statefile import FileState
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = ROOT / ".venv" / "bin" / "promtool"
@@ -118,6 +119,7 @@ def exported() -> dict[str, set[str]]:
     m.bind_correlator(lambda: {})
     m.bind_images(lambda: [("x", "x", {"ok": True, "healthy": True, "stats": {}, "errors": 0,
                                         "fast_path": {"fallbacks": 0}})])
+    m.bind_files(lambda: [FileState("x")])
     m.fs_gauges.set("x", "x", "regions_live", 1)
     m.fs_gauges.set("x", "x", "swelling", 1.0)
     # A labelled metric shows no sample (and so no label names) before its first child exists.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from fsnotifyd.app.sdnotify import Notifier
 
@@ -41,3 +42,19 @@ def test_watchdog_meant_for_another_pid_is_ignored_and_no_socket_is_a_no_op(tmp_
     assert n.ready("x") is False and n.failures == 1  # logged once, never raised
     off = Notifier({})
     assert not off.enabled and off.ready("x") is False
+
+
+def test_reloading_carries_the_monotonic_clock(tmp_path) -> None:
+    """systemd >= 253 (Type=notify-reload) needs MONOTONIC_USEC with RELOADING=1; it is
+    CLOCK_MONOTONIC in microseconds, the clock systemd reads."""
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(path)
+        n = Notifier({"NOTIFY_SOCKET": path})
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert n.reloading()
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        fields = dict(line.split("=", 1) for line in rx.recv(4096).decode().splitlines())
+        n.close()
+    assert fields["RELOADING"] == "1" and fields["STATUS"] == "reloading rules"
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after

@@ -1,11 +1,17 @@
-"""Sinks: journal rotation, socket subscriptions with filters, slow subscribers."""
+"""Sinks: journal rotation and a disk that refuses it, socket subscriptions with filters, slow
+subscribers."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 
 import pytest
+from structlog.testing import capture_logs
+
+from fsnotifyd import statefile
 
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.metrics import Metrics
@@ -31,6 +37,90 @@ class TestJournal:
         lines = (tmp_path / "e.jsonl").read_text().splitlines()
         assert all(json.loads(x)["kind"] == "fs.error" for x in lines)
         assert (tmp_path / "e.jsonl").stat().st_size <= 2000
+
+
+class RefusingWrites:
+    """os.write on the journal's descriptor as a full disk does it: ENOSPC, after taking the
+    first ``take`` bytes of the write if set (a nearly full disk fills the rest of a block)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        self.take: int | None = None
+        real = os.write
+
+        def write(fd: int, data) -> int:
+            if not self.full:
+                return real(fd, data)
+            if self.take:
+                n, self.take = real(fd, bytes(data[:self.take])), None
+                return n
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(statefile, "_has_room", lambda path: not self.full)
+
+
+class TestJournalOnAFullDisk:
+    def test_refused_events_are_counted_and_said_once_then_recovery_once(self, tmp_path, monkeypatch):
+        """One sink.journal_failing with the reason for a streak of refused events (each
+        counted), no exception to the daemon, and one sink.journal_recovered when a write lands."""
+        disk = RefusingWrites(monkeypatch)
+        counted = []
+        health = statefile.FileHealth()
+        path = tmp_path / "e.jsonl"
+        j = JournalSink(str(path), health=health, count_refused=lambda: counted.append(1))
+        j.publish(ev("dev.add"))
+        disk.full = True
+        with capture_logs() as logs:
+            for _ in range(50):
+                j.publish(ev())
+        assert len(counted) == 50
+        assert [(x["event"], x["errno"], x["sink"]) for x in logs] == [("sink.journal_failing", "ENOSPC", "journal")]
+        assert health.failing()[0].path == str(path) and health.failing()[0].refused == 50
+        disk.full = False
+        with capture_logs() as logs:
+            j.publish(ev("fs.readonly"))
+            j.publish(ev("fs.readonly"))
+        j.close()
+        assert [(x["event"], x["dropped"]) for x in logs] == [("sink.journal_recovered", 50)]
+        assert [json.loads(x)["kind"] for x in path.read_text().splitlines()] == ["dev.add", "fs.readonly", "fs.readonly"]
+        assert health.failing() == []
+
+    def test_a_partly_written_event_is_cut_off(self, tmp_path, monkeypatch):
+        """The disk takes part of a line, then refuses: that part is removed again, so the next
+        event does not follow a torn line (which would cost both)."""
+        disk = RefusingWrites(monkeypatch)
+        path = tmp_path / "e.jsonl"
+        j = JournalSink(str(path))
+        j.publish(ev("dev.add"))
+        size = path.stat().st_size
+        disk.full, disk.take = True, 40
+        j.publish(ev())
+        assert path.stat().st_size == size
+        disk.full = False
+        j.publish(ev("fs.readonly"))
+        j.close()
+        assert [json.loads(x)["kind"] for x in path.read_text().splitlines()] == ["dev.add", "fs.readonly"]
+
+
+    def test_a_journal_that_cannot_be_opened_does_not_stop_the_start(self, tmp_path, monkeypatch):
+        """A state disk read-only at start: the sink is made, says why, and opens later."""
+        real = os.open
+        refuse = {"on": True}
+
+        def opener(path, flags, mode=0o777, **kw):
+            if refuse["on"] and str(path).endswith("e.jsonl"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real(path, flags, mode, **kw)
+
+        monkeypatch.setattr(os, "open", opener)
+        with capture_logs() as logs:
+            j = JournalSink(str(tmp_path / "e.jsonl"))
+        assert [(x["event"], x["errno"]) for x in logs] == [("sink.journal_failing", "EROFS")]
+        refuse["on"] = False
+        j.publish(ev())
+        j.close()
+        assert j.health.failing() == [] and len((tmp_path / "e.jsonl").read_text().splitlines()) == 1
 
 
 class TestSocket:
