@@ -61,7 +61,9 @@ class CorrelatorSettings:
     # How far apart ext4's errors_count and the views of one error can be (7 ms measured; the
     # count comes after the notification): a view waits this long at most for its error to be
     # counted, and a surplus counted ahead of views is matched to views that come this soon.
-    counter_lag: float = 0.5
+    # 50 ms: seven times the worst lag measured, and short enough that a held view does not
+    # outlive what the rules do next (isolate, repair) by much.
+    counter_lag: float = 0.05
 
 
 @dataclass(eq=False)  # held groups are found in lists by identity
@@ -174,6 +176,9 @@ class Correlator:
         self._state: dict[str, tuple[str, int | None]] = {}
         # device key -> (function, line) of the last published fs.error, to tell new details
         self._last_error: dict[str, tuple[str | None, int | None]] = {}
+        # device key -> (function, line, sources, clock) of the last event that counted errors:
+        # a view of that error from another source, arriving late, is recognised by it.
+        self._last_counted: dict[str, tuple[str | None, int | None, frozenset[str], float]] = {}
         # (device key, source) -> until when that source is not waited for on that device
         self._missing: dict[tuple[str, str], float] = {}
         self._ratelimits: dict[str, _RateLimit] = {}
@@ -344,10 +349,13 @@ class Correlator:
     def _recheck(self, group: _Group, *, final: bool) -> None:
         reading = self._read_counter(group)
         if reading is None or reading[1] != group.fs_key:
-            # Unmounted, or another filesystem on the device now: no counter to wait for, so
-            # count what the views saw, as for a filesystem without one.
+            # Unmounted (a repair detaching it, say), or another filesystem on the device now:
+            # no rise to wait for here. Not counted from the views either: ext4 writes its count
+            # into the superblock at umount, so an error it had not counted yet is reported
+            # from there when the filesystem is back, and a view held across a repair must not
+            # come out after it as a fresh error (the repaired VE's rules would fire on it).
             self._held.remove(group)
-            self._publish_error(group, group.seen(), None, None, None)
+            self._uncounted(group, None, None)
             return
         self._settle(reading, [h for h in self._held if h.fs_key == group.fs_key], final=final)
 
@@ -390,6 +398,8 @@ class Correlator:
             elif surplus > 0 and g.opened <= surplus_time + self.settings.counter_lag:
                 surplus -= min(surplus, g.seen())
                 self._uncounted(g, fs_key, total)
+            elif self._late_view(g):
+                self._uncounted(g, fs_key, total)
             elif not final and (g.hold_until is None or now < g.hold_until):
                 self._hold(g, fs_key, now)
             else:
@@ -408,6 +418,18 @@ class Correlator:
             group.step *= 2
         group.waiting_for = frozenset()
         self._held.append(group)
+
+    def _late_view(self, group: _Group) -> bool:
+        """The group is the last counted error seen again by sources that event lacked (kmsg
+        later than the window), soon after: counted already. A view from a source that event had
+        is a new error, even at the same function and line (a burst of one error site)."""
+        last = self._last_counted.get(group.key)
+        if last is None:
+            return False
+        function, line, sources, when = last
+        return ((group.kernel.function, group.kernel.line) == (function, line)
+                and not (set(group.sources) - {"sysfs"}) & sources
+                and group.opened <= when + self.settings.counter_lag)
 
     def _uncounted(self, group: _Group, fs_key: str | None, total: int | None) -> None:
         """A view whose error the counter counted with an earlier event (or never will)."""
@@ -436,6 +458,9 @@ class Correlator:
         if group.counter_report is not None and "first_error" in group.counter_report.details:
             details.setdefault("first_error", group.counter_report.details["first_error"])
         self._last_error[group.key] = (kernel.function, kernel.line)
+        if count > 0:
+            self._last_counted[group.key] = (kernel.function, kernel.line, frozenset(sources) - {"sysfs"},
+                                             self.clock())
         first_time = group.first_time if group.lines and group.first_time is not None else \
             (group.counter_report or group.first).time
         # The error counted on this filesystem as number ``counter_total`` is one kernel fact for

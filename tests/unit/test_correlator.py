@@ -156,6 +156,28 @@ class TestCounting:
         assert sink.events[-1].details["already_counted"] is True
         assert sum(e.count for e in sink.events) == ledger["uuid@/vz/images/101.img"] == 7
 
+    def test_a_late_view_of_a_counted_error_is_not_a_new_error(self, world):
+        """A view that arrives after its error was counted and published without it (kmsg later
+        than the window) is that error, counted already: not held for a rise, and not published
+        as a new error when the filesystem goes away meanwhile (a repair unmounting it: the
+        default rules would snapshot and check the repaired VE again)."""
+        corr, sink, counters, clock, ledger = world
+        corr.observe(fan_error())
+        counters.total["loop3"] = 1
+        clock.advance(0.03)  # kmsg misses the window: published from fanotify (and sysfs)
+        corr.expire()
+        assert [(e.count, sorted(e.sources)) for e in sink.events] == [(1, ["fanotify", "sysfs"])]
+        corr.observe(kmsg_error())  # the same error's kmsg line, late
+        clock.advance(0.03)
+        corr.expire()
+        del counters.total["loop3"]  # unmounted for a repair
+        for _ in range(40):
+            clock.advance(0.05)
+            corr.expire()
+        corr.flush()
+        assert [e.count for e in sink.events] == [1]
+        assert sum(e.count for e in sink.events) == 1
+
     def test_a_view_the_counter_never_counts_is_published_after_the_lag(self, world):
         """A view whose error never moves the counter (counted before anything was read) waits
         at most ``counter_lag``, then is published uncounted; re-reads back off meanwhile."""
