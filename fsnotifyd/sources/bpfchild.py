@@ -29,6 +29,12 @@ from typing import Any
 from .bpflayout import describe
 
 RINGBUF = 27
+
+
+class BccMissing(ImportError):
+    pass
+
+
 PERCPU = {5, 6, 10}
 
 
@@ -68,8 +74,8 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         try:
             from bcc import BPF
-        except ImportError as e:
-            raise RuntimeError(f"bcc is not importable ({e})") from e
+        except ImportError as e:  # found by the daemon's check, yet not importable here
+            raise BccMissing(f"bcc is not importable ({e})") from e
         b = BPF(text=req["text"].encode())
         maps = _maps(b)
         links = [(f"tracepoint:{tp.decode()}", fd) for tp, fd in b.tracepoint_fds.items()]

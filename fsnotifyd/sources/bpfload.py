@@ -68,6 +68,10 @@ class ProbeUnavailable(SourceUnavailable):
     pass
 
 
+BCC_HINT = ("apt install python3-bpfcc and link /usr/lib/python3/dist-packages/bcc into the "
+            "virtualenv (scripts/bootstrap.sh does both); the PyPI package 'bcc' is another project")
+
+
 def bpf_dir() -> Path:
     """Where the C sources are: $FSNOTIFYD_BPF_DIR, the source tree, or the installed share dir."""
     env = os.environ.get("FSNOTIFYD_BPF_DIR")
@@ -130,10 +134,13 @@ def unavailable_reason(name: str) -> tuple[str, str] | None:
     if os.geteuid() != 0:
         return "not root (loading BPF needs CAP_BPF and CAP_PERFMON or CAP_SYS_ADMIN)", "run the daemon as root"
     # Found, not imported: importing bcc would map LLVM into the daemon for its whole life.
-    if importlib.util.find_spec("bcc") is None:
-        return ("bcc is not importable (no module named 'bcc')",
-                "apt install python3-bpfcc and link /usr/lib/python3/dist-packages/bcc into the "
-                "virtualenv (scripts/bootstrap.sh does both); the PyPI package 'bcc' is another project")
+    try:
+        found = importlib.util.find_spec("bcc") is not None
+        why = "no module named 'bcc'"
+    except (ImportError, ValueError) as e:  # a finder that refuses it
+        found, why = False, str(e)
+    if not found:
+        return f"bcc is not importable ({why})", BCC_HINT
     if not os.path.isdir(headers_dir()):
         return (f"no kernel headers at {headers_dir()}",
                 "install linux-headers for this kernel, or link Debian's linux-headers-amd64 there "
@@ -225,6 +232,8 @@ def load(name: str, defines: Mapping[str, int | str] | None = None) -> Loaded:
             msg, fds = _receive(parent, proc, name)
         finally:
             rc = proc.wait()
+        if msg.get("type") == "BccMissing":
+            raise ProbeUnavailable(msg["error"], BCC_HINT)
         if "error" in msg:
             raise ProbeUnavailable(f"BPF program '{name}' did not load: {msg['error']}",
                                    f"fsnotifyd bpf show {name} prints the C; the kernel log and "
