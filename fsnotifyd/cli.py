@@ -118,6 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, sk in (st.get("sinks") or {}).items():
         line = (f"sink {name}: {sk.get('spooled_events', 0)} spooled, {sk.get('delivered', 0)} delivered, "
                 f"{sk.get('rejected', 0)} rejected")
+        if sk.get("memory_events") or sk.get("spool_failing"):
+            line += (f", {sk.get('memory_events', 0)} held in memory"
+                     + (f" (spool cannot be written: {sk.get('spool_errno')})" if sk.get("spool_failing") else ""))
         print(f"{line}; last error: {sk['last_error']}" if sk.get("last_error") else line)
     _print_files(st.get("files") or {})
     print("events:", ", ".join(f"{k}={v}" for k, v in sorted(st["events"].items())) or "none yet")

@@ -91,9 +91,19 @@ class Metrics:
         self.webhook_spool_bytes = Gauge(
             "fsnotifyd_webhook_spool_bytes", "Bytes of a webhook's spool on disk", ["sink"], registry=r,
         )
+        # Held in memory while the disk refuses the spool: lost if the daemon stops meanwhile.
+        self.webhook_memory_events = Gauge(
+            "fsnotifyd_webhook_memory_events",
+            "Events a webhook holds in memory, not yet delivered, because the disk refused its spool",
+            ["sink"], registry=r,
+        )
+        self.webhook_memory_bytes = Gauge(
+            "fsnotifyd_webhook_memory_bytes", "Bytes of the events a webhook holds in memory", ["sink"], registry=r,
+        )
         self.webhook_oldest_seconds = Gauge(
             "fsnotifyd_webhook_oldest_spooled_seconds",
-            "Age of the oldest undelivered event in a webhook's spool (0 when empty)", ["sink"], registry=r,
+            "Age of a webhook's oldest undelivered event, in its spool or in memory (0 when none)", ["sink"],
+            registry=r,
         )
         self.control_requests = Counter(
             "fsnotifyd_control_requests_total",

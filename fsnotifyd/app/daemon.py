@@ -246,7 +246,7 @@ class Daemon:
             from ..sinks.webhook import WebhookSink
         for hook in cfg.webhooks:
             sink = WebhookSink(hook, os.path.join(cfg.state_dir, "spool", f"webhook-{hook.name}"),
-                               self.metrics, host=os.uname().nodename)
+                               self.metrics, host=os.uname().nodename, health=self.files)
             sink.start()
             self.sinks.append(sink)
         self.socket = SocketSink(cfg.socket, status=self.status,

@@ -9,6 +9,19 @@ the spool's cursor was moved past it. The bytes POSTed are the bytes spooled, so
 every resend after a restart carries the same CloudEvents ``id`` (the fsnotifyd event id):
 receivers dedupe on ``source`` + ``id``.
 
+Why memory too: the spool is under the state directory, whose disk may be full, read-only or
+failing exactly when the host's filesystems are. Then the events are kept in a bounded queue in
+memory behind the spool, delivered from there in order (:mod:`fsnotifyd.sinks.backlog`), and
+written back to the spool once the disk takes writes again (the sender tries every
+``SPILL_INTERVAL_S``). Memory holds at most ``spool_max_bytes / MEMORY_FRACTION`` (a quarter,
+16 MiB by default: it is RAM, on a host already in trouble); past it the oldest held events are
+dropped and counted. The disk refusing is said once (``webhook.spool_failing``, errno and path)
+and its end once (``webhook.spool_recovered``: how many were held, spilled, and delivered from
+memory meanwhile); the spool directory is one of the daemon's own files in its
+:class:`~fsnotifyd.statefile.FileHealth` (status, ``fsnotifyd_state_write_failing``). Events
+still only in memory at :meth:`WebhookSink.close`, after a last try to spill them, are lost:
+counted and said once (``webhook.unsaved``).
+
 Delivery is at least once. The one window for a duplicate: the daemon is killed hard between
 the endpoint's 2xx and the cursor write (or the cursor was lost, see the spool); the event is
 then sent again at the next start with the same id.
@@ -27,9 +40,10 @@ Answers:
 
 Past ``spool_max_bytes`` the oldest undelivered events are dropped and counted
 (``fsnotifyd_events_lost_total{source="webhook:NAME",reason="spool_full"}``); lines of the spool
-that cannot be read count as ``reason="spool_corrupt"``, events the disk refused to store as
-``reason="spool_error"``. Nothing is dropped without a count. (An event the bound drops while
-its POST is in flight may still arrive: it is then counted lost and delivered, never neither.)
+that cannot be read count as ``reason="spool_corrupt"``, events dropped past memory's bound as
+``reason="memory_full"``, those only in memory at stop as ``reason="not_saved"``. Nothing is
+dropped without a count. (An event a bound drops while its POST is in flight may still arrive:
+it is then counted lost and delivered, never neither.)
 
 Only the URL's origin (scheme, host, port) is logged or shown in the status: paths and queries
 of webhook URLs often hold secrets.
@@ -57,7 +71,8 @@ from ..errors import ConfigError
 from ..events import Event, KindFilter, hostname, rfc3339
 from ..metrics import Metrics
 from ..sinkvalues import webhook_url
-from .spool import Record, Spool, SpoolClosed
+from ..statefile import FileHealth, FileState
+from .backlog import Backlog, Item
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -68,6 +83,8 @@ LOG_INTERVAL_S = 60.0
 MAX_RESPONSE_BYTES = 64 << 10  # more than this and the connection is dropped rather than drained
 SNIPPET_BYTES = 512
 JITTER = 0.2
+MEMORY_FRACTION = 4  # memory holds at most spool_max_bytes / this while the disk refuses the spool
+SPILL_INTERVAL_S = 1.0  # how often the sender tries to move memory back to the disk
 
 _RETRY_STATUSES = frozenset({401, 403, 408, 429})
 
@@ -180,7 +197,7 @@ class WebhookSink:
     """Publishes events to one webhook; see the module docstring."""
 
     def __init__(self, cfg: WebhookConfig, spool_dir: str, metrics: Metrics | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, health: FileHealth | None = None) -> None:
         self.cfg = cfg
         self.name = f"webhook:{cfg.name}"
         self.spool_dir = spool_dir
@@ -203,10 +220,13 @@ class WebhookSink:
         self._retry_log = RateLimit()
         self._reject_log = RateLimit()
         self._full_log = RateLimit()
-        self._write_log = RateLimit()
+        self._memory_log = RateLimit()
+        self._health = health if health is not None else FileHealth()
+        self._streak_base = (0, 0, 0)  # the backlog's held, spilled, sent_from_memory when the disk began refusing
+        self._last_spill = 0.0
         self._headers: dict[str, str] = {"Content-Type": CONTENT_TYPE, "User-Agent": USER_AGENT}
         self._ssl: ssl.SSLContext | None = None
-        self._spool: Spool | None = None
+        self._backlog: Backlog | None = None
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -222,9 +242,11 @@ class WebhookSink:
             self._headers["Authorization"] = f"Bearer {self._read_token(self.cfg.token_file)}"
         if self._https:
             self._ssl = self._ssl_context()
-        self._spool = Spool(self.spool_dir, self.cfg.spool_max_bytes, on_lost=self._lost)
+        self._health.watch(self.spool_dir)
+        self._backlog = Backlog(self.spool_dir, self.cfg.spool_max_bytes, self.memory_max_bytes, on_lost=self._lost,
+                                on_refused=self._spool_refused, on_landed=self._spool_landed)
         self._bind_gauges()
-        log.info("webhook.started", sink=self.name, url=self.origin, spooled=self._spool.events,
+        log.info("webhook.started", sink=self.name, url=self.origin, spooled=self._backlog.spool_events,
                  spool=self.spool_dir)
         self._thread = threading.Thread(target=self._run, name=f"fsnotifyd-{self.name}", daemon=True)
         self._thread.start()
@@ -232,7 +254,7 @@ class WebhookSink:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the sender (a backoff wait ends at once; a POST in flight gets half of
         ``timeout`` to finish, then its socket is shut), keep what is undelivered on disk and
-        fsync the cursor."""
+        fsync the cursor. What the disk still refuses is lost with the memory queue: said once."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -245,45 +267,51 @@ class WebhookSink:
             if thread.is_alive():
                 log.warning("webhook.close_timeout", sink=self.name, timeout=timeout,
                             hint="the event in flight will be sent again at the next start")
-        if self._spool is not None and not self._spool.closed:
-            self._spool.close()
-            log.info("webhook.stopped", sink=self.name, spooled=self._spool.events)
+        backlog = self._backlog
+        if backlog is not None and not backlog.closed:
+            unsaved = backlog.close()
+            if unsaved:
+                failing = self._spool_state()
+                log.error("webhook.unsaved", sink=self.name, url=self.origin, count=unsaved, path=self.spool_dir,
+                          errno=failing.errno if failing else None,
+                          hint="these events were only in memory: the disk refused the spool; they are lost "
+                               "to this webhook (counted, reason not_saved)")
+            log.info("webhook.stopped", sink=self.name, spooled=backlog.spool_events)
 
     # -- publishing (event loop) -------------------------------------------------------------
     def wants(self, event: Event) -> bool:
         return self._kinds(event.kind)
 
+    @property
+    def memory_max_bytes(self) -> int:
+        return self.cfg.spool_max_bytes // MEMORY_FRACTION
+
     def publish(self, event: Event) -> None:
-        """Spool the event and wake the sender; never waits for the network."""
+        """Spool the event (or hold it in memory while the disk refuses the spool) and wake
+        the sender; never waits for the network."""
         if not self.wants(event):
             self.stats.filtered += 1
             return
-        if self._spool is None:
+        if self._backlog is None:
             raise RuntimeError(f"{self.name}: publish before start()")
-        try:
-            self._spool.append(encode(event, self.host))
-        except SpoolClosed:
-            raise
-        except OSError as e:
-            # The disk refuses the write (full, failing): the event is counted, the caller not held up.
-            self._lost("spool_error", 1)
-            held = self._write_log.due(time.monotonic())
-            if held is not None:
-                log.error("webhook.spool_error", sink=self.name, spool=self.spool_dir, error=str(e),
-                          event_id=event.id, lost_since_last_log=held + 1)
-            return
+        self._backlog.append(encode(event, self.host))  # raises SpoolClosed after close()
         with self._cond:
             self._cond.notify()
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         s = self.stats
-        spool = self._spool
+        backlog = self._backlog
+        failing = self._spool_state()
         return {
             "url": self.origin,
             "running": self._thread is not None and self._thread.is_alive(),
-            "spooled_events": spool.events if spool else 0,
-            "spool_bytes": spool.bytes if spool else 0,
+            "spooled_events": backlog.spool_events if backlog else 0,
+            "spool_bytes": backlog.spool_bytes if backlog else 0,
+            "memory_events": backlog.memory_events if backlog else 0,
+            "memory_bytes": backlog.memory_bytes if backlog else 0,
+            "spool_failing": failing is not None,
+            "spool_errno": failing.errno if failing else None,
             "oldest_seconds": self._oldest_seconds(),
             "delivered": s.delivered,
             "retried": s.retried,
@@ -299,18 +327,21 @@ class WebhookSink:
 
     # -- the sender thread -------------------------------------------------------------------
     def _run(self) -> None:
-        spool = self._spool
-        assert spool is not None
+        backlog = self._backlog
+        assert backlog is not None
         try:
             while not self._stopping:
                 try:
                     with self._cond:
-                        self._cond.wait_for(lambda: self._stopping or spool.events > 0)
+                        # Woken on its own while the spool is not open: to try opening it again.
+                        self._cond.wait_for(lambda: self._stopping or backlog.events > 0,
+                                            timeout=None if backlog.spool_open else SPILL_INTERVAL_S)
                     if self._stopping:
                         break
-                    record = spool.peek()
-                    if record is not None:
-                        self._deliver(spool, record)
+                    self._maybe_spill()
+                    item = backlog.peek()
+                    if item is not None:
+                        self._deliver(backlog, item)
                 except Exception as e:  # noqa: BLE001 - the sender must outlive any one bad event
                     # A bug or a spool the disk refuses to read: back off like an outage, never spin.
                     delay = self._backoff.next()
@@ -321,15 +352,15 @@ class WebhookSink:
         finally:
             self._close_connection()
 
-    def _deliver(self, spool: Spool, record: Record) -> None:
-        """Try ``record`` until it is delivered or rejected, the sink stops, or the bound drops it."""
+    def _deliver(self, backlog: Backlog, record: Item) -> None:
+        """Try ``record`` until it is delivered or rejected, the sink stops, or a bound drops it."""
         while True:
             attempt = self._post(record.data)
             if self._stopping and not attempt.delivered:
                 return  # interrupted by close(): not the endpoint's failure
             now = time.time()
             if attempt.delivered:
-                spool.ack(record)
+                backlog.ack(record)
                 self._on_delivered(now)
                 return
             if attempt.rejected:
@@ -340,17 +371,40 @@ class WebhookSink:
                     attempt = Attempt(None, error=f"HTTP {attempt.status}, and the dead-letter file cannot be "
                                                   f"written: {e}")
                 else:
-                    spool.ack(record)
+                    backlog.ack(record)
                     return
             delay = self._backoff.next(attempt.retry_after)
             self._on_retry(record, attempt, now, delay)
-            if self._wait(delay) or not spool.is_head(record):
+            if self._wait(delay) or not backlog.is_head(record):
                 return
 
     def _wait(self, delay: float) -> bool:
-        """Sleep ``delay`` unless the sink stops first; True if it is stopping."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._stopping, timeout=delay)
+        """Sleep ``delay`` unless the sink stops first; True if it is stopping. While memory
+        holds events the sleep is cut in slices, to spill them to the disk in between: an
+        endpoint down for long must not keep them from the disk that far (nor from a restart)."""
+        deadline = time.monotonic() + delay
+        while True:
+            left = deadline - time.monotonic()
+            backlog = self._backlog
+            spilling = backlog is not None and (backlog.memory_events > 0 or not backlog.spool_open)
+            step = min(left, SPILL_INTERVAL_S) if spilling else left
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, timeout=max(0.0, step)):
+                    return True
+            if step >= left:
+                return False
+            self._maybe_spill()
+
+    def _maybe_spill(self) -> None:
+        """Back to the disk, at most once per SPILL_INTERVAL_S (each try costs a refused write)."""
+        backlog = self._backlog
+        if backlog is None or (backlog.memory_events == 0 and backlog.spool_open):
+            return
+        now = time.monotonic()
+        if now - self._last_spill < SPILL_INTERVAL_S:
+            return
+        self._last_spill = now
+        backlog.spill()
 
     # -- outcomes ----------------------------------------------------------------------------
     def _on_delivered(self, now: float) -> None:
@@ -365,7 +419,7 @@ class WebhookSink:
             s.failing_since = None
             self._retry_log = RateLimit()
 
-    def _on_retry(self, record: Record, attempt: Attempt, now: float, delay: float) -> None:
+    def _on_retry(self, record: Item, attempt: Attempt, now: float, delay: float) -> None:
         s = self.stats
         s.retried += 1
         s.last_error, s.last_error_time = attempt.describe(), now
@@ -378,9 +432,9 @@ class WebhookSink:
             log.warning("webhook.retry", sink=self.name, url=self.origin, status=attempt.status,
                         error=attempt.error or attempt.snippet[:200] or None, retry_in=round(delay, 3),
                         attempts=self._backoff.attempts, event_id=_event_id(record),
-                        spooled=self._spool.events if self._spool else 0)
+                        spooled=self._backlog.events if self._backlog else 0)
 
-    def _dead_letter(self, record: Record, attempt: Attempt, now: float) -> None:
+    def _dead_letter(self, record: Item, attempt: Attempt, now: float) -> None:
         head = json.dumps({"rejected_at": rfc3339(now), "status": attempt.status, "response": attempt.snippet})
         line = head[:-1].encode() + b',"event":' + record.data + b"}\n"  # the spooled bytes, as sent
         path = os.path.join(self.spool_dir, REJECTED)
@@ -409,7 +463,7 @@ class WebhookSink:
                       rejected_since_last_log=held + 1, rejected_total=s.rejected)
 
     def _lost(self, reason: str, count: int) -> None:
-        # Runs under the spool's lock (from publish or the sender): no spool calls here.
+        # Runs under the backlog's or the spool's lock (from publish or the sender): no calls to them here.
         self.stats.lost[reason] = self.stats.lost.get(reason, 0) + count
         if self.metrics is not None:
             self.metrics.lost.labels(self.name, reason).inc(count)
@@ -419,6 +473,40 @@ class WebhookSink:
                 log.warning("webhook.spool_full", sink=self.name, url=self.origin, dropped=count,
                             dropped_total=self.stats.lost[reason], max_bytes=self.cfg.spool_max_bytes,
                             hint="the endpoint has been unreachable too long; the oldest events were dropped")
+        elif reason == "memory_full":
+            held = self._memory_log.due(time.monotonic())
+            if held is not None:
+                log.warning("webhook.memory_full", sink=self.name, url=self.origin, dropped=count,
+                            dropped_total=self.stats.lost[reason], max_bytes=self.memory_max_bytes,
+                            hint="the disk refuses the spool and the endpoint does not take events as fast "
+                                 "as they come; the oldest held in memory were dropped")
+
+    # -- the disk refusing the spool (callbacks under the backlog's lock) --------------------
+    def _spool_refused(self, error: OSError) -> None:
+        started = self._health.failed(self.spool_dir, error)
+        if started is None:
+            return  # this streak was said already
+        backlog = self._backlog  # None while the backlog is being opened
+        self._streak_base = (backlog.held, backlog.spilled, backlog.sent_from_memory) if backlog else (0, 0, 0)
+        log.error("webhook.spool_failing", sink=self.name, url=self.origin, path=self.spool_dir,
+                  errno=started.errno, error=started.error, memory_max_bytes=self.memory_max_bytes,
+                  hint="events are kept in memory, delivered from there in order, and written to the spool "
+                       "again once the disk takes them; a stop meanwhile loses those still in memory")
+
+    def _spool_landed(self) -> None:
+        ended = self._health.written(self.spool_dir)
+        backlog = self._backlog
+        if ended is None or backlog is None:
+            return
+        held, spilled, sent = (now - base for now, base in
+                               zip((backlog.held, backlog.spilled, backlog.sent_from_memory), self._streak_base))
+        log.info("webhook.spool_recovered", sink=self.name, url=self.origin, path=self.spool_dir, held=held,
+                 spilled=spilled, delivered_from_memory=sent, refused=ended.refused,
+                 failed_for_s=round(time.time() - (ended.since or time.time()), 1))
+
+    def _spool_state(self) -> FileState | None:
+        """The spool directory's failing streak, None while the disk takes it."""
+        return next((f for f in self._health.files() if f.path == self.spool_dir and not f.ok), None)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -508,18 +596,20 @@ class WebhookSink:
     def _bind_gauges(self) -> None:
         if self.metrics is None:
             return
-        spool = self._spool
-        assert spool is not None
+        backlog = self._backlog
+        assert backlog is not None
         # Read at scrape time: always current, nothing to keep in step on every event.
-        self.metrics.webhook_spool_events.labels(self.name).set_function(lambda: spool.events)
-        self.metrics.webhook_spool_bytes.labels(self.name).set_function(lambda: spool.bytes)
+        self.metrics.webhook_spool_events.labels(self.name).set_function(lambda: backlog.spool_events)
+        self.metrics.webhook_spool_bytes.labels(self.name).set_function(lambda: backlog.spool_bytes)
+        self.metrics.webhook_memory_events.labels(self.name).set_function(lambda: backlog.memory_events)
+        self.metrics.webhook_memory_bytes.labels(self.name).set_function(lambda: backlog.memory_bytes)
         self.metrics.webhook_oldest_seconds.labels(self.name).set_function(self._oldest_seconds)
 
     def _oldest_seconds(self) -> float:
-        spool = self._spool
-        if spool is None:
+        backlog = self._backlog
+        if backlog is None:
             return 0.0
-        record = spool.peek()
+        record = backlog.peek()  # the spool's head, or memory's: the oldest undelivered either way
         if record is None or not isinstance(record.value, dict):
             return 0.0
         try:
@@ -558,7 +648,7 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if seconds >= 0 and seconds == seconds else None
 
 
-def _event_id(record: Record) -> str | None:
+def _event_id(record: Item) -> str | None:
     return record.value.get("id") if isinstance(record.value, dict) else None
 
 

@@ -6,7 +6,9 @@ tmpfs is full, the second after the space is given back. A host whose disk fills
 one whose filesystems fail, so the daemon must not die of its own bookkeeping: the events go
 to the control socket all along, the state files keep their values in memory and are written
 once the disk takes them (the error ledger then holds the exact count: nothing lost, nothing
-counted twice), and the journal says once that it fails and once that it recovered.
+counted twice), and the journal says once that it fails and once that it recovered. A webhook
+(a real HTTP receiver on 127.0.0.1) whose spool is on that disk too gets every event all along,
+from memory while the spool cannot be written: in the end each exactly once, in order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, free_port, loop_ext4, run
+from fsnotifyd.testing import RunningDaemon, WebhookReceiver, free_port, loop_ext4, run
 
 pytestmark = pytest.mark.kernel
 
@@ -40,6 +42,10 @@ rules:
     actions: [notify]
 """
 MESSAGE = "full state disk"
+WEBHOOK = """sinks:
+  webhooks:
+    - {{name: ops, url: '{url}', retry_initial_s: 0.05, retry_max_s: 0.3, timeout_s: 5}}
+"""
 
 
 @contextlib.contextmanager
@@ -113,12 +119,14 @@ def test_daemon_runs_on_and_catches_up_when_its_disk_is_full(kernel, tmp_path: P
     rules = tmp_path / "rules.yaml"
     port = free_port()
     (tmp_path / "fs").mkdir()
-    with tiny_tmpfs(tmp_path / "disk") as disk, loop_ext4(32, workdir=tmp_path / "fs") as fs:
+    with tiny_tmpfs(tmp_path / "disk") as disk, loop_ext4(32, workdir=tmp_path / "fs") as fs, \
+            WebhookReceiver() as hook:
         rules.write_text(RULES.format(message=json.dumps(MESSAGE), device=fs.name))
         state, journal = disk / "state", disk / "events.jsonl"
         ledger, jobs_file = str(state / "error-ledger.json"), str(state / "actions" / "journal.jsonl")
+        spool = str(state / "spool" / "webhook-ops")
         d = RunningDaemon(tmp_path / "d", state_dir=state, journal=journal, metrics_port=port,
-                          extra_config=f"rules: [{rules}]\n")
+                          extra_config=f"rules: [{rules}]\n" + WEBHOOK.format(url=hook.url))
         d.start()
         try:
             d.wait_marked(fs)
@@ -127,6 +135,10 @@ def test_daemon_runs_on_and_catches_up_when_its_disk_is_full(kernel, tmp_path: P
             def counted() -> int:
                 return sum(e["count"] for e in stream.events
                            if e["kind"] == "fs.error" and (e.get("device") or {}).get("name") == fs.name)
+
+            def hooked() -> bool:
+                """Every event the socket had so far has reached the webhook receiver."""
+                return {e["id"] for e in stream.events} <= set(hook.delivered_ids())
 
             storm(fs, 1, "before the fill")  # the ledger knows the filesystem, on disk
             wait("the ledger to know the filesystem", lambda: ledger_value(state, fs.image) == 1, d=d)
@@ -147,14 +159,22 @@ def test_daemon_runs_on_and_catches_up_when_its_disk_is_full(kernel, tmp_path: P
             assert len(logged(d, "state.write_failed", path=ledger)) == 1
             assert len(logged(d, "state.write_failed", path=jobs_file)) == 1
             assert not logged(d, "sink.failed"), "a traceback per event"
+            # The webhook's spool is refused too: the events still reach the endpoint, from memory.
+            wait("the first half at the webhook", hooked, d=d)
+            assert [r["errno"] for r in logged(d, "webhook.spool_failing", path=spool)] == ["ENOSPC"], d.log()[-3000:]
+            assert not logged(d, "webhook.spool_error") and not logged(d, "webhook.spool_recovered")
+            webhook = d.status()["sinks"]["webhook:ops"]
+            assert webhook["spool_failing"] and webhook["spool_errno"] == "ENOSPC" and webhook["lost"] == {}, webhook
             assert ledger_value(state, fs.image) == 1  # on disk: the value before the storm
 
             files = d.status()["files"]
             assert files[ledger]["ok"] is False and files[ledger]["errno"] == "ENOSPC", files
             assert files[str(journal)]["ok"] is False and files[str(journal)]["refused"] > 0, files
+            assert files[spool]["ok"] is False and files[spool]["errno"] == "ENOSPC", files
             text = subprocess.run([sys.executable, "-m", "fsnotifyd.cli", "status", "--socket", d.socket],
                                   capture_output=True, text=True, timeout=30).stdout
             assert "cannot be written" in text and f"{ledger}: ENOSPC" in text, text
+            assert "held in memory (spool cannot be written: ENOSPC)" in text, text
             assert metric(port, "fsnotifyd_state_write_failing", file=ledger) == 1
             assert metric(port, "fsnotifyd_journal_write_failures_total", sink="journal") > 0
 
@@ -172,6 +192,17 @@ def test_daemon_runs_on_and_catches_up_when_its_disk_is_full(kernel, tmp_path: P
             assert sum(e["count"] for e in out if e["kind"] == "fs.error" and e["device"]["name"] == fs.name) == 1 + TOTAL
             assert len(logged(d, "sink.journal_recovered", sink="journal")) == 1
             assert len(logged(d, "sink.journal_failing", sink="journal")) == 1
+            # Every event at the webhook exactly once, in publication order (the order events-out,
+            # on another disk, has them in): none lost while the spool could not be written.
+            def published() -> list[str]:
+                return [json.loads(x)["id"] for x in d.events_out.read_text().splitlines()]
+
+            wait("the second half at the webhook", lambda: hook.delivered_ids() == published(), d=d)
+            assert len(logged(d, "webhook.spool_failing", path=spool)) == 1
+            assert len(logged(d, "webhook.spool_recovered", path=spool)) == 1
+            webhook = d.status()["sinks"]["webhook:ops"]
+            assert not webhook["spool_failing"] and webhook["memory_events"] == 0 and webhook["lost"] == {}, webhook
+            assert metric(port, "fsnotifyd_events_lost_total", source="webhook:ops", reason="spool_error") is None
             written = [e for e in d.journal_events() if e["kind"] == "fs.error"
                        and e["device"]["name"] == fs.name and e["details"].get("errors_total", 0) > 1 + TOTAL // 2]
             assert written, "the journal takes events again"

@@ -556,10 +556,10 @@ def test_missing_token_file_is_a_config_error(h, tmp_path):
         h.sink("http://127.0.0.1:9/", start=False, token_file=str(empty)).start()
 
 
-def test_full_disk_costs_counted_events_not_the_spool(h, tmp_path):
+def test_full_disk_holds_events_in_memory_not_the_spool(h, tmp_path):
     """The spool's filesystem fills up (a 64 KiB tmpfs): publish neither raises nor blocks, the
-    events that did not fit are counted (spool_error), and no torn line is left behind: what
-    was stored is delivered, in order, once the endpoint is up."""
+    events that do not fit are held in memory (said once, none lost), and no torn line is left
+    behind: all are delivered, in order, once the endpoint is up, the disk still full."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a small tmpfs")
     mnt = tmp_path / "small"
@@ -578,20 +578,22 @@ def test_full_disk_costs_counted_events_not_the_spool(h, tmp_path):
     with capture_logs() as logs:
         for ev in events:
             sink.publish(ev)
-    failed = h.sample("fsnotifyd_events_lost_total", source="webhook:test", reason="spool_error")
-    stored = sink.status()["spooled_events"]
-    assert failed > 0 and stored > 20 and stored + failed == 120
-    assert sum(e["event"] == "webhook.spool_error" for e in logs) == 1  # rate-limited
+    st = sink.status()
+    stored, held = st["spooled_events"], st["memory_events"]
+    assert held > 0 and stored > 20 and stored + held == 120
+    assert st["spool_failing"] and st["spool_errno"] == "ENOSPC" and st["lost"] == {}
+    assert h.sample("fsnotifyd_webhook_memory_events", sink="webhook:test") == held
+    assert sum(e["event"] == "webhook.spool_failing" for e in logs) == 1  # once, not per event
     for seg in (mnt / "spool").glob("*.jsonl"):
         data = seg.read_bytes()
         assert data.endswith(b"\n") or not data
         assert all(json.loads(x)["specversion"] == "1.0" for x in data.splitlines())
     ep = h.endpoint(port)
-    ids = ep.wait_delivered(stored)
-    assert ids == [e.id for e in events[:stored]]
-    wait_until(lambda: sink.status()["delivered"] == stored, what="the sink to count its deliveries")
+    assert ep.wait_delivered(120) == [e.id for e in events]
+    wait_until(lambda: sink.status()["delivered"] == 120, what="the sink to count its deliveries")
+    assert len(ep.requests) == 120 and sink.status()["memory_events"] == 0
     sink.close()  # on a full disk: the cursor may not be writable, close must still work
-    assert not sink.status()["running"]
+    assert not sink.status()["running"] and sink.status()["lost"] == {}
 
 
 def test_kinds_filter(h):
