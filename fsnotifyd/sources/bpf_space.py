@@ -25,6 +25,7 @@ from ..cgroups import CgroupResolver, Membership, describe
 from ..events import Device, Kernel, Observation
 from ..inventory import Inventory
 from ..typing import Ready, Send
+from .. import syscalls
 from . import bpfload
 from .bpf_errors import SOURCE, kernel_dev
 
@@ -40,12 +41,8 @@ def space_defines(ext4_devices: bool) -> dict[str, int]:
 
 
 def syscall_name(nr: int) -> str:
-    try:
-        from bcc.syscall import syscall_name as name
-
-        return name(nr).decode()
-    except Exception:  # noqa: BLE001 - an unknown number keeps its number
-        return str(nr)
+    # Not bcc.syscall: importing bcc would load LLVM into the daemon at the first storm.
+    return syscalls.name(nr)
 
 
 def _per_cpu(values: Any) -> tuple[int, int, str]:
