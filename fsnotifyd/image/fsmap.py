@@ -15,7 +15,7 @@ import fcntl
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 RECORD = struct.Struct("=IIQQQQ24x")  # struct fsmap: device, flags, physical, owner, offset, length
 HEAD = struct.Struct("=IIII48x")  # struct fsmap_head before its two keys: iflags, oflags, count, entries
@@ -82,9 +82,30 @@ def parse(buf: bytes | bytearray | memoryview, entries: int, first: int) -> list
     return out
 
 
+def fill_gaps(extents: Iterable[Extent]) -> Iterator[Extent]:
+    """``extents`` (device order) with every gap between two of them reported as in use
+    (``unknown``).
+
+    ext4's GETFSMAP covers the whole device, but on 6.18 it drops the in-use tail of a block
+    group when the next group starts in use without metadata: a 200 MiB file in a 512 MiB ext4
+    (32768-block groups) at blocks 34816-65535 and 69632-90111 came back as free up to 34816
+    and then ``unknown`` from 65536 only, 120 MiB missing. Its free records are right (they
+    sum to statfs's ``f_bfree`` exactly), so what lies between records is in use."""
+    pos: int | None = None
+    for e in extents:
+        if pos is not None and e.physical > pos:
+            yield Extent(pos, e.physical - pos, OWN_UNKNOWN, True)
+        yield e
+        pos = e.end if pos is None else max(pos, e.end)
+
+
 def iter_extents(path: str, *, batch: int = 512) -> Iterator[Extent]:
     """Every extent of the filesystem mounted at ``path`` (any file or directory in it), in
-    device order."""
+    device order, with what the kernel left out reported in use (:func:`fill_gaps`)."""
+    return fill_gaps(_getfsmap(path, batch))
+
+
+def _getfsmap(path: str, batch: int) -> Iterator[Extent]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         low = (0, 0, 0, 0, 0, 0)

@@ -54,3 +54,13 @@ def test_parse_decodes_records_and_special_owners() -> None:
     assert [e.kind for e, _ in recs] == ["fs", "inode", "free"]
     assert recs[0][0].metadata and not recs[1][0].metadata and recs[2][0].free
     assert recs[2][1] & fsmap.FMR_OF_LAST
+
+
+def test_fill_gaps_reports_what_getfsmap_left_out_as_in_use() -> None:
+    # As ext4 on 6.18 answers for a group whose in-use tail runs into a next group that starts
+    # in use: free up to 3 MiB, then nothing until the next group's record at 4 MiB.
+    got = list(fsmap.fill_gaps([ext(0, MiB, fsmap.owner(ord("X"), 1)), ext(MiB, 2 * MiB, fsmap.OWN_FREE),
+                                ext(4 * MiB, MiB), ext(5 * MiB, MiB, fsmap.OWN_FREE)]))
+    assert [(e.physical // MiB, e.length // MiB, e.kind) for e in got] == [
+        (0, 1, "fs"), (1, 2, "free"), (3, 1, "unknown"), (4, 1, "unknown"), (5, 1, "free")]
+    assert thinness.in_use(got) == [(0, MiB), (3 * MiB, 4 * MiB), (4 * MiB, 5 * MiB)]
