@@ -1,31 +1,51 @@
-"""Swelling: how far a thin image grows past what its filesystem uses, over many write/delete cycles.
+"""Swelling: how far a thin image grows past what its filesystem holds while the VE works.
 
-A thin image allocates a cluster (1 MiB) on the first write into it and frees it only on a
-discard of the whole cluster, so a filesystem that spreads its writes over the disk makes its
-image grow toward the full disk size even though it stays half empty. The experiment: a small
-filesystem (default 512 MiB) in an image, attached and mounted; files of varied sizes (4 KiB
-to 16 MiB, log-uniform) are written, and older ones deleted to keep the live data near 50 % of
-the filesystem, until 10x the filesystem's size has been written, with a ``syncfs`` every 32 MiB (as
-writeback would: on a host with much RAM, short-lived files would otherwise die in the page
-cache and never reach the image). At every 1x (a checkpoint) it prints the filesystem's used
-size (statfs, as ``df``: ext4's own metadata not counted) against the image's physical size:
-the delta file's allocated bytes (``st_blocks*512``), its mapped cluster count (its BAT, after
-a flush) and the file's length.
+A VE on a fsnotifyd image (``ops.create`` + ``attach`` + ``mount``, default 2 GiB) is churned
+by three workloads, each writing 10x the filesystem's size:
 
-Four variants: mkfs.ext4 with default options or the "thin" profile (``ops.MKFS_PROFILES``),
-each with no maintenance (no discards reach the image: ext4 is mounted without ``discard``) or
-with maintenance at every checkpoint: ``fstrim`` (discards free whole clusters, punched out of
-the delta) and then a compaction (the exporter has no online compaction request, so: umount,
-detach, ``ops.compact``, attach, mount; the figures are taken after it). A final table compares
-the four ("peak alloc" includes the figures just before each maintenance). Same random
-sequence of files for every variant. Needs root.
+  small    a tree of files of 1 KiB-2 MiB (log-uniform): fill to 50 %, delete 65 % at random,
+           in rounds;
+  logs     append-only logs: 48 open at once, appended in turns (512 B-64 KiB per append),
+           rotated at 256 KiB-64 MiB (the open ones
+           together at most a quarter of the fs), the oldest deleted to keep the live data near 50 %;
+  rewrite  large files (16-256 MiB, 50 % of the fs) rewritten in place by random 4 KiB-1 MiB
+           overwrites; every 1/16 of the fs written, one file is truncated and grown again, or
+           deleted and written anew.
+
+The data reaches the disk as in a VE whose files outlive the page cache: a ``syncfs`` every
+32 MiB written and at the end of every fill/delete step. Without it delayed allocation gives
+files deleted before write-back no blocks at all, and the bench would measure nothing (issue 16).
+
+Modes, side by side in one run, each on a fresh image with the same random sequence:
+
+  none            mounted without ``discard``, nothing done (the old behaviour);
+  defaults        the new defaults: mounted with ``discard`` (and whatever the image's data
+                  path does by itself: zero detection, discard accumulation);
+  fstrim+compact  mounted without ``discard``; ``fstrim`` + online compaction
+                  (``attach.compact``) at each checkpoint;
+  repack          the defaults plus a repack pass (``fsnotifyd.image.repack``), then
+                  fstrim + compact, at each checkpoint; skipped with a note while the module
+                  is absent.
+
+The figures (``fsnotifyd.image.thinness``, issue 16): garbage = image clusters allocated /
+holding clusters; fragmentation = holding clusters / in-use clusters' worth; swelling = their
+product; df ratio = image bytes on the host / ``df`` used (Virtuozzo's 1.5 compares with it).
+They are taken after a ``syncfs`` and an exporter flush, four times per 1x written ("peak"
+is the highest of those, and of the figures just before each maintenance), and printed at each
+checkpoint (every 1x), before and after the checkpoint's maintenance. "stale%" is the share of mapped
+clusters that hold no block in use (garbage counted without the zero metadata that holds clusters
+but costs the image nothing, see ``Measured``). Needs root.
+
+``run_one`` is the building block ``bench/allocator_study.py`` reuses (mkfs options, mount
+options, ext4 sysfs tunables, image cluster size).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import contextlib
 import ctypes
+import importlib
 import math
 import os
 import random
@@ -33,20 +53,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_facts, sh  # noqa: E402
 
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
-from fsnotifyd.image import ops  # noqa: E402
-from fsnotifyd.image.delta import Delta  # noqa: E402
-from fsnotifyd.image.lock import exclusive  # noqa: E402
-from fsnotifyd.image.stack import Stack  # noqa: E402
+from fsnotifyd.image import fsmap, ops, thinness  # noqa: E402
+from fsnotifyd.image.format import DEFAULT_CLUSTER  # noqa: E402
+from fsnotifyd.image.thinness import Figures  # noqa: E402
 
-MiB = 1 << 20
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+VIRTUOZZO_DF_RATIO = 1.5  # linux-fsdevel, "fallocate2() ... TP defrag", 2020-02
+TARGET_PEAK_GARBAGE = 1.10  # with the defaults, no pass by hand
+TARGET_FRAG_AFTER_REPACK = 1.05
+SAMPLES_PER_X = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -60,197 +84,497 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+def log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+# -- modes ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    discard: bool  # mounted with -o discard
+    fstrim_compact: bool  # fstrim + online compact at each checkpoint
+    repack: bool  # a repack pass at each checkpoint (before fstrim + compact)
+
+
+MODES = {m.name: m for m in (
+    Mode("none", discard=False, fstrim_compact=False, repack=False),
+    Mode("defaults", discard=True, fstrim_compact=False, repack=False),
+    Mode("fstrim+compact", discard=False, fstrim_compact=True, repack=False),
+    Mode("repack", discard=True, fstrim_compact=True, repack=True),
+)}
+
+
+def repack_module():
+    """``fsnotifyd.image.repack`` when it is there (another branch builds it), else None."""
+    try:
+        return importlib.import_module("fsnotifyd.image.repack")
+    except ImportError:
+        return None
+
+
+def repack_pass(att, mnt: Path) -> dict[str, float]:
+    """One repack pass over the mounted VE; what it moved. The module's entry point is looked
+    up by the names its branch may give it, so the bench needs no change when it lands."""
+    mod = repack_module()
+    assert mod is not None
+    for name in ("repack_attached", "repack"):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            r = fn(att, str(mnt)) if name == "repack_attached" else fn(str(mnt), att=att)
+            d = r if isinstance(r, dict) else getattr(r, "__dict__", {})
+            return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+    raise RuntimeError(f"{mod.__name__} has no repack entry point the bench knows (repack_attached, repack)")
+
+
+# -- the VE ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    """What the allocator study varies; the bench runs the defaults."""
+    name: str = "thin"
+    profile: str = "thin"  # ops.MKFS_PROFILES
+    mkfs_args: tuple[str, ...] = ()  # appended to the profile's
+    mount_opts: tuple[str, ...] = ()  # besides discard, which the mode decides
+    sysfs: tuple[tuple[str, int], ...] = ()  # /sys/fs/ext4/<dev>/<name> = value, after mounting
+    cluster: int = DEFAULT_CLUSTER
+
+
+class VE:
+    """An image created, attached and mounted; taken down (and removed) however the run ends."""
+
+    def __init__(self, work: Path, tag: str, size: int, setup: Setup, mode: Mode) -> None:
+        self.img, self.run, self.mnt = work / tag, work / f"{tag}.run", work / f"{tag}.mnt"
+        self.size, self.setup, self.mode, self.att = size, setup, mode, None
+
+    def __enter__(self) -> "VE":
+        from fsnotifyd.image import attach as at
+
+        ops.create(str(self.img), self.size, cluster=self.setup.cluster, profile=self.setup.profile,
+                   mkfs_args=self.setup.mkfs_args)
+        self.run.mkdir(parents=True, exist_ok=True)
+        try:
+            self.att = at.attach(str(self.img), run_dir=str(self.run))
+            opts = [*self.setup.mount_opts, *(["discard"] if self.mode.discard else ["nodiscard"])]
+            at.mount(self.att, str(self.mnt), options=opts)
+            dev = os.path.basename(self.att.loop)
+            for name, value in self.setup.sysfs:
+                Path(f"/sys/fs/ext4/{dev}/{name}").write_text(f"{value}\n")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from fsnotifyd.image import attach as at
+
+        try:
+            if self.att is not None:
+                att, self.att = self.att, None
+                try:
+                    at.umount(att, lazy=True)
+                finally:
+                    at.detach(att, run_dir=str(self.run))
+        finally:
+            shutil.rmtree(self.img, ignore_errors=True)
+            shutil.rmtree(self.run, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.mnt.rmdir()
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.mnt)
+        return st.f_blocks * st.f_frsize
+
+    def figures(self) -> "Measured":
+        """The figures after a syncfs and an exporter flush (the BAT on disk is then current)."""
+        from fsnotifyd.image import attach as at
+        from fsnotifyd.image.stack import Stack
+
+        syncfs(self.mnt)
+        reply = at.control(self.att, {"op": "flush"}, timeout=120)
+        if reply.get("ok") is False:
+            raise RuntimeError(f"exporter flush refused: {reply}")
+        ranges = thinness.in_use(fsmap.iter_extents(str(self.mnt)))
+        with Stack.open(str(self.img), writable=False) as stack:
+            c = stack.cluster
+            mapped = {vc for vc in range(-(-stack.size // c)) if stack.owner(vc) is not None}
+            on_host = sum(os.fstat(d.fd).st_blocks * 512 for d in stack.deltas)
+        fig = thinness.figures(ranges, c, allocated=len(mapped), image_bytes=on_host,
+                               df_used=thinness.df_used(str(self.mnt)))
+        return Measured(fig, len(mapped - thinness.holding_clusters(ranges, c)))
+
+    def maintain(self) -> dict[str, float]:
+        """The mode's checkpoint pass; seconds taken and what it moved."""
+        from fsnotifyd.image import attach as at
+
+        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if self.mode.repack:
+            for k, v in repack_pass(self.att, self.mnt).items():
+                out[f"repack_{k}"] = v
+        if self.mode.fstrim_compact:
+            sh("fstrim", str(self.mnt))
+            syncfs(self.mnt)
+            out["compact_moved"] = at.compact(self.att)["moved"]
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The thinness figures, and the mapped clusters that hold nothing the filesystem uses.
+
+    ``garbage`` divides by all holding clusters, and some hold only metadata that is zeros and
+    so never allocated (inode tables, a journal not yet gone round): about 100 clusters on a
+    2 GiB VE, which pull garbage below 1.0 on a fresh image and hide as much real garbage later.
+    ``stale`` counts what an allocated cluster that holds nothing is: the garbage itself."""
+    fig: Figures
+    stale: int  # mapped clusters with no block in use
+
+    def __getattr__(self, name: str):
+        return getattr(self.fig, name)
+
+    @property
+    def stale_share(self) -> float:
+        """Mapped clusters holding nothing, per mapped cluster (0: no garbage at all)."""
+        return self.stale / self.fig.allocated if self.fig.allocated else 0.0
+
+
+# -- the workloads -------------------------------------------------------------------------------
+
+class Churn:
+    """Writes into the VE, counts them, syncs as writeback would and samples the figures."""
+
+    def __init__(self, ve: VE, total: int, pool: memoryview, rng: random.Random, sync_every: int,
+                 on_sample: Callable[[int, bool], None]) -> None:
+        self.ve, self.mnt, self.total, self.pool, self.rng = ve, ve.mnt, total, pool, rng
+        self.capacity = ve.capacity()
+        self.written = 0
+        self.sync_every, self.next_sync = sync_every, sync_every
+        self.step = max(1, ve.size // SAMPLES_PER_X)
+        self.next_sample = self.step
+        self.on_sample = on_sample  # (written, is_checkpoint)
+
+    @property
+    def done(self) -> bool:
+        return self.written >= self.total
+
+    def data(self, n: int) -> memoryview:
+        start = self.rng.randrange(len(self.pool) - n + 1)
+        return self.pool[start:start + n]
+
+    def wrote(self, n: int) -> None:
+        self.written += n
+        if self.written >= self.next_sync:
+            self.next_sync += self.sync_every
+            syncfs(self.mnt)
+        while self.written >= self.next_sample:
+            k = self.next_sample // self.step
+            self.next_sample += self.step
+            self.on_sample(self.written, k % SAMPLES_PER_X == 0)
+
+    def write_at(self, fd: int, offset: int, n: int) -> None:
+        chunk = len(self.pool) // 4
+        while n > 0:
+            m = min(n, chunk)
+            os.pwrite(fd, self.data(m), offset)
+            offset += m
+            n -= m
+            self.wrote(m)
+
+    def new_file(self, path: Path, size: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.write_at(fd, 0, size)
+        finally:
+            os.close(fd)
+
+
+def small_files(c: Churn) -> None:
+    rng, live, live_bytes, i = c.rng, {}, 0, 0
+    while not c.done:
+        while live_bytes < c.capacity // 2 and not c.done:
+            size = log_uniform(rng, KiB, 2 * MiB)
+            p = c.mnt / f"d{rng.randrange(16):x}" / f"e{rng.randrange(16):x}" / f"f{i:07d}"
+            c.new_file(p, size)
+            live[p] = size
+            live_bytes += size
+            i += 1
+        syncfs(c.mnt)
+        for p in rng.sample(sorted(live), int(len(live) * 0.65)):
+            p.unlink()
+            live_bytes -= live.pop(p)
+        syncfs(c.mnt)
+
+
+def append_logs(c: Churn, streams: int = 48) -> None:
+    rng, i = c.rng, 0
+    closed: list[tuple[Path, int]] = []  # oldest first
+    live_bytes = 0
+    open_logs: list[list] = []  # [fd, path, size, limit]
+    # the open logs together stay under a quarter of the fs, so deleting closed ones keeps it near 50 %
+    hi = max(64 * KiB, min(64 * MiB, c.capacity // (4 * streams)))
+
+    def start() -> list:
+        nonlocal i
+        p = c.mnt / f"svc{i % streams:02d}" / f"log{i:06d}"
+        i += 1
+        p.parent.mkdir(exist_ok=True)
+        return [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), p, 0, log_uniform(rng, min(256 * KiB, hi // 4), hi)]
+
+    open_logs = [start() for _ in range(streams)]
+    try:
+        while not c.done:
+            k = rng.randrange(streams)
+            lg = open_logs[k]
+            n = log_uniform(rng, 512, 64 * KiB)
+            os.write(lg[0], c.data(n))
+            lg[2] += n
+            live_bytes += n
+            c.wrote(n)
+            if lg[2] >= lg[3]:
+                os.close(lg[0])
+                closed.append((lg[1], lg[2]))
+                open_logs[k] = start()
+            while live_bytes > c.capacity // 2 and closed:
+                p, s = closed.pop(0)
+                p.unlink()
+                live_bytes -= s
+    finally:
+        for lg in open_logs:
+            os.close(lg[0])
+
+
+def rewrite_in_place(c: Churn) -> None:
+    rng = c.rng
+    files: list[tuple[Path, int]] = []
+    total, i = 0, 0
+    hi = max(16 * MiB + 1, min(256 * MiB, c.capacity // 4))
+    while total < c.capacity // 2 and not c.done:
+        size = log_uniform(rng, 16 * MiB, hi)
+        p = c.mnt / "db" / f"big{i:04d}"
+        c.new_file(p, size)
+        files.append((p, size))
+        total += size
+        i += 1
+    syncfs(c.mnt)
+    event_every = max(MiB, c.capacity // 16)
+    next_event = c.written + event_every
+    while not c.done:
+        k = rng.randrange(len(files))
+        p, size = files[k]
+        n = min(size, log_uniform(rng, 4 * KiB, MiB))
+        off = rng.randrange(0, size - n + 1) // 4096 * 4096
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            c.write_at(fd, off, n)
+        finally:
+            os.close(fd)
+        if c.written >= next_event:
+            next_event += event_every
+            if rng.random() < 0.5:  # truncate and grow again by appending
+                keep = int(size * rng.uniform(0.1, 0.9)) // 4096 * 4096
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, keep)
+                    syncfs(c.mnt)
+                    c.write_at(fd, keep, size - keep)
+                finally:
+                    os.close(fd)
+            else:  # deleted and written anew, maybe another size
+                p.unlink()
+                syncfs(c.mnt)
+                new = log_uniform(rng, 16 * MiB, hi)
+                new = min(new, size + max(0, c.capacity // 2 - sum(s for _, s in files)))
+                c.new_file(p, new)
+                files[k] = (p, new)
+
+
+WORKLOADS: dict[str, Callable[[Churn], None]] = {
+    "small": small_files, "logs": append_logs, "rewrite": rewrite_in_place}
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    written: int
+    fig: Measured  # before the checkpoint's maintenance
+    checkpoint: bool
+    after: Measured | None = None  # after it (modes with maintenance)
+    maint: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
-class Point:
-    written: int  # bytes written into files so far
-    used: int  # the filesystem's used bytes (statfs)
-    alloc: int  # the delta's st_blocks * 512
-    clusters: int  # mapped clusters in the delta's BAT
-    length: int  # the delta file's st_size
-    pre_alloc: int = 0  # with maintenance: st_blocks * 512 just before it (the swelling between rounds)
-    maint_s: float = 0.0  # time spent in fstrim + compaction at this checkpoint
-    moved: int = 0  # clusters moved by that compaction
+class Result:
+    workload: str
+    mode: str
+    setup: str
+    samples: list[Sample]
+    seconds: float
+    skipped: str | None = None
+
+    @property
+    def final(self) -> Measured:
+        s = self.samples[-1]
+        return s.after or s.fig
+
+    def peak(self, attr: str) -> float:
+        return max(getattr(f, attr) for s in self.samples for f in (s.fig, s.after) if f is not None)
+
+    @property
+    def maint_seconds(self) -> float:
+        return sum(s.maint.get("seconds", 0.0) for s in self.samples)
+
+    def total(self, key: str) -> float:
+        return sum(s.maint.get(key, 0.0) for s in self.samples)
 
 
-class Mounted:
-    """The image attached and mounted, and the way to take it down and up again."""
+def run_one(work: Path, size: int, times: float, workload: str, mode: Mode, setup: Setup, *, seed: int,
+            pool: memoryview, sync_every: int = 32 * MiB, final_pass: bool = False,
+            printer: Callable[[Sample], None] | None = None) -> Result:
+    """One workload on a fresh VE in one mode. ``final_pass``: after the churn, one fstrim +
+    compact (and a repack where the mode has one) even in a mode that does none, for the
+    study's "what the churn leaves" figures."""
+    if mode.repack and repack_module() is None:
+        return Result(workload, mode.name, setup.name, [], 0.0, skipped="fsnotifyd.image.repack not there yet")
+    tag = f"{workload}-{mode.name.replace('+', '_')}-{setup.name}"
+    samples: list[Sample] = []
+    t0 = time.perf_counter()
+    with VE(work, tag, size, setup, mode) as ve:
+        def on_sample(written: int, checkpoint: bool) -> None:
+            s = Sample(written, ve.figures(), checkpoint)
+            if checkpoint and (mode.fstrim_compact or mode.repack):
+                s.maint = ve.maintain()
+                s.after = ve.figures()
+            samples.append(s)
+            if printer is not None and checkpoint:
+                printer(s)
 
-    def __init__(self, img: Path, run: Path, mnt: Path) -> None:
-        self.img, self.run, self.mnt, self.att = img, run, mnt, None
+        samples.append(Sample(0, ve.figures(), True))
+        if printer is not None:
+            printer(samples[0])
+        churn = Churn(ve, int(times * size), pool, random.Random(f"{seed}-{workload}"), sync_every, on_sample)
+        WORKLOADS[workload](churn)
+        last = samples[-1]
+        if last.written != churn.written:  # the churn overshot its last sample: one more
+            on_sample(churn.written, True)
+            last = samples[-1]
+        if final_pass and last.after is None:
+            from fsnotifyd.image import attach as at
 
-    def up(self) -> None:
-        from fsnotifyd.image import attach as at
-
-        self.run.mkdir(parents=True, exist_ok=True)
-        self.att = at.attach(str(self.img), run_dir=str(self.run))
-        try:
-            at.mount(self.att, str(self.mnt))
-        except BaseException:
-            at.detach(self.att, run_dir=str(self.run))
-            self.att = None
-            raise
-
-    def down(self) -> None:
-        from fsnotifyd.image import attach as at
-
-        if self.att is None:
-            return
-        att, self.att = self.att, None
-        try:
-            at.umount(att)
-        finally:
-            at.detach(att, run_dir=str(self.run))
-
-    def flush(self) -> None:
-        from fsnotifyd.image import attach as at
-
-        syncfs(self.mnt)
-        reply = at.control(self.att, {"op": "flush"})
-        if isinstance(reply, dict) and reply.get("ok") is False:
-            raise RuntimeError(f"flush refused: {reply}")
-
-
-def measure(img: Path, mnt: Path, written: int) -> Point:
-    st = os.statvfs(mnt)
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    top = img / ops.ROOT_FILE
-    fst = os.stat(top)
-    with Delta.open(str(top), strict=False) as d:
-        clusters = d.allocated()
-    return Point(written, used, fst.st_blocks * 512, clusters, fst.st_size)
+            t1 = time.perf_counter()
+            maint: dict[str, float] = {}
+            if repack_module() is not None:
+                maint.update({f"repack_{k}": v for k, v in repack_pass(ve.att, ve.mnt).items()})
+            sh("fstrim", str(ve.mnt))
+            syncfs(ve.mnt)
+            maint["compact_moved"] = at.compact(ve.att)["moved"]
+            maint["seconds"] = time.perf_counter() - t1
+            last.maint, last.after = maint, ve.figures()
+    return Result(workload, mode.name, setup.name, samples, time.perf_counter() - t0)
 
 
-def file_sizes(seed: int, total: int) -> list[int]:
-    rng = random.Random(seed)
-    out, n = [], 0
-    while n < total:
-        s = int(math.exp(rng.uniform(math.log(4096), math.log(16 * MiB))))
-        out.append(s)
-        n += s
-    return out
+# -- printing ------------------------------------------------------------------------------------
+
+def fig_cells(f: Measured) -> str:
+    return (f"{f.garbage:>7.2f} {f.fragmentation:>6.2f} {f.swelling:>6.2f} {f.df_ratio:>6.2f} "
+            f"{f.allocated * f.cluster / MiB:>7.0f} {f.df_used / MiB:>7.0f} {100 * f.stale_share:>5.1f}")
 
 
-def run_variant(work: Path, fs_size: int, times: int, profile: str, maintain: bool, pool: memoryview,
-                seed: int, sync_every: int) -> tuple[list[Point], float]:
-    tag = f"{profile}-{'maint' if maintain else 'none'}"
-    img, run, mnt = work / tag, work / f"{tag}.run", work / f"{tag}.mnt"
-    ops.create(str(img), fs_size, profile=profile)
-    m = Mounted(img, run, mnt)
-    rng = random.Random(seed + 1)
-    points: list[Point] = []
-    t_start = time.perf_counter()
-    try:
-        m.up()
-        st = os.statvfs(mnt)
-        capacity = st.f_blocks * st.f_frsize
-        target_live = capacity // 2
-        live: collections.deque[tuple[Path, int]] = collections.deque()
-        live_bytes = written = 0
-        next_check, next_sync = fs_size, sync_every
-        m.flush()
-        points.append(measure(img, mnt, 0))
-        for i, size in enumerate(file_sizes(seed, times * fs_size)):
-            while live and live_bytes + size > target_live:
-                # delete one of the older half, not strictly the oldest: usage patterns mix
-                k = rng.randrange(max(1, len(live) // 2))
-                p, s = live[k]
-                del live[k]
-                p.unlink()
-                live_bytes -= s
-            p = mnt / f"d{i % 64:02d}" / f"f{i:06d}"
-            p.parent.mkdir(exist_ok=True)
-            with open(p, "wb") as f:
-                left = size
-                while left:
-                    n = min(left, len(pool) // 2)
-                    start = rng.randrange(len(pool) - n + 1)
-                    f.write(pool[start:start + n])
-                    left -= n
-            live.append((p, size))
-            live_bytes += size
-            written += size
-            if written >= next_sync:  # as writeback would: a file deleted soon after may still reach the disk
-                next_sync += sync_every
-                syncfs(mnt)
-            if written >= next_check:
-                next_check += fs_size
-                m.flush()
-                maint_s, moved, pre = 0.0, 0, 0
-                if maintain:
-                    pre = os.stat(img / ops.ROOT_FILE).st_blocks * 512
-                    t0 = time.perf_counter()
-                    sh("fstrim", str(mnt))
-                    m.down()
-                    with exclusive(str(img), "compact"), Stack.open(str(img)) as stack:
-                        moved = ops.compact(stack.top).moved
-                    m.up()
-                    maint_s = time.perf_counter() - t0
-                pt = measure(img, mnt, written)
-                pt.maint_s, pt.moved, pt.pre_alloc = maint_s, moved, pre
-                points.append(pt)
-    finally:
-        try:
-            m.down()
-        finally:
-            shutil.rmtree(img, ignore_errors=True)
-    return points, time.perf_counter() - t_start
+FIG_HEAD = f"{'garbage':>7} {'frag':>6} {'swell':>6} {'df r.':>6} {'alloc':>7} {'df used':>7} {'stale%':>5}"
+
+
+def checkpoint_printer(size: int) -> Callable[[Sample], None]:
+    print(f"    {'written':>7} | before maintenance: {FIG_HEAD} | after: {FIG_HEAD} | pass")
+
+    def show(s: Sample) -> None:
+        line = f"    {s.written / size:>6.2f}x | {'':>20}{fig_cells(s.fig)}"
+        if s.after is not None:
+            line += f" | {'':>7}{fig_cells(s.after)} | {s.maint.get('seconds', 0):.1f}s"
+            line += f" moved {int(s.maint.get('compact_moved', 0))}"
+        print(line, flush=True)
+    return show
+
+
+def print_final(results: list[Result], size: int, times: float) -> None:
+    print(f"\n  final, after {times:g}x {size / MiB:.0f} MiB written (alloc, df used: MiB; "
+          f"df ratio beside Virtuozzo's {VIRTUOZZO_DF_RATIO}):")
+    print(f"  {'workload':<8} {'mode':<15} {'peak garb':>9} {'pk stale%':>9} {'garbage':>7} {'frag':>6} {'swell':>6} "
+          f"{'df ratio':>8} {'VZ':>4} {'alloc':>7} {'df used':>7} {'peak alloc':>10} {'maint':>6} {'time':>6}")
+    for r in results:
+        if r.skipped:
+            print(f"  {r.workload:<8} {r.mode:<15} skipped: {r.skipped}")
+            continue
+        f = r.final
+        peak_alloc = max(x.allocated * x.cluster for s in r.samples for x in (s.fig, s.after) if x is not None)
+        print(f"  {r.workload:<8} {r.mode:<15} {r.peak('garbage'):>9.2f} {100 * r.peak('stale_share'):>9.1f} {f.garbage:>7.2f} {f.fragmentation:>6.2f} "
+              f"{f.swelling:>6.2f} {f.df_ratio:>8.2f} {VIRTUOZZO_DF_RATIO:>4} {f.allocated * f.cluster / MiB:>7.0f} "
+              f"{f.df_used / MiB:>7.0f} {peak_alloc / MiB:>10.0f} {r.maint_seconds:>5.0f}s {r.seconds:>5.0f}s")
+    print("\n  targets:")
+    for r in results:
+        if r.skipped:
+            continue
+        if r.mode == "defaults":
+            pg = r.peak("garbage")
+            print(f"    {r.workload:<8} peak garbage with the defaults {pg:.2f} (target <= {TARGET_PEAK_GARBAGE}): "
+                  f"{'met' if pg <= TARGET_PEAK_GARBAGE else 'NOT met'}")
+        if r.mode == "repack":
+            fr = r.final.fragmentation
+            print(f"    {r.workload:<8} fragmentation after a repack {fr:.2f} (target <= {TARGET_FRAG_AFTER_REPACK}): "
+                  f"{'met' if fr <= TARGET_FRAG_AFTER_REPACK else 'NOT met'}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fs-size", type=int, default=512, help="filesystem (disk) size, MiB (default 512)")
-    ap.add_argument("-n", "--times", type=int, default=10, help="total written, in filesystem sizes (default 10)")
-    ap.add_argument("--quick", action="store_true", help="256 MiB filesystem, 4x written")
-    ap.add_argument("--only", default=None, help="comma-separated variants, e.g. thin-none,default-maint")
+    ap.add_argument("--size", type=int, default=2048, help="VE disk size, MiB (default 2048)")
+    ap.add_argument("--churn", type=float, default=10, help="written per workload, in disk sizes (default 10)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {','.join(WORKLOADS)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 512 MiB, 3x")
+    ap.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES), help="mkfs profile (default thin)")
+    ap.add_argument("--cluster", type=int, default=DEFAULT_CLUSTER // KiB, help="image cluster, KiB (default 1024)")
     ap.add_argument("--sync-every", type=int, default=32, help="syncfs after every this many MiB written (default 32)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
+    ap.add_argument("--dir", default=None, help="where the images go (default: $TMPDIR)")
     args = ap.parse_args()
     configure_logging("warning")  # the attach/detach info lines would drown the figures
     if args.quick:
-        args.fs_size, args.times = 256, 4
+        args.size, args.churn = 512, 3
+    workloads, modes = args.workloads.split(","), args.modes.split(",")
+    for w in workloads:
+        if w not in WORKLOADS:
+            ap.error(f"--workloads: unknown workload {w!r} (known: {', '.join(WORKLOADS)})")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} (known: {', '.join(MODES)})")
     if os.geteuid() != 0:
         print("image_swelling: needs root (loop devices, mounts, FUSE)", file=sys.stderr)
         return 1
-    try:
-        from fsnotifyd.image import attach  # noqa: F401
-    except ImportError as e:
-        print(f"image_swelling: fsnotifyd.image.attach is not importable ({e}); nothing to measure", file=sys.stderr)
-        return 1
-    fs_size = args.fs_size * MiB
-    pool = memoryview(os.urandom(32 * MiB))
-    variants = [(p, m) for p in ("default", "thin") for m in (False, True)]
-    if args.only:
-        want = args.only.split(",")
-        variants = [(p, m) for p, m in variants if f"{p}-{'maint' if m else 'none'}" in want]
-    summary = []
+    size = args.size * MiB
+    setup = Setup(args.profile, args.profile, cluster=args.cluster * KiB)
+    pool = memoryview(os.urandom(16 * MiB))  # random: no zero detection or compression helps
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="fsnd-bench-swell-", dir=args.dir) as tmp:
         print(f"image swelling: {machine_facts(tmp)}")
-        print(f"  {args.fs_size} MiB filesystem, {args.times}x its size written in files of 4 KiB-16 MiB, "
-              f"live data kept near 50 %, seed {args.seed}")
-        for profile, maintain in variants:
-            name = f"{profile}, {'fstrim + compact at each checkpoint' if maintain else 'no maintenance'}"
-            points, took = run_variant(Path(tmp), fs_size, args.times, profile, maintain, pool, args.seed,
-                                       args.sync_every * MiB)
-            print(f"\n  {name} ({took:.0f} s)")
-            print(f"  {'written':>9} {'fs used':>9} {'image alloc':>12} {'clusters':>9} {'file len':>9} "
-                  f"{'alloc/used':>10}" + (f" {'before maint':>12} {'maint':>7} {'moved':>6}" if maintain else ""))
-            for p in points:
-                ratio = f"{p.alloc / p.used:.2f}" if p.used >= MiB else "-"
-                print(f"  {p.written / MiB:>5.0f} MiB {p.used / MiB:>5.0f} MiB {p.alloc / MiB:>8.0f} MiB "
-                      f"{p.clusters:>9} {p.length / MiB:>5.0f} MiB {ratio:>10}"
-                      + (f" {p.pre_alloc / MiB:>8.0f} MiB {p.maint_s:>6.1f}s {p.moved:>6}" if maintain else ""))
-            last = points[-1]
-            peak = max(max(p.alloc, p.pre_alloc) for p in points)
-            summary.append((profile, "fstrim+compact" if maintain else "none", last, peak, took))
-    print(f"\n  final, after {args.times}x {args.fs_size} MiB written:")
-    print(f"  {'mkfs':<8} {'maintenance':<15} {'fs used':>9} {'image alloc':>12} {'peak alloc':>11} "
-          f"{'clusters':>9} {'file len':>9} {'alloc/used':>10} {'time':>6}")
-    for profile, maint, p, peak, took in summary:
-        print(f"  {profile:<8} {maint:<15} {p.used / MiB:>5.0f} MiB {p.alloc / MiB:>8.0f} MiB {peak / MiB:>7.0f} MiB "
-              f"{p.clusters:>9} {p.length / MiB:>5.0f} MiB {p.alloc / p.used:>10.2f} {took:>5.0f}s")
+        print(f"  {args.size} MiB VE, mkfs profile {args.profile}, {args.cluster} KiB clusters, {args.churn:g}x its "
+              f"size written per workload, syncfs every {args.sync_every} MiB, seed {args.seed}")
+        if "repack" in modes and repack_module() is None:
+            print("  note: fsnotifyd.image.repack is not there yet: the repack mode is skipped")
+        for w in workloads:
+            for m in modes:
+                mode = MODES[m]
+                if mode.repack and repack_module() is None:
+                    results.append(Result(w, m, setup.name, [], 0.0, skipped="fsnotifyd.image.repack not there yet"))
+                    continue
+                print(f"\n  {w}, {m}")
+                r = run_one(Path(tmp), size, args.churn, w, mode, setup, seed=args.seed, pool=pool,
+                            sync_every=args.sync_every * MiB, printer=checkpoint_printer(size))
+                print(f"    peak garbage {r.peak('garbage'):.2f}, {r.seconds:.0f} s", flush=True)
+                results.append(r)
+    print_final(results, size, args.churn)
     return 0
 
 
