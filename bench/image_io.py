@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -108,12 +109,13 @@ def raw_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list
 
 
 @contextlib.contextmanager
-def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
+def image_column(work: Path, size: int, profile: str, cluster: int = ops.DEFAULT_CLUSTER
+                 ) -> Iterator[tuple[Path, list[Path]]]:
     """fsnotifyd image -> FUSE exporter -> loop --direct-io=on -> ext4."""
     from fsnotifyd.image import attach as at
 
     img, run, mnt = work / "image", work / "image.run", work / "image.mnt"
-    ops.create(str(img), size, profile=profile)
+    ops.create(str(img), size, profile=profile, cluster=cluster)
     run.mkdir()
     att = None
     try:
@@ -244,6 +246,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s jobs on a 512 MiB file")
     ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
     ap.add_argument("--only", default=None, help="comma-separated columns to run (raw,image,qcow2)")
+    ap.add_argument("--cluster", type=int, default=ops.DEFAULT_CLUSTER >> 10,
+                    help="the image's cluster size, KiB (default 1024)")
     args = ap.parse_args()
     configure_logging("warning")  # the attach/detach info lines would drown the figures
     if args.quick:
@@ -255,7 +259,7 @@ def main() -> int:
     disk = max(4 * GiB, 2 * size + GiB)
     runner = fio if shutil.which("fio") else pyio
 
-    columns = {"raw": raw_column, "image": image_column}
+    columns = {"raw": raw_column, "image": functools.partial(image_column, cluster=args.cluster << 10)}
     notes = []
     try:
         import fsnotifyd.image.attach  # noqa: F401
@@ -276,7 +280,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsnd-bench-io-", dir=args.dir) as tmp:
         work = Path(tmp)
         print(f"image I/O benchmark: {machine_facts(tmp)}")
-        print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, test file {args.file_size} MiB, "
+        print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, image cluster {args.cluster} KiB, test file {args.file_size} MiB, "
               f"{args.repeat} round(s) of {args.runtime:g} s jobs, iodepth {args.iodepth if runner is fio else 1}, "
               f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}")
         for n in notes:
