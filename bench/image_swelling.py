@@ -459,7 +459,9 @@ def run_one(work: Path, size: int, times: float, workload: str, mode: Mode, setu
         churn = Churn(ve, int(times * size), pool, random.Random(f"{seed}-{workload}"), sync_every, on_sample)
         WORKLOADS[workload](churn)
         last = samples[-1]
-        if last.written != churn.written:  # the churn overshot its last sample: one more
+        if not (last.checkpoint and last.written == churn.written):  # it ends on a checkpoint
+            if last.written == churn.written:
+                samples.pop()
             on_sample(churn.written, True)
             last = samples[-1]
         if final_pass and last.after is None:
