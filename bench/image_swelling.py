@@ -119,13 +119,16 @@ def repack_pass(att, mnt: Path) -> dict[str, float]:
     up by the names its branch may give it, so the bench needs no change when it lands."""
     mod = repack_module()
     assert mod is not None
+    if callable(getattr(mod, "run", None)) and hasattr(mod, "Options"):  # run(att, Options()): trims, compacts
+        r = mod.run(att, mod.Options())
+        return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name in ("repack_attached", "repack"):
         fn = getattr(mod, name, None)
         if callable(fn):
             r = fn(att, str(mnt)) if name == "repack_attached" else fn(str(mnt), att=att)
             d = r if isinstance(r, dict) else getattr(r, "__dict__", {})
             return {k: v for k, v in d.items() if isinstance(v, (int, float))}
-    raise RuntimeError(f"{mod.__name__} has no repack entry point the bench knows (repack_attached, repack)")
+    raise RuntimeError(f"{mod.__name__} has no repack entry point the bench knows (run, repack_attached, repack)")
 
 
 # -- the VE ----------------------------------------------------------------------------------------
