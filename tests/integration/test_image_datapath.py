@@ -412,6 +412,39 @@ def test_piecemeal_discards_free_whole_clusters(images):
         images.detach(att)
 
 
+def test_lazy_inode_table_init_costs_no_clusters(images):
+    """A new 8 GiB ext4 left to zero its inode tables itself (mkfs lazy_itable_init=1, as the
+    default profile on a disk without discard) allocates no cluster for its 128 MiB of tables.
+    On this kernel the loop device passes the zeroing on as write-zeroes requests (the exporter
+    sees fallocate ZERO_RANGE/PUNCH_HOLE, discards); a disk without them gets written zeros, which
+    zero detection drops (test_zero_writes_cost_no_clusters)."""
+    import re
+
+    img = images.image(8 << 30, profile="default", mkfs_args=("-b", "4096", "-E", "lazy_itable_init=1,nodiscard"))
+    att = images.attach(img)
+    try:
+        created = physical_bytes(img)
+        mp = images.mount(att, options=("init_itable=0",))  # no pause between groups
+        deadline = time.monotonic() + 300
+        while True:
+            run("sync", "-f", str(mp))
+            groups = re.findall(r"^Group \d+:.*$", run("dumpe2fs", att.loop).stdout, re.M)
+            zeroed = sum("ITABLE_ZEROED" in g for g in groups)
+            if groups and zeroed == len(groups):
+                break
+            assert time.monotonic() < deadline, f"lazy init zeroed {zeroed} of {len(groups)} groups in 300 s"
+            time.sleep(0.5)
+        A.control(att, {"op": "flush"})
+        st = A.status(att)["stats"]
+        grown = physical_bytes(img) - created
+        assert grown <= 2 * MiB, f"lazy init of {len(groups)} groups cost {grown / MiB:.1f} MiB ({st})"
+        assert st["allocated"] <= 2, st
+        A.umount(att)
+        assert_clean(att)
+    finally:
+        images.detach(att)
+
+
 def test_zero_writes_cost_no_clusters(images):
     """A guest writing zeros (dd if=/dev/zero, a filesystem zeroing its tables) allocates
     nothing, and zeros over data free its clusters (qemu's detect-zeroes=unmap)."""
