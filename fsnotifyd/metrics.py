@@ -182,6 +182,7 @@ class _ImagesCollector(Collector):
             for op, n, b in (("read", "reads", "read_bytes"), ("write", "writes", "written_bytes")):
                 requests.add_metric([image, ve, op], io.get(n, 0))
                 nbytes.add_metric([image, ve, op], io.get(b, 0))
+            requests.add_metric([image, ve, "discard"], io.get("discards", 0))
             clusters.add_metric([image, ve, "allocated"], io.get("allocated", 0))
             clusters.add_metric([image, ve, "discarded"], io.get("discarded", 0))
             errors.add_metric([image, ve], st.get("errors") or 0)
