@@ -58,6 +58,9 @@ def measure(mountpoint: str, image: str | None, region_bytes: int) -> dict[str, 
         f = thinness.figures(ranges, region_bytes, allocated=0, image_bytes=0, df_used=0)
         out = {"cluster": f.cluster, "holding": f.holding, "used": f.used,
                "fragmentation": round(f.fragmentation, 4)}
+    # Free space inside holding clusters: what packing the data could give back at most (a
+    # rule can ask for enough of it before a repack is worth its I/O).
+    out["slack_bytes"] = max(0, f.holding * f.cluster - f.used)
     out["from_image"] = image is not None
     out["measure_s"] = round(time.monotonic() - t0, 4)
     return out
