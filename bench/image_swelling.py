@@ -290,10 +290,12 @@ class Churn:
         self.ve, self.mnt, self.total, self.pool, self.rng = ve, ve.mnt, total, pool, rng
         self.capacity = ve.capacity()
         self.written = 0
+        self.changes = 0  # writes, deletes, truncates: the last sample is current while it has not moved
         self.sync_every, self.next_sync = sync_every, sync_every
         self.step = max(1, ve.size // SAMPLES_PER_X)
         self.next_sample = self.step
         self.on_sample = on_sample  # (written, is_checkpoint)
+        self.sampled_at = 0
 
     @property
     def done(self) -> bool:
@@ -305,13 +307,19 @@ class Churn:
 
     def wrote(self, n: int) -> None:
         self.written += n
+        self.changes += 1
         if self.written >= self.next_sync:
             self.next_sync += self.sync_every
             syncfs(self.mnt)
         while self.written >= self.next_sample:
             k = self.next_sample // self.step
             self.next_sample += self.step
+            self.sampled_at = self.changes
             self.on_sample(self.written, k % SAMPLES_PER_X == 0)
+
+    def removed(self) -> None:
+        """A delete or a truncate (they change the figures as writes do)."""
+        self.changes += 1
 
     def write_at(self, fd: int, offset: int, n: int) -> None:
         chunk = len(self.pool) // 4
@@ -344,6 +352,7 @@ def small_files(c: Churn) -> None:
         syncfs(c.mnt)
         for p in rng.sample(sorted(live), int(len(live) * 0.65)):
             p.unlink()
+            c.removed()
             live_bytes -= live.pop(p)
         syncfs(c.mnt)
 
@@ -380,6 +389,7 @@ def append_logs(c: Churn, streams: int = 48) -> None:
             while live_bytes > c.capacity // 2 and closed:
                 p, s = closed.pop(0)
                 p.unlink()
+                c.removed()
                 live_bytes -= s
     finally:
         for lg in open_logs:
@@ -418,12 +428,14 @@ def rewrite_in_place(c: Churn) -> None:
                 fd = os.open(p, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, keep)
+                    c.removed()
                     syncfs(c.mnt)
                     c.write_at(fd, keep, size - keep)
                 finally:
                     os.close(fd)
             else:  # deleted and written anew, maybe another size
                 p.unlink()
+                c.removed()
                 syncfs(c.mnt)
                 new = log_uniform(rng, 16 * MiB, hi)
                 new = min(new, size + max(0, c.capacity // 2 - sum(s for _, s in files)))
@@ -498,8 +510,10 @@ def run_one(work: Path, size: int, times: float, workload: str, mode: Mode, setu
         churn = Churn(ve, int(times * size), pool, random.Random(f"{seed}-{workload}"), sync_every, on_sample)
         WORKLOADS[workload](churn)
         last = samples[-1]
-        if not (last.checkpoint and last.written == churn.written):  # it ends on a checkpoint
-            if last.written == churn.written:
+        # The figures end on what the churn leaves: a last checkpoint unless the last sample was
+        # one and nothing changed since (a churn that stops mid-fill still deletes its round).
+        if not (last.checkpoint and churn.sampled_at == churn.changes):
+            if churn.sampled_at == churn.changes:
                 samples.pop()
             on_sample(churn.written, True)
             last = samples[-1]
