@@ -600,22 +600,14 @@ def _mount_options(mnt: Path) -> list[str]:
     raise AssertionError(f"{mnt} is not mounted")
 
 
-def _settled(image: str, quiet: float = 1.0, limit: float = 30.0) -> int:
-    """The image's allocation once online discards stopped arriving (ext4 sends them from a work
-    queue after the journal commit) and the exporter flushed."""
+def _settled(image: str) -> int:
+    """The image's allocation once online discards stopped arriving."""
     from fsnotifyd.image import attach
+    from fsnotifyd.testing import discards_settled
 
     a = attach.attachment(str(Path(image).parent.parent / "run"), image)
     assert a is not None
-    seen, since, end = None, time.monotonic(), time.monotonic() + limit
-    while time.monotonic() < end:
-        now = attach.status(a)["stats"]["discards"]
-        if now != seen:
-            seen, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-        time.sleep(0.1)
-    attach.control(a, {"op": "flush"})
+    discards_settled(a)
     return _allocated(image)
 
 
