@@ -22,7 +22,7 @@ import pytest
 
 from fsnotifyd.image import attach as A
 from fsnotifyd.image import ops
-from fsnotifyd.testing import run
+from fsnotifyd.testing import discards_settled, run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -369,21 +369,6 @@ def test_discards_over_a_snapshot_leave_the_top_delta_empty(images):
         images.detach(att)
 
 
-def _discards_settled(att: A.Attached, quiet: float = 1.0, limit: float = 30.0) -> None:
-    """Wait until no discard has reached the exporter for ``quiet`` seconds, then flush: ext4
-    sends online discards from a work queue after the journal commit, not inside sync."""
-    seen, since, end = None, time.monotonic(), time.monotonic() + limit
-    while time.monotonic() < end:
-        st = A.status(att)["stats"]
-        now = (st["discards"], st["writes"])
-        if now != seen:
-            seen, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-        time.sleep(0.1)
-    A.control(att, {"op": "flush"})
-
-
 def test_piecemeal_discards_free_whole_clusters(images):
     """Online discard sends a discard per freed extent: small files deleted one by one free
     their clusters once all of each is discarded (the image used to free only clusters one
@@ -403,7 +388,7 @@ def test_piecemeal_discards_free_whole_clusters(images):
             for i in range(first, 2000, 2):
                 (d / f"f{i}").unlink()
             run("sync", "-f", str(mp))
-        _discards_settled(att)
+        discards_settled(att)
         back = full - physical_bytes(img)
         assert back >= 60 * MiB, f"deleting 64 MiB of small files gave back {back / MiB:.1f} MiB"
         A.umount(att)

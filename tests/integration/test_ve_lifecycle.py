@@ -215,7 +215,8 @@ def test_balloon_shrinks_online_and_deflates(state, tmp_path):
     """The balloon: usable space drops without unmounting, the image gives clusters back;
     deflating returns the space to the VE."""
     mnt = tmp_path / "root104"
-    fsnd("ve", "create", "104", "--size", "512M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    # Without online discard (a VE set so, or an older one), so that:
+    fsnd("ve", "create", "104", "--size", "512M", "--mountpoint", str(mnt), "--no-discard", "--state-dir", str(state))
     fsnd("ve", "start", "104", "--state-dir", str(state))
     image = record(state, "104")["image"]
     # Most of the filesystem written then deleted without trim: the image still holds those
@@ -599,26 +600,14 @@ def _mount_options(mnt: Path) -> list[str]:
     raise AssertionError(f"{mnt} is not mounted")
 
 
-def _allocated(image: str) -> int:
-    return sum(os.stat(os.path.join(image, n)).st_blocks * 512 for n in os.listdir(image) if ".hds" in n)
-
-
-def _settled(image: str, quiet: float = 1.0, limit: float = 30.0) -> int:
-    """The image's allocation once online discards stopped arriving (ext4 sends them from a work
-    queue after the journal commit) and the exporter flushed."""
+def _settled(image: str) -> int:
+    """The image's allocation once online discards stopped arriving."""
     from fsnotifyd.image import attach
+    from fsnotifyd.testing import discards_settled
 
     a = attach.attachment(str(Path(image).parent.parent / "run"), image)
     assert a is not None
-    seen, since, end = None, time.monotonic(), time.monotonic() + limit
-    while time.monotonic() < end:
-        now = attach.status(a)["stats"]["discards"]
-        if now != seen:
-            seen, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-        time.sleep(0.1)
-    attach.control(a, {"op": "flush"})
+    discards_settled(a)
     return _allocated(image)
 
 
