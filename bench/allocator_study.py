@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     configure_logging("warning")
+    sw.stop_on_sigterm()
     if os.geteuid() != 0:
         print("allocator_study: needs root (loop devices, mounts, FUSE)", file=sys.stderr)
         return 1
@@ -133,8 +134,8 @@ def main() -> int:
 
 
 HEAD = (f"  {'group':<7} {'variant':<20} {'workload':<8} {'pk garb':>7} {'pk st%':>6} {'garbage':>7} {'frag':>5} "
-        f"{'swell':>5} {'df r.':>5} {'pk MiB':>6} {'mean fr':>7} | {'after fstrim+compact':>20}: {'MiB':>5} {'df r.':>5} {'frag':>5} "
-        f"{'moved':>6} {'BAT KiB':>7} {'time':>5}")
+        f"{'swell':>5} {'df r.':>5} {'pk MiB':>6} {'pk host':>7} {'mean fr':>7} | after fstrim+compact: {'MiB':>5} "
+        f"{'host':>5} {'df r.':>5} {'frag':>5} {'moved':>6} {'BAT KiB':>7} {'time':>5}")
 
 
 def print_row(group: str, name: str, r: sw.Result, size: int, cluster: int, header: bool) -> None:
@@ -146,12 +147,13 @@ def print_row(group: str, name: str, r: sw.Result, size: int, cluster: int, head
     last = r.samples[-1]
     f, a = last.fig, last.after or last.fig
     peak_mib = max(s.fig.allocated * s.fig.cluster for s in r.samples) / MiB
+    peak_host = max(s.fig.image_bytes for s in r.samples) / MiB
     moved = last.maint.get("compact_moved", 0) * cluster / MiB
     rep = "".join(f" {k}={v:g}" for k, v in last.maint.items() if k.startswith("repack_"))
     print(f"  {group:<7} {name:<20} {r.workload:<8} {r.peak('garbage'):>7.2f} {100 * r.peak('stale_share'):>6.1f} "
           f"{f.garbage:>7.2f} {f.fragmentation:>5.2f} {f.swelling:>5.2f} {f.df_ratio:>5.2f} {peak_mib:>6.0f} "
-          f"{mean_frag(r):>7.3f} | "
-          f"{'':>20}: {a.allocated * a.cluster / MiB:>5.0f} {a.df_ratio:>5.2f} {a.fragmentation:>5.2f} "
+          f"{peak_host:>7.0f} {mean_frag(r):>7.3f} | {'':>20}: {a.allocated * a.cluster / MiB:>5.0f} "
+          f"{a.image_bytes / MiB:>5.0f} {a.df_ratio:>5.2f} {a.fragmentation:>5.2f} "
           f"{moved:>4.0f}Mi {bat_bytes(size, cluster) / KiB:>7.0f} {r.seconds:>4.0f}s{rep}", flush=True)
 
 
@@ -161,22 +163,22 @@ def print_summary(rows: list[tuple[str, str, sw.Result]]) -> None:
     if not base:
         return
     print("\n  against the baseline, same workload (%; negative is better): peak stale% is in points")
-    print(f"  {'variant':<20} {'workload':<8} {'pk MiB':>7} {'pk st%':>7} {'end MiB':>7} {'mean fr':>7} "
-          f"{'df r.':>6} {'maint MiB':>9} {'maint df r.':>11}")
+    print(f"  {'variant':<20} {'workload':<8} {'pk MiB':>7} {'pk host':>7} {'pk st%':>7} {'mean fr':>7} "
+          f"{'df r.':>6} {'maint MiB':>9} {'maint host':>10}")
     by_variant: dict[str, list[float]] = {}
     for g, n, r in rows:
         b = base.get(r.workload)
         if g == "base" or r.skipped or b is None:
             continue
-        cells = [pct(peak_mib(r), peak_mib(b)), 100 * (r.peak("stale_share") - b.peak("stale_share")),
-                 pct(end_mib(r, before=True), end_mib(b, before=True)),
+        cells = [pct(peak_mib(r), peak_mib(b)), pct(peak_host(r), peak_host(b)),
+                 100 * (r.peak("stale_share") - b.peak("stale_share")),
                  pct(mean_frag(r), mean_frag(b)),
                  pct(r.samples[-1].fig.df_ratio, b.samples[-1].fig.df_ratio),
-                 pct(end_mib(r), end_mib(b)), pct(final(r).df_ratio, final(b).df_ratio)]
-        by_variant.setdefault(n, []).append((cells[0], cells[3], cells[6]))
-        print(f"  {n:<20} {r.workload:<8} " + " ".join(f"{c:>+{w}.1f}" for c, w in zip(cells, (7, 7, 7, 7, 6, 9, 11))))
-    print("\n  mean over the workloads, against the baseline (%): peak MiB, mean fragmentation, "
-          "df ratio after fstrim + compact")
+                 pct(end_mib(r), end_mib(b)), pct(final(r).image_bytes, final(b).image_bytes)]
+        by_variant.setdefault(n, []).append((cells[0], cells[1], cells[3], cells[5], cells[6]))
+        print(f"  {n:<20} {r.workload:<8} " + " ".join(f"{c:>+{w}.1f}" for c, w in zip(cells, (7, 7, 7, 7, 6, 9, 10))))
+    print("\n  mean over the workloads, against the baseline (%): peak MiB allocated, peak host bytes, mean "
+          "fragmentation, MiB allocated and host bytes after fstrim + compact")
     for n, xs in by_variant.items():
         print(f"    {n:<20} " + " ".join(f"{statistics.mean(col):>+7.1f}" for col in zip(*xs)))
 
@@ -194,6 +196,10 @@ def final(r: sw.Result) -> sw.Measured:
 
 def peak_mib(r: sw.Result) -> float:
     return max(s.fig.allocated * s.fig.cluster for s in r.samples) / MiB
+
+
+def peak_host(r: sw.Result) -> float:
+    return max(s.fig.image_bytes for s in r.samples) / MiB
 
 
 def end_mib(r: sw.Result, before: bool = False) -> float:

@@ -53,6 +53,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -536,10 +537,14 @@ def run_one(work: Path, size: int, times: float, workload: str, mode: Mode, setu
 
 def fig_cells(f: Measured) -> str:
     return (f"{f.garbage:>7.2f} {f.fragmentation:>6.2f} {f.swelling:>6.2f} {f.df_ratio:>6.2f} "
-            f"{f.allocated * f.cluster / MiB:>7.0f} {f.df_used / MiB:>7.0f} {100 * f.stale_share:>5.1f}")
+            f"{f.allocated * f.cluster / MiB:>7.0f} {f.image_bytes / MiB:>6.0f} {f.df_used / MiB:>7.0f} "
+            f"{100 * f.stale_share:>5.1f}")
 
 
-FIG_HEAD = f"{'garbage':>7} {'frag':>6} {'swell':>6} {'df r.':>6} {'alloc':>7} {'df used':>7} {'stale%':>5}"
+# alloc: clusters mapped x cluster size; host: what the image's files take on the host (holes
+# punched inside a cluster cost nothing there)
+FIG_HEAD = (f"{'garbage':>7} {'frag':>6} {'swell':>6} {'df r.':>6} {'alloc':>7} {'host':>6} {'df used':>7} "
+            f"{'stale%':>5}")
 
 
 def checkpoint_printer(size: int) -> Callable[[Sample], None]:
@@ -563,19 +568,22 @@ def transient(r: Result) -> str:
 
 
 def print_final(results: list[Result], size: int, times: float) -> None:
-    print(f"\n  final, after {times:g}x {size / MiB:.0f} MiB written (alloc, df used: MiB; "
+    print(f"\n  final, after {times:g}x {size / MiB:.0f} MiB written (alloc, host, df used: MiB; "
           f"df ratio beside Virtuozzo's {VIRTUOZZO_DF_RATIO}):")
     print(f"  {'workload':<8} {'mode':<15} {'peak garb':>9} {'pk stale%':>9} {'pk transient':>12} {'garbage':>7} {'frag':>6} {'swell':>6} "
-          f"{'df ratio':>8} {'VZ':>4} {'alloc':>7} {'df used':>7} {'peak alloc':>10} {'maint':>6} {'time':>6}")
+          f"{'df ratio':>8} {'VZ':>4} {'alloc':>7} {'host':>6} {'df used':>7} {'peak alloc':>10} {'peak host':>9} "
+          f"{'maint':>6} {'time':>6}")
     for r in results:
         if r.skipped:
             print(f"  {r.workload:<8} {r.mode:<15} skipped: {r.skipped}")
             continue
         f = r.final
         peak_alloc = max(x.allocated * x.cluster for s in r.samples for x in (s.fig, s.after) if x is not None)
+        peak_host = max(x.image_bytes for s in r.samples for x in (s.fig, s.after) if x is not None)
         print(f"  {r.workload:<8} {r.mode:<15} {r.peak('garbage'):>9.2f} {100 * r.peak('stale_share'):>9.1f} {transient(r):>12} {f.garbage:>7.2f} {f.fragmentation:>6.2f} "
               f"{f.swelling:>6.2f} {f.df_ratio:>8.2f} {VIRTUOZZO_DF_RATIO:>4} {f.allocated * f.cluster / MiB:>7.0f} "
-              f"{f.df_used / MiB:>7.0f} {peak_alloc / MiB:>10.0f} {r.maint_seconds:>5.0f}s {r.seconds:>5.0f}s")
+              f"{f.image_bytes / MiB:>6.0f} {f.df_used / MiB:>7.0f} {peak_alloc / MiB:>10.0f} {peak_host / MiB:>9.0f} "
+              f"{r.maint_seconds:>5.0f}s {r.seconds:>5.0f}s")
     print("\n  targets:")
     for r in results:
         if r.skipped:
@@ -588,6 +596,14 @@ def print_final(results: list[Result], size: int, times: float) -> None:
             fr = r.final.fragmentation
             print(f"    {r.workload:<8} fragmentation after a repack {fr:.2f} (target <= {TARGET_FRAG_AFTER_REPACK}): "
                   f"{'met' if fr <= TARGET_FRAG_AFTER_REPACK else 'NOT met'}")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like ^C, so the VE in use is unmounted and detached (a run started with
+    ``&`` from a script ignores SIGINT)."""
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main() -> int:
@@ -604,6 +620,7 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where the images go (default: $TMPDIR)")
     args = ap.parse_args()
     configure_logging("warning")  # the attach/detach info lines would drown the figures
+    stop_on_sigterm()
     if args.quick:
         args.size, args.churn = 512, 3
     workloads, modes = args.workloads.split(","), args.modes.split(",")
