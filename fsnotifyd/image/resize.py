@@ -13,24 +13,17 @@ written.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import FsckFailed, ImageError
 from . import e2fsck, ops
+from .fiemap import fiemap
 from .stack import Stack
 
 BALLOON = ".fsnotifyd-balloon"
-FS_IOC_FIEMAP = 0xC020660B
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_UNKNOWN = 0x2
-_FIEMAP = struct.Struct("=QQIIII")
-_EXTENT = struct.Struct("=QQQQQIIII")
 
 
 def _run(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
@@ -38,29 +31,6 @@ def _run(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     if r.returncode not in ok:
         raise ImageError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:500]}")
     return r
-
-
-def fiemap(fd: int, batch: int = 256) -> list[tuple[int, int, int]]:
-    """(logical, physical, length) of every extent of an open file, in bytes."""
-    out: list[tuple[int, int, int]] = []
-    start = 0
-    while True:
-        buf = bytearray(_FIEMAP.size + batch * _EXTENT.size)
-        _FIEMAP.pack_into(buf, 0, start, (1 << 64) - 1 - start, FIEMAP_FLAG_SYNC, 0, batch, 0)
-        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
-        mapped = _FIEMAP.unpack_from(buf, 0)[3]
-        if mapped == 0:
-            return out
-        last = False
-        for i in range(mapped):
-            logical, physical, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
-            if flags & FIEMAP_EXTENT_UNKNOWN:
-                raise ImageError("the balloon's extents are not known yet (delayed allocation)")
-            out.append((logical, physical, length))
-            start = logical + length
-            last = bool(flags & FIEMAP_EXTENT_LAST)
-        if last:
-            return out
 
 
 @dataclass(frozen=True, slots=True)
