@@ -419,12 +419,38 @@ def _flush(att: Any) -> None:
     attach._ok(att, {"op": "flush"}, timeout=120)
 
 
+@contextlib.contextmanager
+def _one_at_a_time(att: Any) -> Iterator[None]:
+    """One repack (or online shrink) per attachment: a second would delete the first's donors."""
+    run_dir = os.path.dirname(os.path.dirname(att.fuse_dir))  # <run_dir>/fuse/<name>
+    d = os.path.join(run_dir, "repack")
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(os.path.join(d, att.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepackRefused("another repack or online shrink of this image is running", file=att.image) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def run(att: Any, opts: Options, *, above: int | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         printer: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Repack the mounted filesystem of attachment ``att``. ``above`` (bytes, a cluster
     multiple): empty the region from there to the end instead, donors below it (online shrink).
-    Returns the result dict (see the module doc of :mod:`fsnotifyd.actions.shrink`)."""
+    Returns the result dict: mode, clusters_freed, bytes_moved, seconds, moved_files, skipped
+    (holding clusters left alone by reason; ``changed``/``past_eof``/... count files), before
+    and after (:meth:`Figures.as_dict`), released (bytes the image's files gave back)."""
+    with _one_at_a_time(att):
+        return _run(att, opts, above=above, progress=progress, printer=printer)
+
+
+def _run(att: Any, opts: Options, *, above: int | None,
+         progress: Callable[[dict[str, Any]], None] | None,
+         printer: Callable[[str], None] | None) -> dict[str, Any]:
     from . import attach
 
     t0 = time.monotonic()
@@ -520,3 +546,62 @@ def _plan_text(summary: dict[str, Any], files_skipped: Counter[str], cluster: in
     if files_skipped:
         lines.append("files that cannot move: " + ", ".join(f"{k}={v}" for k, v in sorted(files_skipped.items())))
     return "\n".join(lines)
+
+
+def shrink_online(att: Any, size: int, opts: Options, *,
+                  progress: Callable[[dict[str, Any]], None] | None = None,
+                  printer: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Shrink the running VE's filesystem to ``size`` bytes online, giving the space back to
+    the host: the data above ``size`` is repacked into donors below it, the balloon is laid
+    over what is then free above (whole clusters, checked with FIEMAP), its extents are
+    discarded and the image is compacted. The VE then has ``size`` bytes (less what could not
+    leave the region: directories, metadata) and the image holds nothing above it."""
+    with _one_at_a_time(att):
+        return _shrink_online(att, size, opts, progress=progress, printer=printer)
+
+
+def _shrink_online(att: Any, size: int, opts: Options, *, progress: Callable[[dict[str, Any]], None] | None,
+                   printer: Callable[[str], None] | None) -> dict[str, Any]:
+    from . import attach, resize
+
+    mp = att.mountpoint
+    if not mp or not att.loop or not os.path.ismount(mp):
+        raise RepackRefused("the image is not mounted: an online shrink runs on the running VE", file=att.image)
+    info = fs_info(mp, att.loop)
+    cluster = thinness.image_side(att.image)[0]
+    target = -(-size // cluster) * cluster
+    fs_bytes = info.blocks * info.block_size
+    if target >= fs_bytes:
+        raise RepackRefused(f"the filesystem is {fs_bytes} bytes: nothing above {target} to give back",
+                            file=att.image)
+    resize.deflate(mp)  # an older balloon moves out of the way: it is laid again below
+    syncfs(mp)
+    used = thinness.df_used(mp)
+    if used > target * 0.95:
+        raise RepackRefused(f"the data ({used >> 20} MiB in use) does not fit in {target >> 20} MiB with 5 % to "
+                            f"spare; nothing moved", file=att.image)
+    t0 = time.monotonic()
+    on_host_before = thinness.image_side(att.image)[2]
+    moved = _run(att, _replace(opts, trim=False, compact=False), above=target, progress=progress,
+                 printer=printer)
+    if opts.dry_run:
+        moved["mode"] = "shrink_online"
+        moved["size"] = target
+        return moved
+    first = target // cluster
+    b = resize.inflate(mp, att.loop, fs_bytes - target, cluster=cluster, prefer=lambda c: c >= first,
+                       flush=lambda: _flush(att))
+    if opts.compact:
+        attach.compact(att)
+    after = figures(att, mp)
+    released = max(0, on_host_before - after.image_bytes)
+    result = dict(moved, mode="shrink_online", size=target, balloon=b.size, discarded=b.discarded,
+                  seconds=round(time.monotonic() - t0, 3), after=after.as_dict(), released=released)
+    log.info("repack.shrunk_online", mountpoint=mp, size=target, balloon=b.size, released=released)
+    return result
+
+
+def _replace(opts: Options, **changes: Any) -> Options:
+    import dataclasses
+
+    return dataclasses.replace(opts, **changes)

@@ -160,6 +160,17 @@ def plan(used: Iterable[Used], files: Iterable[FileExtent], *, cluster_blocks: i
             continue
         room -= v.used
         victims.append(v)
+    if above is None:
+        # Only as many as pay: k victims fill ceil(used / cluster) donors, so the clusters freed
+        # are k less that; a last victim that would only refill its own donor is left alone.
+        best, best_k, blocks = 0, 0, 0
+        for k, v in enumerate(victims, 1):
+            blocks += v.used
+            if k - -(-blocks // cpb) > best:
+                best, best_k = k - -(-blocks // cpb), k
+        if best_k < len(victims):
+            skipped["not_worth_it"] += len(victims) - best_k
+        victims = victims[:best_k]
     return Plan(cpb, victims, free, skipped, len(in_use))
 
 

@@ -40,10 +40,18 @@ class BalloonResult:
     extents: int
 
 
-def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None) -> BalloonResult:
+def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None,
+            cluster: int | None = None, prefer: Callable[[int], bool] | None = None) -> BalloonResult:
     """Take ``size`` bytes away from the VE's filesystem mounted at ``mountpoint`` (on
     ``device``, the VE's loop device) and give them back to the host. ``flush`` makes the
-    image's freed clusters durable (the exporter's flush) once the discards are done."""
+    image's freed clusters durable (the exporter's flush) once the discards are done.
+
+    With ``cluster`` (the image's cluster size) the balloon is laid one cluster at a time,
+    each piece checked with FIEMAP (:mod:`.placement`): first on wholly free clusters that
+    ``prefer`` takes (an online shrink: the region above the new size), then on any wholly
+    free cluster, the rest wherever the allocator puts it. A piece filling a whole cluster is
+    given back whole; one allocation of ``size`` may share clusters with live data, and those
+    the image cannot free."""
     path = os.path.join(mountpoint, BALLOON)
     if os.path.exists(path):
         _run("chattr", "-i", path)
@@ -51,7 +59,10 @@ def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], obje
     try:
         os.ftruncate(fd, 0)
         try:
-            os.posix_fallocate(fd, 0, size)
+            if cluster is None:
+                os.posix_fallocate(fd, 0, size)
+            else:
+                _lay(fd, size, cluster, prefer)
         except OSError as e:
             raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
                              file=path) from e
@@ -66,7 +77,25 @@ def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], obje
     if flush is not None:
         flush()
     _run("chattr", "+i", path)  # pinned: nobody writes into it or deletes it by mistake
-    return BalloonResult(size, discarded, len(extents))
+    return BalloonResult(sum(n for _, _, n in extents), discarded, len(extents))
+
+
+def _lay(fd: int, size: int, cluster: int, prefer: Callable[[int], bool] | None) -> None:
+    from . import placement
+
+    want = size // cluster
+    offset = 0
+    if prefer is not None:
+        got = placement.place(fd, want, cluster, prefer, attempts=2 * want + 64)
+        want -= len(got.slots)
+        offset = got.next_offset
+    if want > 0:
+        got = placement.place(fd, want, cluster, lambda c: True, offset=offset, attempts=2 * want + 64)
+        want -= len(got.slots)
+        offset = got.next_offset
+    rest = want * cluster + size % cluster
+    if rest:
+        os.posix_fallocate(fd, offset, rest)
 
 
 def deflate(mountpoint: str) -> bool:
