@@ -270,6 +270,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def _repack_options(args: argparse.Namespace):
     from ..image import repack
+    from .logging import configure_logging
+
+    configure_logging("info")  # log events to stderr: stdout is the result (--json)
 
     for name in ("budget_mib_s", "max_seconds"):
         v = getattr(args, name)
