@@ -483,7 +483,7 @@ def _run(att: Any, opts: Options, *, above: int | None,
                 "clusters_freed": 0, "bytes_moved": 0, "seconds": round(time.monotonic() - t0, 3),
                 "moved_files": 0, "skipped": dict(pl.skipped), "before": before.as_dict(),
                 "after": before.as_dict(), "released": 0}
-    if pl.victims and not pl.free:
+    if not pl.free and (pl.victims or pl.skipped.get("no_room")):
         raise RepackRefused("the filesystem is too full for a donor: no wholly free cluster"
                             + ("" if first is None else " below the target size") + "; nothing moved",
                             file=att.image)
@@ -582,23 +582,43 @@ def _shrink_online(att: Any, size: int, opts: Options, *, progress: Callable[[di
                             f"spare; nothing moved", file=att.image)
     t0 = time.monotonic()
     on_host_before = thinness.image_side(att.image)[2]
+    first = target // cluster
+    total = info.blocks * info.block_size // cluster
+    want = (fs_bytes - target) // cluster
+    if not opts.dry_run:
+        # The balloon takes the wholly free clusters above the target first: the donors can then
+        # only land below it (the allocator cannot be told where to go).
+        free_above = _free_clusters(mp, cluster, first, total)
+        want -= resize.lay(mp, cluster, min(free_above, want), lambda c: c >= first, attempts=total + 64)
     moved = _run(att, _replace(opts, trim=False, compact=False), above=target, progress=progress,
                  printer=printer)
+    moved["skipped"].pop(rp.BALLOON, None)
+    moved.update(mode="shrink_online", size=target)
     if opts.dry_run:
-        moved["mode"] = "shrink_online"
-        moved["size"] = target
         return moved
-    first = target // cluster
-    b = resize.inflate(mp, att.loop, fs_bytes - target, cluster=cluster, prefer=lambda c: c >= first,
-                       flush=lambda: _flush(att))
+    # ... and what the moves emptied above it.
+    resize.lay(mp, cluster, min(_free_clusters(mp, cluster, first, total), want), lambda c: c >= first,
+               attempts=total + 64)
+    resize.fill(mp, fs_bytes - target, cluster)
+    b = resize.give_back(mp, att.loop, flush=lambda: _flush(att))
     if opts.compact:
         attach.compact(att)
     after = figures(att, mp)
     released = max(0, on_host_before - after.image_bytes)
-    result = dict(moved, mode="shrink_online", size=target, balloon=b.size, discarded=b.discarded,
-                  seconds=round(time.monotonic() - t0, 3), after=after.as_dict(), released=released)
+    moved.update(balloon=b.size, discarded=b.discarded, seconds=round(time.monotonic() - t0, 3),
+                 after=after.as_dict(), released=released)
     log.info("repack.shrunk_online", mountpoint=mp, size=target, balloon=b.size, released=released)
-    return result
+    return moved
+
+
+def _free_clusters(mountpoint: str, cluster: int, first: int, total: int) -> int:
+    """Wholly free clusters from ``first`` to ``total`` (after a commit)."""
+    syncfs(mountpoint)
+    held: set[int] = set()
+    for e in fsmap.iter_extents(mountpoint):
+        if not e.free:
+            held.update(range(max(first, e.physical // cluster), min(total, -(-e.end // cluster))))
+    return max(0, total - first - len(held))
 
 
 def _replace(opts: Options, **changes: Any) -> Options:

@@ -41,31 +41,83 @@ class BalloonResult:
 
 
 def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None,
-            cluster: int | None = None, prefer: Callable[[int], bool] | None = None) -> BalloonResult:
+            cluster: int | None = None) -> BalloonResult:
     """Take ``size`` bytes away from the VE's filesystem mounted at ``mountpoint`` (on
     ``device``, the VE's loop device) and give them back to the host. ``flush`` makes the
     image's freed clusters durable (the exporter's flush) once the discards are done.
 
-    With ``cluster`` (the image's cluster size) the balloon is laid one cluster at a time,
-    each piece checked with FIEMAP (:mod:`.placement`): first on wholly free clusters that
-    ``prefer`` takes (an online shrink: the region above the new size), then on any wholly
-    free cluster, the rest wherever the allocator puts it. A piece filling a whole cluster is
-    given back whole; one allocation of ``size`` may share clusters with live data, and those
-    the image cannot free."""
+    With ``cluster`` (the image's cluster size) the balloon is laid one whole cluster at a
+    time, each piece checked with FIEMAP (:func:`lay`), the rest wherever the allocator puts
+    it: a piece filling a cluster is given back whole, while one allocation of ``size`` may
+    share clusters with live data, which the image cannot free."""
     path = os.path.join(mountpoint, BALLOON)
     if os.path.exists(path):
         _run("chattr", "-i", path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o000)
     try:
         os.ftruncate(fd, 0)
-        try:
-            if cluster is None:
+        if cluster is None:
+            try:
                 os.posix_fallocate(fd, 0, size)
-            else:
-                _lay(fd, size, cluster, prefer)
-        except OSError as e:
-            raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
-                             file=path) from e
+            except OSError as e:
+                raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
+                                 file=path) from e
+    finally:
+        os.close(fd)
+    if cluster is not None:
+        fill(mountpoint, size, cluster)
+    return give_back(mountpoint, device, flush=flush)
+
+
+def _open_balloon(mountpoint: str) -> int:
+    path = os.path.join(mountpoint, BALLOON)
+    if os.path.exists(path):
+        _run("chattr", "-i", path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o000)
+
+
+def lay(mountpoint: str, cluster: int, count: int, accept: Callable[[int], bool], *,
+        attempts: int | None = None) -> int:
+    """Add up to ``count`` pieces of one whole cluster each to the balloon (made if missing),
+    on clusters ``accept`` takes (:func:`.placement.place`). Returns the pieces laid."""
+    from . import placement
+
+    if count <= 0:
+        return 0
+    fd = _open_balloon(mountpoint)
+    try:
+        offset = -(-os.fstat(fd).st_size // cluster) * cluster
+        return len(placement.place(fd, count, cluster, accept, offset=offset, attempts=attempts).slots)
+    finally:
+        os.close(fd)
+
+
+def fill(mountpoint: str, size: int, cluster: int) -> None:
+    """Bring the balloon to ``size`` bytes: whole clusters anywhere first, the rest in one
+    allocation."""
+    fd = _open_balloon(mountpoint)
+    try:
+        have = os.fstat(fd).st_blocks * 512
+        if have < size:
+            lay(mountpoint, cluster, (size - have) // cluster, lambda c: True)
+            have = os.fstat(fd).st_blocks * 512
+        if have < size:
+            offset = -(-os.fstat(fd).st_size // cluster) * cluster
+            try:
+                os.posix_fallocate(fd, offset, size - have)
+            except OSError as e:
+                raise ImageError(f"the filesystem has no {size - have} more bytes free for the balloon: "
+                                 f"{e.strerror}", file=os.path.join(mountpoint, BALLOON)) from e
+    finally:
+        os.close(fd)
+
+
+def give_back(mountpoint: str, device: str, *, flush: Callable[[], object] | None = None) -> BalloonResult:
+    """Discard the balloon's extents on the device (the image frees the clusters they fill),
+    flush, and pin the balloon (immutable)."""
+    path = os.path.join(mountpoint, BALLOON)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
         extents = fiemap(fd)
     finally:
@@ -78,24 +130,6 @@ def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], obje
         flush()
     _run("chattr", "+i", path)  # pinned: nobody writes into it or deletes it by mistake
     return BalloonResult(sum(n for _, _, n in extents), discarded, len(extents))
-
-
-def _lay(fd: int, size: int, cluster: int, prefer: Callable[[int], bool] | None) -> None:
-    from . import placement
-
-    want = size // cluster
-    offset = 0
-    if prefer is not None:
-        got = placement.place(fd, want, cluster, prefer, attempts=2 * want + 64)
-        want -= len(got.slots)
-        offset = got.next_offset
-    if want > 0:
-        got = placement.place(fd, want, cluster, lambda c: True, offset=offset, attempts=2 * want + 64)
-        want -= len(got.slots)
-        offset = got.next_offset
-    rest = want * cluster + size % cluster
-    if rest:
-        os.posix_fallocate(fd, offset, rest)
 
 
 def deflate(mountpoint: str) -> bool:
