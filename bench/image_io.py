@@ -74,9 +74,9 @@ def mkfs(dev: str, profile: str) -> None:
     sh("mkfs.ext4", "-q", "-F", *ops.MKFS_PROFILES[profile], dev)
 
 
-def mount(dev: str, mnt: Path) -> None:
+def mount(dev: str, mnt: Path, options: tuple[str, ...] = ()) -> None:
     mnt.mkdir(parents=True, exist_ok=True)
-    sh("mount", "-t", "ext4", dev, str(mnt))
+    sh("mount", "-t", "ext4", *(["-o", ",".join(options)] if options else []), dev, str(mnt))
 
 
 def umount(mnt: Path) -> None:
@@ -85,7 +85,7 @@ def umount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def raw_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
+def raw_column(work: Path, size: int, profile: str, options: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[Path]]]:
     """Sparse raw file -> loop --direct-io=on -> ext4. Yields the mountpoint and the host
     files whose page cache holds the disk's data (none: the loop reads with O_DIRECT)."""
     raw, mnt = work / "raw.img", work / "raw.mnt"
@@ -96,7 +96,7 @@ def raw_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list
     try:
         dev = sh("losetup", "--find", "--show", "--direct-io=on", str(raw)).stdout.strip()
         mkfs(dev, profile)
-        mount(dev, mnt)
+        mount(dev, mnt, options)
         mounted = True
         yield mnt, []
     finally:
@@ -108,7 +108,7 @@ def raw_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list
 
 
 @contextlib.contextmanager
-def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
+def image_column(work: Path, size: int, profile: str, options: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[Path]]]:
     """fsnotifyd image -> FUSE exporter -> loop --direct-io=on -> ext4."""
     from fsnotifyd.image import attach as at
 
@@ -118,7 +118,7 @@ def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, li
     att = None
     try:
         att = at.attach(str(img), run_dir=str(run), direct_io=True)
-        at.mount(att, str(mnt))
+        at.mount(att, str(mnt), options=options)
         yield mnt, sorted(img.glob(ops.ROOT_FILE + "*"))  # the exporter reads its deltas through the host cache
     finally:
         if att is not None:
@@ -131,7 +131,7 @@ def image_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, li
 
 
 @contextlib.contextmanager
-def qcow2_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, list[Path]]]:
+def qcow2_column(work: Path, size: int, profile: str, options: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[Path]]]:
     """qcow2 -> qemu-storage-daemon FUSE export -> loop (no direct I/O) -> ext4."""
     qcow, export, mnt = work / "img.qcow2", work / "qcow2.export", work / "qcow2.mnt"
     pidfile = work / "qsd.pid"
@@ -149,7 +149,7 @@ def qcow2_column(work: Path, size: int, profile: str) -> Iterator[tuple[Path, li
         pid = int(pidfile.read_text())
         dev = sh("losetup", "--find", "--show", str(export)).stdout.strip()
         mkfs(dev, profile)
-        mount(dev, mnt)
+        mount(dev, mnt, options)
         mounted = True
         yield mnt, [qcow]
     finally:
@@ -244,6 +244,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s jobs on a 512 MiB file")
     ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
     ap.add_argument("--only", default=None, help="comma-separated columns to run (raw,image,qcow2)")
+    ap.add_argument("--mount-options", default="", help="ext4 mount options for every column, e.g. discard "
+                    "(what `ve start` mounts with by default)")
     args = ap.parse_args()
     configure_logging("warning")  # the attach/detach info lines would drown the figures
     if args.quick:
@@ -254,6 +256,7 @@ def main() -> int:
     size = args.file_size * MiB
     disk = max(4 * GiB, 2 * size + GiB)
     runner = fio if shutil.which("fio") else pyio
+    options = tuple(o for o in args.mount_options.split(",") if o)
 
     columns = {"raw": raw_column, "image": image_column}
     notes = []
@@ -278,7 +281,8 @@ def main() -> int:
         print(f"image I/O benchmark: {machine_facts(tmp)}")
         print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, test file {args.file_size} MiB, "
               f"{args.repeat} round(s) of {args.runtime:g} s jobs, iodepth {args.iodepth if runner is fio else 1}, "
-              f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}")
+              f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}, "
+              f"mounted {'-o ' + ','.join(options) if options else 'with no options'}")
         for n in notes:
             print(f"  {n}")
         results: dict[str, dict[str, list[float]]] = {j[0]: {c: [] for c in columns} for j in JOBS}
@@ -287,7 +291,7 @@ def main() -> int:
             mnts, caches = {}, {}
             for name, col in columns.items():
                 t0 = time.perf_counter()
-                mnts[name], caches[name] = stack.enter_context(col(work, disk, args.profile))
+                mnts[name], caches[name] = stack.enter_context(col(work, disk, args.profile, options))
                 print(f"  {name}: set up in {time.perf_counter() - t0:.1f} s")
             for name, mnt in mnts.items():  # lay out the test file: the first, allocating write
                 mbs, _ = runner(mnt / "test.dat", "write", "1M", size, None, args.iodepth)

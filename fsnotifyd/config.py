@@ -26,6 +26,7 @@ class SourceConfig:
     interval: float | None = None
     fstypes: tuple[str, ...] = ()
     region_mib: int | None = None  # bpf_alloc: the image cluster size regions are counted in
+    figures_interval: float | None = None  # bpf_alloc: seconds between thinness measurements per fs (0: off)
     ext4_devices: bool | None = None  # bpf_space: also hook ext4's block mapping to name devices
 
 
@@ -251,7 +252,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     sources = {s: SourceConfig() for s in _SOURCES}
     if "sources" in top:
         for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
-            allowed = ("enabled", "interval", "fstypes") + {"bpf_alloc": ("region_mib",),
+            allowed = ("enabled", "interval", "fstypes") + {"bpf_alloc": ("region_mib", "figures_interval"),
                                                             "bpf_space": ("ext4_devices",)}.get(name, ())
             fields = r.mapping(node, f"sources.{name}", allowed)
             sc: dict[str, Any] = {}
@@ -269,6 +270,9 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                     raise r.error(fields["region_mib"], f"sources.{name}.region_mib must be a power of two",
                                   "region_mib")
                 sc["region_mib"] = int(mib)
+            if "figures_interval" in fields:
+                sc["figures_interval"] = float(r.number(fields["figures_interval"],
+                                                        f"sources.{name}.figures_interval", minimum=0))
             sources[name] = SourceConfig(**sc)
     kw["sources"] = sources
     if "rules" in top:

@@ -41,6 +41,7 @@ KINDS = frozenset(
         "action.succeeded",
         "action.failed",
         "fsck.result",
+        "image.repacked",
         "notification",
     }
 )
@@ -70,6 +71,7 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "action.succeeded": "info",
     "action.failed": "error",
     "fsck.result": "info",
+    "image.repacked": "info",
     "notification": "warning",
 }
 

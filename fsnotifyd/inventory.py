@@ -64,6 +64,9 @@ class Placement:
     emergency_ro: bool = False
     backing_file: str | None = None
     ve: str | None = None
+    # The image directory behind a loop device on an fsnotifyd image (its backing file is the
+    # exporter's FUSE disk): what the thinness figures read the BAT of. None: no such image.
+    image: str | None = None
 
 
 def _read(path: str) -> str | None:
@@ -111,6 +114,9 @@ class Inventory:
     # the CLI mounts its filesystem, the mount table changes, and the VE is known from then).
     # The VEs given in ``ves`` win over a provided one of the same id.
     provider: Callable[[], Iterable[VE]] | None = None
+    # (disk file, image directory) of every attached image (the image manager's attachment
+    # records), asked for on every refresh: places a loop device on an image's disk.
+    images: Callable[[], Iterable[tuple[str, str]]] | None = None
     _static: list[VE] = field(default_factory=list, init=False)
     _by_devnum: dict[tuple[int, int], Placement] = field(default_factory=dict, init=False)
     _by_name: dict[str, Placement] = field(default_factory=dict, init=False)
@@ -141,6 +147,7 @@ class Inventory:
             if extra is not None:
                 known = {v.id for v in self._static}
                 self.ves = self._static + [v for v in extra if v.id not in known]
+        image_of = self._image_dirs()
         by_devnum: dict[tuple[int, int], Placement] = {}
         for entry in self.mountinfo():
             if entry.major == 0:  # no block device behind it (tmpfs, proc, fuse, overlay, ...)
@@ -158,6 +165,7 @@ class Inventory:
                 readonly=entry.readonly,
                 emergency_ro=entry.emergency_ro,
                 backing_file=backing,
+                image=image_of.get(backing.removesuffix(" (deleted)")) if backing else None,
             )
             prior = by_devnum.get(entry.devnum)
             if prior is None or (prior.mount and prior.mount != "/" and entry.root == "/"):
@@ -174,6 +182,15 @@ class Inventory:
         self._by_devnum = {k: self._with_ve(p) for k, p in by_devnum.items()}
         self._by_name = {p.device.name: p for p in self._by_devnum.values() if p.device.name}
         self._last_seen.update(self._by_name)
+
+    def _image_dirs(self) -> dict[str, str]:
+        if self.images is None:
+            return {}
+        try:
+            return {disk: image for disk, image in self.images()}
+        except Exception as e:  # unreadable records must not stop placing events
+            log.warning("inventory.images_failed", error=str(e))
+            return {}
 
     def register(self, ve: VE) -> None:
         """Add or replace a VE at run time (the image manager registers the VEs it attaches)."""

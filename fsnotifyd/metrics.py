@@ -76,6 +76,27 @@ class Metrics:
             "fsnotifyd_fsck_results_total", "fsck runs by result (clean; errors: found, or fixed by a repair; failed: nothing learnt, or errors left)",
             ["ve", "result"], registry=r,
         )
+        # Repack passes (``shrink: {mode: repack}``), from the image.repacked events and the
+        # repack jobs that failed.
+        self.repack_runs = Counter(
+            "fsnotifyd_repack_runs_total", "Repack passes by result (succeeded, failed, dry_run)",
+            ["ve", "result"], registry=r,
+        )
+        self.repack_clusters_freed = Counter(
+            "fsnotifyd_repack_clusters_freed_total", "Image clusters repack passes made free", ["ve"], registry=r,
+        )
+        self.repack_moved_bytes = Counter(
+            "fsnotifyd_repack_moved_bytes_total", "Bytes of file data repack passes moved", ["ve"], registry=r,
+        )
+        self.repack_seconds = Histogram(
+            "fsnotifyd_repack_seconds", "How long a repack pass took",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r,
+        )
+        self.repack_skipped = Counter(
+            "fsnotifyd_repack_skipped_total",
+            "What repack passes could not move, by reason (metadata, directory, inline, immutable, changing, ...)",
+            ["ve", "reason"], registry=r,
+        )
         self.sink_failures = Counter(
             "fsnotifyd_sink_failures_total", "Events a sink raised on (the other sinks still got them)",
             ["sink"], registry=r,
@@ -182,6 +203,7 @@ class _ImagesCollector(Collector):
             for op, n, b in (("read", "reads", "read_bytes"), ("write", "writes", "written_bytes")):
                 requests.add_metric([image, ve, op], io.get(n, 0))
                 nbytes.add_metric([image, ve, op], io.get(b, 0))
+            requests.add_metric([image, ve, "discard"], io.get("discards", 0))
             clusters.add_metric([image, ve, "allocated"], io.get("allocated", 0))
             clusters.add_metric([image, ve, "discarded"], io.get("discarded", 0))
             errors.add_metric([image, ve], st.get("errors") or 0)
@@ -191,7 +213,8 @@ class _ImagesCollector(Collector):
 
 
 class FsGauges(Collector):
-    """A filesystem's last allocation figures (live regions, swelling), by device and VE.
+    """A filesystem's last allocation figures (live regions, swelling, the thinness figures), by
+    device and VE.
 
     They come from ``fs.alloc`` events, which stop when the filesystem is unmounted, and a loop
     device is reused by the next VE attached. A plain Gauge would keep the last value of a
@@ -203,6 +226,14 @@ class FsGauges(Collector):
         "regions_live": ("fsnotifyd_alloc_regions_live", "Regions holding allocations and not discarded whole since"),
         "swelling": ("fsnotifyd_fs_swelling_ratio",
                      "Live regions over the regions the data in use needs (1 = compact; a thin image's growth factor)"),
+        # The thinness figures (fs.alloc details.figures; fsnotifyd.image.thinness defines them).
+        "garbage": ("fsnotifyd_image_garbage_ratio",
+                    "Image clusters allocated over clusters holding live data (1 = the image keeps nothing freed)"),
+        "fragmentation": ("fsnotifyd_image_fragmentation_ratio",
+                          "Clusters holding live data over the clusters' worth of data in use (1 = packed)"),
+        "image_swelling": ("fsnotifyd_image_swelling_ratio",
+                           "Image clusters allocated over the clusters' worth of data in use (garbage x fragmentation)"),
+        "df_ratio": ("fsnotifyd_image_df_ratio", "Image bytes on the host over the bytes df shows used"),
     }
 
     def __init__(self) -> None:

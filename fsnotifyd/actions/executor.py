@@ -23,13 +23,14 @@ import structlog
 
 from ..errors import FsnotifydError
 from ..events import Device, Event, Kernel, hostname
+from . import repacked
 from .job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from .journal import JobJournal
 
 log = structlog.get_logger("fsnotifyd.actions")
 
 DEFAULT_TIMEOUT = 600.0
-SEVERITY = {"action.started": "info", "action.succeeded": "info", "action.failed": "error"}
+SEVERITY = {"action.started": "info", "action.succeeded": "info", "action.failed": "error", repacked.KIND: "info"}
 
 
 class ActionError(Exception):
@@ -241,6 +242,9 @@ class Executor:
             self.metrics.action_seconds.labels(job.action).observe(duration)
         self._emit(job, f"action.{outcome}", {"duration_s": round(duration, 6), "result": job.result,
                                               "error": job.error, "steps_done": list(job.steps)})
+        pass_details = repacked.details(job) if job.state == SUCCEEDED else None
+        if pass_details is not None:
+            self._emit(job, repacked.KIND, pass_details)
         log.info(f"action.{outcome}", job=job.id, action=job.action, ve=job.ve, duration_s=round(duration, 3),
                  error=job.error, dry_run=job.dry_run)
 

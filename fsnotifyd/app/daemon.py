@@ -223,7 +223,11 @@ class Daemon:
 
     def build_inventory(self) -> None:
         registry = Registry(self.config.state_dir)
-        self.inventory = Inventory(ves=list(self.config.ves), provider=registry.ves)
+        run_dir = os.path.join(self.config.state_dir, "run")
+        # Which image a loop device serves (the attachment records): the thinness figures of
+        # fs.alloc read that image's BAT.
+        self.inventory = Inventory(ves=list(self.config.ves), provider=registry.ves,
+                                   images=lambda: [(a.disk, a.image) for a in attached(run_dir)])
         inventory = self.inventory
         self.metrics.bind_mounted(lambda: [(p.device.name or "", p.ve or "") for p in inventory.mounts()])
 

@@ -384,7 +384,8 @@ def cmd_ve_create(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
     rec = lifecycle.create(_state_dir(args), args.id, parse_size(args.size), mountpoint=args.mountpoint,
-                           image=args.image, labels=_labels(args.label), profile=args.profile)
+                           image=args.image, labels=_labels(args.label), profile=args.profile,
+                           discard=not args.no_discard)
     print(f"VE {rec.id}: image {rec.image}, mount point {rec.mountpoint}")
     if args.start:
         lifecycle.start(_state_dir(args), rec.id)
@@ -413,9 +414,23 @@ def cmd_ve_show(args: argparse.Namespace) -> int:
     print(f"VE {rec.id}: {'running on ' + str(rec.loop) if rec.running else 'stopped'}")
     if rec.reason:
         print(f"reason      {rec.reason}")
-    print(f"mount point {rec.mountpoint}; labels {rec.labels or '-'}")
+    print(f"mount point {rec.mountpoint}; labels {rec.labels or '-'}; "
+          f"online discard {'on' if rec.discard else 'off'}")
     args.image, args.json = rec.image, False
     return cmd_info(args)
+
+
+def cmd_ve_set(args: argparse.Namespace) -> int:
+    from ..ve.registry import Registry
+
+    reg = Registry(_state_dir(args))
+    with reg.ve_locked(args.id):
+        rec = reg.get(args.id)
+        if args.discard is not None:
+            rec = reg.update(args.id, discard=args.discard == "on")
+    print(f"VE {rec.id}: online discard {'on' if rec.discard else 'off'}"
+          + (" (from the next start)" if rec.running else ""))
+    return 0
 
 
 def cmd_ve_start(args: argparse.Namespace) -> int:
@@ -571,6 +586,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vc.add_argument("--label", action="append", metavar="KEY=VALUE")
     vc.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES))
     vc.add_argument("--start", action="store_true")
+    vc.add_argument("--no-discard", action="store_true",
+                    help="mount without online discard (space then comes back only by fstrim or a shrink)")
+    vse = vcmd("set", cmd_ve_set, "change a VE's settings (taking effect at its next start)")
+    vse.add_argument("id")
+    vse.add_argument("--discard", choices=("on", "off"), help="mount with online discard (default on)")
     vl = vcmd("list", cmd_ve_list, "list VEs")
     vl.add_argument("--json", action="store_true")
     vs = vcmd("show", cmd_ve_show, "one VE and its image")

@@ -11,8 +11,8 @@
  * cluster, 0 = not here) and updates it, under the same mutex, whenever a mapping changes
  * (allocation, discard, compaction, snapshot, close). Anything else goes to the Python
  * callbacks mfusepy made: a request over a cluster the top does not have (allocation, the
- * deltas below, zeros), a write to a read-only image, a failed system call (Python does the
- * whole request again and reports the error). A write here is acknowledged as Python's is: in
+ * deltas below, zeros), a write of all zeros (zero detection), a write to a read-only image,
+ * a failed system call (Python does the whole request again and reports the error). A write here is acknowledged as Python's is: in
  * the host page cache or written O_DIRECT, durable at the next flush, which Python does.
  *
  * The mutex is the exporter's lock: Python takes it (fastio.Lock) around everything it does
@@ -464,9 +464,15 @@ int fio_read(const char *path, char *buf, size_t size, off_t off, void *fi) {
     return S.py_read(path, buf, size, off, fi);
 }
 
+/* All zeros: Python makes it a discard (zero detection: the cluster may be freed). Data that
+ * is not fails on its first bytes. */
+static int zeros(const char *buf, size_t size) {
+    return size > 0 && buf[0] == 0 && memcmp(buf, buf + 1, size - 1) == 0;
+}
+
 int fio_write(const char *path, const char *buf, size_t size, off_t off, void *fi) {
     pthread_mutex_lock(&S.lock);
-    if (!S.readonly && mapped(size, off)) {
+    if (!S.readonly && mapped(size, off) && !zeros(buf, size)) {
         S.st.busy_since_ns = now_ns();
         /* libfuse's buffer: written from, never to (the pieces take a char * to share by_cluster) */
         int ok = by_cluster((char *)buf, size, off, write_piece);

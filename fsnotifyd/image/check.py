@@ -18,6 +18,9 @@ What is checked, per :func:`check`:
   committed, a compaction cut short): their count and bytes (repaired: the file is cut after
   the last used cluster, interior ones are punched). Unreferenced clusters that are holes are
   ordinary free space left by discards, not problems;
+- mapped clusters that are all holes: every page discarded, the cluster not yet freed (a crash
+  between the last punch and the commit that frees it; repaired: the entry is marked zero, or
+  unmapped in the base delta, which has nothing below to hide);
 - the header's in-use marker (a writer did not close cleanly: reported; repaired by clearing it
   once the rest of the delta is repaired);
 - files in the directory that the descriptor does not name: a delta (ploop signature, or named
@@ -41,7 +44,7 @@ from ..errors import ImageError
 from . import descriptor as dd
 from .delta import Delta, punch_hole
 from .descriptor import Descriptor
-from .format import SIGNATURE
+from .format import SIGNATURE, ZERO_CLUSTER
 
 TMP_SUFFIX = ".tmp"
 MKFS_TMP_PREFIX = "fsnd-mkfs-"
@@ -100,14 +103,16 @@ def check(image_dir: str, *, repair: bool = False) -> CheckReport:
         report.add(e.file or desc_path, e.field, e.message, repairable=False)
         return report  # which files are leftovers cannot be known without the descriptor
     for shot in desc.shots:
-        _check_delta(os.path.join(image_dir, shot.file), desc, shot.guid == desc.top, report, repair)
+        _check_delta(os.path.join(image_dir, shot.file), desc, shot.guid == desc.top, report, repair,
+                     base=shot.parent == dd.ROOT_PARENT)
     _leftovers(image_dir, desc, report, repair)
     return report
 
 
 # -- one delta ---------------------------------------------------------------------------------
 
-def _check_delta(path: str, desc: Descriptor, is_top: bool, report: CheckReport, repair: bool) -> None:
+def _check_delta(path: str, desc: Descriptor, is_top: bool, report: CheckReport, repair: bool, *,
+                 base: bool = False) -> None:
     try:
         st = os.lstat(path)
     except OSError as e:
@@ -122,7 +127,7 @@ def _check_delta(path: str, desc: Descriptor, is_top: bool, report: CheckReport,
         report.add(e.file or path, e.field, e.message, repairable=False)
         return
     try:
-        _check_open_delta(delta, desc, is_top, report, repair)
+        _check_open_delta(delta, desc, is_top, report, repair, base)
     except ImageError as e:
         report.add(e.file or path, e.field, e.message, repairable=False)
     except OSError as e:
@@ -135,7 +140,8 @@ def _check_delta(path: str, desc: Descriptor, is_top: bool, report: CheckReport,
         delta.fd = -1
 
 
-def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: CheckReport, repair: bool) -> None:
+def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: CheckReport, repair: bool,
+                      base: bool = False) -> None:
     path, h = delta.path, delta.header
     c = h.cluster
 
@@ -189,6 +195,19 @@ def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: Chec
             os.fsync(delta.fd)
             delta._free = delta.unreferenced()
 
+    # Mapped clusters every page of which was discarded: free space the image still holds.
+    with_data = _data_clusters(delta.fd, c)
+    hollow = [vc for vc in range(len(delta.bat)) if (p := delta.physical(vc)) and p not in with_data]
+    if hollow:
+        report.add(path, "clusters", f"{len(hollow)} mapped clusters are all holes (discarded, not freed)",
+                   repaired=repair)
+        if repair:
+            for vc in hollow:
+                delta.bat[vc] = 0 if base else ZERO_CLUSTER
+            delta._write_bat_entries(hollow)
+            os.fdatasync(delta.fd)
+            delta._free = delta.unreferenced()
+
     if repair and resize_to is not None:
         delta.resize(resize_to)
 
@@ -196,6 +215,23 @@ def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: Chec
         report.add(path, "m_DiskInUse", "in-use marker set: the delta was not closed cleanly", repaired=repair)
         if repair:
             delta.set_in_use(False)
+
+
+def _data_clusters(fd: int, cluster: int) -> set[int]:
+    """Physical clusters with at least one block of data in the file (SEEK_DATA/SEEK_HOLE: a
+    walk over the file's extents, not a call per cluster)."""
+    out: set[int] = set()
+    end = os.fstat(fd).st_size
+    pos = 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data at or after pos
+            break
+        stop = os.lseek(fd, start, os.SEEK_HOLE)
+        out.update(range(start // cluster, -(-stop // cluster)))
+        pos = stop
+    return out
 
 
 def _has_data(fd: int, offset: int, length: int) -> bool:

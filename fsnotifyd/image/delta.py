@@ -28,8 +28,8 @@ from typing import Callable
 from ..errors import ImageError
 from .readahead import ReadAhead
 from .writebehind import WriteBehind
-from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, BatProblem, Header, bat_region, capacity,
-                     new_header, parse_header, validate_bat)
+from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, ZERO_CLUSTER, BatProblem, Header, bat_region,
+                     capacity, new_header, parse_header, validate_bat)
 
 if sys.byteorder != "little":  # the BAT is little-endian and read straight into an array
     raise ImportError("fsnotifyd.image needs a little-endian host")
@@ -44,6 +44,9 @@ DIRECT_ALIGN = 4096
 # random writes until the VE's next flush and reads ahead for small reads, where a direct
 # request would wait for the disk while the single-threaded exporter holds every other one.
 DIRECT_MIN = 64 << 10
+# The host filesystem's block: the unit a hole can be punched in (ext4, XFS and btrfs on 4 KiB).
+PAGE = 4096
+_ZEROS = bytes(DIRECT_ALIGN)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -54,6 +57,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether every byte is zero. Data that is not fails on its first bytes, which costs
+    nothing; a whole check copies once (a memoryview compares byte by byte, 25x slower)."""
+    n = len(data)
+    head = bytes(data[:32])
+    if head.count(0) != len(head):
+        return False
+    return n <= 32 or bytes(data) == bytes(n)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -198,7 +211,7 @@ class Delta:
     def _map(self, vc: int, p: int) -> None:
         self._pending[vc] = p
         if self.on_map is not None:
-            self.on_map(vc, p)
+            self.on_map(vc, 0 if p == ZERO_CLUSTER else p)  # the C path serves data clusters only
 
     def _take_stage(self) -> memoryview:
         # list.pop and append are atomic: FUSE threads share the pool without a lock.
@@ -278,12 +291,35 @@ class Delta:
     def cluster(self) -> int:
         return self.header.cluster
 
-    def physical(self, vc: int) -> int:
-        """The physical cluster holding virtual cluster ``vc`` here (0: not in this delta)."""
+    def entry(self, vc: int) -> int:
+        """The BAT entry for ``vc`` as it stands (pending changes included): a physical
+        cluster, 0 or ``ZERO_CLUSTER``."""
         if vc >= len(self.bat):
             return 0
         p = self._pending.get(vc)
         return self.bat[vc] if p is None else p
+
+    def physical(self, vc: int) -> int:
+        """The physical cluster holding virtual cluster ``vc`` here (0: no data in this delta,
+        whether reads fall through or it is marked zero)."""
+        p = self.entry(vc)
+        return 0 if p == ZERO_CLUSTER else p
+
+    def zeroed(self, vc: int) -> bool:
+        """Marked as zeros here: nothing below shows through, and no cluster is spent."""
+        return self.entry(vc) == ZERO_CLUSTER
+
+    def is_hole(self, phys: int) -> bool:
+        """Whether physical cluster ``phys`` holds no data in the file (every block of it
+        punched or never written): it reads as zeros and costs the host nothing."""
+        self._sync()
+        start = phys * self.cluster
+        try:
+            return os.lseek(self.fd, start, os.SEEK_DATA) >= start + self.cluster
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after start
+                return True
+            raise
 
     def read(self, phys: int, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` within physical cluster ``phys`` (zeros past EOF)."""
@@ -377,6 +413,31 @@ class Delta:
             raise ValueError("allocate takes a whole cluster")
         return self._place(vc, lambda p, reused: self.write(p, 0, data))
 
+    def allocate_sparse(self, vc: int, data: bytes | bytearray | memoryview) -> int:
+        """Like :meth:`allocate`, writing only the pages of ``data`` that are not zeros (a copy
+        up or a compaction costs what the cluster holds, and holes stay holes)."""
+        c = self.cluster
+        if len(data) != c:
+            raise ValueError("allocate_sparse takes a whole cluster")
+        view = memoryview(data)
+
+        def fill(p: int, reused: bool) -> None:
+            self._clear(p, reused)
+            for start, end in _data_runs(view):
+                self.write(p, start, view[start:end])
+
+        return self._place(vc, fill)
+
+    def _clear(self, p: int, reused: bool) -> None:
+        """Make physical cluster ``p`` read as zeros before it is filled in part."""
+        c = self.cluster
+        self._sync()
+        self._changing()
+        if reused:  # a free cluster may still hold the data of an allocation a crash undid
+            punch_hole(self.fd, p * c, c)
+        else:  # the file always spans whole clusters (check treats a partial tail as debris)
+            os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, (p + 1) * c))
+
     def allocate_zeroed(self, vc: int, offset: int, data: bytes | memoryview) -> int:
         """Like :meth:`allocate` for a cluster that is zeros but for ``data`` at ``offset``:
         only ``data`` is written, the rest is a hole (a first write into empty space costs
@@ -386,12 +447,7 @@ class Delta:
             raise ValueError("data past the cluster")
 
         def fill(p: int, reused: bool) -> None:
-            self._sync()
-            self._changing()
-            if reused:  # a free cluster may still hold the data of an allocation a crash undid
-                punch_hole(self.fd, p * c, c)
-            else:  # the file always spans whole clusters (check treats a partial tail as debris)
-                os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, (p + 1) * c))
+            self._clear(p, reused)
             self.write(p, offset, data)
 
         return self._place(vc, fill)
@@ -420,6 +476,8 @@ class Delta:
         self._need_writable()
         old = self.physical(vc)
         if not old:
+            if self.zeroed(vc):
+                self._map(vc, 0)
             return
         self._sync()
         self._changing()
@@ -427,12 +485,45 @@ class Delta:
         self._release(old)
         punch_hole(self.fd, old * self.cluster, self.cluster)
 
-    def zero_cluster(self, phys: int) -> None:
-        """Make allocated cluster ``phys`` read as zeros: a hole, it stays mapped."""
+    def set_zero(self, vc: int) -> None:
+        """Mark ``vc`` as zeros here (pending until the commit): its cluster, if any, is
+        punched at once (so a crash before the commit still reads zeros) and freed."""
+        self._need_writable()
+        if vc >= self.header.entries:
+            raise ImageError(f"virtual cluster {vc} past the disk ({self.header.entries} clusters)", file=self.path)
+        old = self.physical(vc)
+        self._sync()
+        self._changing()
+        self._map(vc, ZERO_CLUSTER)
+        if old:
+            self._release(old)
+            punch_hole(self.fd, old * self.cluster, self.cluster)
+
+    def punch(self, phys: int, offset: int, length: int) -> bool:
+        """Make ``[offset, offset + length)`` of allocated cluster ``phys`` read as zeros, as
+        holes where whole pages are covered (discards add up: the pages stay punched) and zeros
+        written at unaligned edges (a page they leave all zeros is punched too). True when the
+        whole cluster is a hole now: the caller may free it."""
         self._need_writable()
         self._sync()
         self._changing()
-        punch_hole(self.fd, phys * self.cluster, self.cluster)
+        base = phys * self.cluster
+        start, end = offset, offset + length
+        first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+        if first < last:
+            punch_hole(self.fd, base + first, last - first)
+        for lo, hi in ((start, first), (last, end)) if first < last else ((start, end),):
+            while lo < hi:  # at most two partial pages per edge
+                page = lo // PAGE * PAGE
+                upto = min(hi, page + PAGE)
+                buf = bytearray(self.read(phys, page, PAGE))
+                buf[lo - page:upto - page] = bytes(upto - lo)
+                if buf.count(0) == PAGE:
+                    punch_hole(self.fd, base + page, PAGE)
+                else:
+                    self.write(phys, lo, bytes(upto - lo))
+                lo = upto
+        return self.is_hole(phys)
 
     def _release(self, p: int) -> None:
         if p in self._fresh:  # never on disk in any BAT entry: reusable at once
@@ -552,10 +643,14 @@ class Delta:
         os.fdatasync(self.fd)
 
     def move(self, vc: int, to: int) -> None:
-        """Copy ``vc``'s data to free physical cluster ``to`` and map it there (pending)."""
+        """Copy ``vc``'s data to free physical cluster ``to`` and map it there (pending).
+        Only its data is copied: the holes discards left stay holes."""
         old = self.physical(vc)
         self._free.remove(to)
-        self.write(to, 0, self.read(old, 0, self.cluster))
+        view = memoryview(self.read(old, 0, self.cluster))
+        self._clear(to, True)
+        for start, end in _data_runs(view):
+            self.write(to, start, view[start:end])
         self._map(vc, to)
         self._fresh.add(to)
         self._release(old)
@@ -577,6 +672,24 @@ class Delta:
         self._free = [p for p in self._free if p < last]
         self._freed = [p for p in self._freed if p < last]
         return before - last * self.cluster
+
+
+def _data_runs(view: memoryview) -> list[tuple[int, int]]:
+    """(start, end) runs of the 4 KiB pages of ``view`` that are not all zeros."""
+    runs: list[tuple[int, int]] = []
+    start = -1
+    n = len(view)
+    for at in range(0, n, PAGE):
+        page = bytes(view[at:at + PAGE])
+        if page == _ZEROS[:len(page)]:
+            if start >= 0:
+                runs.append((start, at))
+                start = -1
+        elif start < 0:
+            start = at
+    if start >= 0:
+        runs.append((start, n))
+    return runs
 
 
 def _insort(xs: list[int], x: int) -> None:

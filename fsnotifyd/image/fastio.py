@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 import structlog
 
+from .format import ZERO_CLUSTER
+
 log = structlog.get_logger("fsnotifyd.image.fastio")
 
 
@@ -89,6 +91,11 @@ class FastIO:
         mapping = array.array("I", delta.bat)
         for vc, p in delta.pending_mappings():
             mapping[vc] = p
+        # C serves data clusters only: a cluster marked zero goes to Python like an unmapped one.
+        if ZERO_CLUSTER in mapping:
+            for vc, p in enumerate(mapping):
+                if p == ZERO_CLUSTER:
+                    mapping[vc] = 0
         addr, n = mapping.buffer_info()
         self._lib.fio_load(addr, n)
         self._lib.fio_set_readonly(int(readonly or not delta.writable))

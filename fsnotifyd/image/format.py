@@ -16,8 +16,9 @@ All little-endian. The header (``struct ploop_pvd_header``)::
 
 The BAT follows the header at byte 64: one u32 per virtual cluster, the physical cluster number
 holding its data (offset = number * cluster size), 0 when the delta has no data for it (reads
-fall through to the delta below). Physical clusters below ``first_block`` hold the header and
-BAT, so a valid entry is at least ``first_block_clusters``.
+fall through to the delta below), or ``ZERO_CLUSTER`` (all ones, fsnotifyd's extension): the
+cluster reads as zeros and nothing below shows through. Physical clusters below ``first_block``
+hold the header and BAT, so a valid entry is at least ``first_block_clusters``.
 
 :func:`parse_header` and :func:`validate_bat` trust nothing in the file: every size is checked
 against the others and the file's length before anything is allocated or indexed.
@@ -43,6 +44,10 @@ MAX_CLUSTER = 64 << 20
 MAX_VIRTUAL = 1 << 50  # 1 PiB: far past any VE; keeps offsets clear of 64-bit overflow
 BAT_ENTRY = 4
 MAX_ENTRIES = 0xFFFFFFFF  # m_Size, m_FirstBlockOffset (sectors) and BAT entries are u32
+# fsnotifyd's extension: a BAT entry of all ones says "zeros here, do not look below" (a discard
+# or a write of zeros over data a snapshot holds, recorded without a cluster). It can never be
+# a cluster number: a delta holds at most 2^32-1 clusters, numbered 0 .. 2^32-2.
+ZERO_CLUSTER = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +162,7 @@ def validate_bat(bat: list[int] | tuple[int, ...], header: Header, file_size: in
     end = file_size // header.cluster
     seen: dict[int, int] = {}
     for i, p in enumerate(bat):
-        if p == 0:
+        if p == 0 or p == ZERO_CLUSTER:
             continue
         if p < first:
             problems.append(BatProblem(i, p, "in-header"))

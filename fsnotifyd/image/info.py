@@ -64,7 +64,7 @@ def image_info(directory: str) -> ImageInfo:
     for shot in desc.chain():
         path = os.path.join(directory, shot.file)
         with Delta.open(path, strict=False) as d:
-            vcs = [vc for vc in range(len(d.bat)) if d.bat[vc]]
+            vcs = [vc for vc in range(len(d.bat)) if d.physical(vc)]
             mapped.update(vcs)
             st = os.stat(path)
             deltas.append(DeltaInfo(shot.guid, shot.file, shot.guid == desc.top, shot.name, shot.created, shot.parent,

@@ -208,8 +208,9 @@ def compact(delta: Delta, *, batch: int = 64) -> CompactResult:
 
 def merge(directory: str, guid: str, *, stack: Stack | None = None) -> None:
     """Delete snapshot ``guid`` by merging its data into its child (the delta above it): each
-    cluster the child does not have is copied up, then the descriptor drops the snapshot, then
-    its file is removed. Reads are the same at every step."""
+    cluster the child does not have is copied up (its data pages only) or marked zero as the
+    snapshot marks it, then the descriptor drops the snapshot, then its file is removed. Reads
+    are the same at every step."""
     path = descriptor_path(directory)
     desc = dd.load(path)
     if guid == desc.top:
@@ -232,13 +233,20 @@ def merge(directory: str, guid: str, *, stack: Stack | None = None) -> None:
         with Delta.open(os.path.join(directory, shot.file)) as src:
             c = src.cluster
             n = 0
+            base = shot.parent == dd.ROOT_PARENT  # zeros in the base hide nothing: no mark needed
             for vc in range(min(len(src.bat), target.header.entries)):
+                if target.entry(vc):  # the child has data or zeros of its own there
+                    continue
                 p = src.physical(vc)
-                if p and not target.physical(vc):
-                    target.allocate(vc, src.read(p, 0, c))
-                    n += 1
-                    if n % 64 == 0:
-                        target.commit()
+                if p:
+                    target.allocate_sparse(vc, src.read(p, 0, c))
+                elif src.zeroed(vc) and not base:
+                    target.set_zero(vc)
+                else:
+                    continue
+                n += 1
+                if n % 64 == 0:
+                    target.commit()
             target.commit()
         shots = [Shot(s.guid, shot.parent if s.guid == child.guid else s.parent, s.file, s.name, s.created)
                  for s in desc.shots if s.guid != guid]

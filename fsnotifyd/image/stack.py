@@ -1,10 +1,17 @@
 """The virtual disk seen through a stack of deltas: reads fall through, writes go to the top.
 
 A write to a cluster the top does not have copies the cluster up first (from the highest delta
-below that has it, else zeros) unless it covers the whole cluster. A discard (``fstrim`` in the
-VE, arriving as ``fallocate(PUNCH_HOLE)``) of a whole cluster unmaps it from the top when no
-delta below has it (the space is freed); when one does, the top keeps a cluster of zeros (a
-hole in the file, no space) so the old data cannot show through. Partial discards write zeros.
+below that has it, else zeros) unless it covers the whole cluster; the copy holds only the pages
+that are not zeros.
+
+A discard (``fstrim`` or online discard in the VE, arriving as ``fallocate(PUNCH_HOLE)``) and a
+write whose data is all zeros (qemu's ``detect-zeroes=unmap``) are the same: the range must read
+as zeros and should cost nothing. Inside a cluster the top holds, the covered pages are punched
+out of the delta file, so separate partial discards add up, and once the whole cluster is a hole
+it is freed: unmapped when nothing below has data there, else marked zero in the BAT
+(``ZERO_CLUSTER``, no cluster spent). Over a cluster the top does not hold, a whole cluster
+costs nothing either way; a part of one over data below is copied up (the rest of the cluster
+must still show the data below) and punched.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ImageError
 from . import descriptor as desc_mod
-from .delta import Delta
+from .delta import Delta, is_zero
+from .format import ZERO_CLUSTER
 from .descriptor import Descriptor
 
 
@@ -25,7 +33,9 @@ class IoStats:
     read_bytes: int = 0
     written_bytes: int = 0
     allocated: int = 0  # clusters newly allocated in the top
-    discarded: int = 0  # clusters freed by discards
+    discards: int = 0  # discard requests
+    discarded: int = 0  # clusters freed by discards and writes of zeros
+    zero_writes: int = 0  # pieces of writes (a cluster's worth at most) that were all zeros
     commits: int = 0
 
 
@@ -98,12 +108,23 @@ class Stack:
 
     # -- cluster level -----------------------------------------------------------------------
     def owner(self, vc: int) -> tuple[Delta, int] | None:
-        """The highest delta that has virtual cluster ``vc``, and where."""
+        """The highest delta that has data for virtual cluster ``vc``, and where; None when it
+        reads as zeros (no delta has it, or one above those that do marks it zero)."""
         for d in reversed(self.deltas):
-            p = d.physical(vc)
+            p = d.entry(vc)
+            if p == ZERO_CLUSTER:
+                return None
             if p:
                 return d, p
         return None
+
+    def _zeros_below(self, vc: int) -> bool:
+        """Whether ``vc`` reads as zeros in the deltas below the top."""
+        for d in reversed(self.deltas[:-1]):
+            p = d.entry(vc)
+            if p:
+                return p == ZERO_CLUSTER
+        return True
 
     def read_cluster(self, vc: int, offset: int = 0, length: int | None = None) -> bytes:
         n = self.cluster - offset if length is None else length
@@ -116,7 +137,7 @@ class Stack:
         if p:
             return p
         self.stats.allocated += 1
-        return self.top.allocate(vc, self.read_cluster(vc))
+        return self.top.allocate_sparse(vc, self.read_cluster(vc))
 
     # -- byte level --------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
@@ -158,19 +179,23 @@ class Stack:
         while pos < len(view):
             vc, off = divmod(offset + pos, c)
             n = min(len(view) - pos, c - off)
+            chunk = view[pos:pos + n]
             p = top.physical(vc)
-            if p:
-                top.write(p, off, view[pos:pos + n])
+            if is_zero(chunk):  # zero detection: as a discard, no cluster spent on zeros
+                self._zero(vc, off, n)
+                self.stats.zero_writes += 1
+            elif p:
+                top.write(p, off, chunk)
             elif n == c:
-                top.allocate(vc, view[pos:pos + n])
+                top.allocate(vc, chunk)
                 self.stats.allocated += 1
-            elif self.owner(vc) is None:  # zeros below: write only what was written
-                top.allocate_zeroed(vc, off, view[pos:pos + n])
+            elif self.owner(vc) is None:  # zeros here: write only what was written
+                top.allocate_zeroed(vc, off, chunk)
                 self.stats.allocated += 1
             else:  # copy the cluster up from below, with the new bytes in it
                 base = bytearray(self.read_cluster(vc))
-                base[off:off + n] = view[pos:pos + n]
-                top.allocate(vc, base)
+                base[off:off + n] = chunk
+                top.allocate_sparse(vc, base)
                 self.stats.allocated += 1
             pos += n
         self.stats.writes += 1
@@ -183,22 +208,34 @@ class Stack:
             raise ImageError("the image is read-only", file=self.top.path)
         length = max(0, min(length, self.size - offset))
         self._check(offset, length)
-        c, top = self.cluster, self.top
+        self.stats.discards += 1
+        c = self.cluster
         end = offset + length
         while offset < end:
             vc, off = divmod(offset, c)
             n = min(end - offset, c - off)
-            below = any(d.physical(vc) for d in self.deltas[:-1])
-            if n == c and not below:
-                if top.physical(vc):
-                    top.unmap(vc)
-                    self.stats.discarded += 1
-            elif n == c:  # zeros must hide the data below: a hole in the top's cluster
-                top.zero_cluster(self._top_cluster(vc))
-            elif self.owner(vc) is not None:
-                p = self._top_cluster(vc)
-                top.write(p, off, bytes(n))
+            self._zero(vc, off, n)
             offset += n
+
+    def _zero(self, vc: int, off: int, n: int) -> None:
+        """``[off, off + n)`` of virtual cluster ``vc`` reads as zeros from now on, at the
+        least cost in clusters (see the module's text)."""
+        top = self.top
+        p = top.physical(vc)
+        if n < self.cluster:
+            if not p:
+                if self.owner(vc) is None:
+                    return  # zeros already
+                p = self._top_cluster(vc)  # the rest of the cluster must keep the data below
+            if not top.punch(p, off, n):
+                return
+        if self._zeros_below(vc):
+            if top.entry(vc):
+                top.unmap(vc)
+                self.stats.discarded += bool(p)
+        elif not top.zeroed(vc):
+            top.set_zero(vc)
+            self.stats.discarded += bool(p)
 
     def flush(self) -> None:
         """Everything written so far is durable (data, then the BAT)."""

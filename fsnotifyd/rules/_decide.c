@@ -45,6 +45,7 @@ typedef struct {
     long long need;
     double within, cooldown;
     int per_device, cont;
+    int gated; /* the rule has `sustained` or `window`: Core.gate decides first */
 } CRule;
 
 static int
@@ -137,6 +138,19 @@ CRule_init(CRule *self, PyObject *args, PyObject *kwds)
         self->per_device = PyUnicode_Check(per) && PyUnicode_CompareWithASCIIString(per, "device") == 0;
         self->th_count = Py_NewRef(count);
         self->th_within = Py_NewRef(within);
+    }
+    self->gated = 0;
+    for (int k = 0; k < 2; k++) {
+        PyObject *g = PyObject_GetAttrString(rule, k ? "window" : "sustained");
+        if (g == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                goto done;
+            PyErr_Clear(); /* a rule object of an older shape: never gated */
+            continue;
+        }
+        if (g != Py_None)
+            self->gated = 1;
+        Py_DECREF(g);
     }
     self->index = index;
     Py_XSETREF(self->rule, Py_NewRef(rule));
@@ -294,6 +308,7 @@ typedef struct {
     PyObject *event_time;  /* event -> epoch seconds, when process() is not given the time */
     PyObject *key_cache;   /* VE id -> "ve:<id>", formatted once */
     PyObject *dev_keys;    /* device name -> "dev:<name>" */
+    PyObject *gate;        /* gate(rule, key, now, event, ve, device, eid) for gated rules, or None */
     Py_ssize_t max_keys;
     char explain, dirty;
     long long events, matched, fired, suppressed_threshold, suppressed_cooldown, evicted, cleared;
@@ -304,7 +319,7 @@ Core_traverse(Core *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->fast); Py_VISIT(self->candidates); Py_VISIT(self->recovery); Py_VISIT(self->recover);
     Py_VISIT(self->windows); Py_VISIT(self->cooldowns); Py_VISIT(self->decision); Py_VISIT(self->event_time);
-    Py_VISIT(self->key_cache); Py_VISIT(self->dev_keys);
+    Py_VISIT(self->key_cache); Py_VISIT(self->dev_keys); Py_VISIT(self->gate);
     return 0;
 }
 
@@ -313,7 +328,7 @@ Core_clear(Core *self)
 {
     Py_CLEAR(self->fast); Py_CLEAR(self->candidates); Py_CLEAR(self->recovery); Py_CLEAR(self->recover);
     Py_CLEAR(self->windows); Py_CLEAR(self->cooldowns); Py_CLEAR(self->decision); Py_CLEAR(self->event_time);
-    Py_CLEAR(self->key_cache); Py_CLEAR(self->dev_keys);
+    Py_CLEAR(self->key_cache); Py_CLEAR(self->dev_keys); Py_CLEAR(self->gate);
     return 0;
 }
 
@@ -329,14 +344,15 @@ static int
 Core_init(Core *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fast", "candidates", "recovery", "recover", "windows", "cooldowns",
-                             "decision", "event_time", "max_keys", "explain", NULL};
+                             "decision", "event_time", "max_keys", "explain", "gate", NULL};
     PyObject *fast, *candidates, *recovery, *recover, *windows, *cooldowns, *decision, *event_time;
+    PyObject *gate = Py_None;
     Py_ssize_t max_keys;
     int explain;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OO!O!O!Onp", kwlist, &PyDict_Type, &fast, &candidates,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OO!O!O!Onp|O", kwlist, &PyDict_Type, &fast, &candidates,
                                      &PyFrozenSet_Type, &recovery, &recover, &PyDict_Type, &windows,
                                      &PyDict_Type, &cooldowns, &PyType_Type, &decision, &event_time,
-                                     &max_keys, &explain))
+                                     &max_keys, &explain, &gate))
         return -1;
     if (!PyType_IsSubtype((PyTypeObject *)decision, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "decision must be a tuple subclass");
@@ -350,6 +366,7 @@ Core_init(Core *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->cooldowns, Py_NewRef(cooldowns));
     Py_XSETREF(self->decision, Py_NewRef(decision));
     Py_XSETREF(self->event_time, Py_NewRef(event_time));
+    Py_XSETREF(self->gate, Py_NewRef(gate));
     Py_XSETREF(self->key_cache, PyDict_New());
     Py_XSETREF(self->dev_keys, PyDict_New());
     if (self->key_cache == NULL || self->dev_keys == NULL)
@@ -592,6 +609,23 @@ process_one(Core *self, PyObject *event, PyObject *now_obj)
         if (skey == NULL)
             goto error;
         PyObject *total = s_int0, *need = s_int0, *within = s_float0;
+        if (cr->gated && self->gate != Py_None) {
+            PyObject *gargs[7] = {cr->rule, key, now, event, ve, device, eid};
+            PyObject *g = PyObject_Vectorcall(self->gate, gargs, 7, NULL);
+            if (g == NULL)
+                goto loop_error;
+            if (g != Py_None) {
+                /* suppressed: a decision to report (when explaining), or silently */
+                if (self->explain && PyTuple_Check(g) && PyList_Append(out, g) < 0) {
+                    Py_DECREF(g);
+                    goto loop_error;
+                }
+                Py_DECREF(g);
+                Py_DECREF(skey);
+                continue;
+            }
+            Py_DECREF(g);
+        }
         if (has_th) {
             PyObject *w = PyDict_GetItemWithError(self->windows, skey);
             if (w == NULL) {

@@ -10,6 +10,7 @@ State shapes (shared with the C version, persistence and recovery):
 
 * ``windows[(rule name, key)] = [total, [(time, count, event id), ...]]``, oldest first;
 * ``cooldowns[(rule name, key)] = time the rule last fired``, least recently fired first;
+* (the engine's own) ``streaks[(rule name, key)] = [since, last]`` of a ``sustained`` rule;
 
 where ``key`` is ``"ve:<id>"`` or ``"dev:<name>"`` (events of no VE, or ``per: device``).
 """
@@ -28,6 +29,7 @@ OPS = ("equals", "ne", "in", "not_in", "regex", "prefix", "suffix", "contains",
 MAX_FACTS = 1 << 40
 
 FIRED, THRESHOLD, COOLDOWN = "fired", "threshold", "cooldown"
+SUSTAINED, WINDOW = "sustained", "window"  # suppressed by the gate (engine.Engine._gate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +48,15 @@ class Core:
 
     def __init__(self, fast: dict, candidates: Callable, recovery: frozenset, recover: Callable,
                  windows: dict, cooldowns: dict, decision: type, event_time: Callable[[Any], float],
-                 max_keys: int, explain: bool) -> None:
+                 max_keys: int, explain: bool, gate: Callable | None = None) -> None:
         # ``fast`` is the C version's view of the candidate index; here ``candidates`` is it.
         self.candidates, self.recovery, self.recover = candidates, recovery, recover
         self.windows, self.cooldowns, self.decision = windows, cooldowns, decision
         self.event_time, self.max_keys, self.explain = event_time, max_keys, bool(explain)
+        # Rules with ``sustained`` or ``window`` ask ``gate(rule, key, now, event, ve, device,
+        # event id)`` before their threshold: None goes on; a decision (suppressed) is reported
+        # when explaining; anything else stops the rule for this event silently.
+        self.gate = gate
         self.dirty = False
         self.events = self.matched = self.fired = 0
         self.suppressed_threshold = self.suppressed_cooldown = self.evicted = self.cleared = 0
@@ -91,6 +97,12 @@ class Core:
             total: int = 0
             need: int = 0
             within: float = 0.0
+            if self.gate is not None and (rule.sustained is not None or rule.window is not None):
+                g = self.gate(rule, key, now, event, ve, device, eid)
+                if g is not None:
+                    if self.explain and isinstance(g, tuple):
+                        out.append(g)
+                    continue
             if th is not None:
                 w = windows.get(skey)
                 if w is None:

@@ -21,6 +21,7 @@ the rest: compiling, recovery, persistence and the decision's event form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import time as _time
 from datetime import datetime
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -28,10 +29,12 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from ..events import Device, Event, Kernel, fact_id
 from . import decide, native
 from .compiler import Compiled, LabelsOf, compile_rules
-from .decide import COOLDOWN, FIRED, MAX_FACTS, THRESHOLD, CompiledRule
-from .schema import RECOVERY, Action, RuleSet
+from .compiler import match_predicate
+from .decide import COOLDOWN, FIRED, MAX_FACTS, SUSTAINED, THRESHOLD, WINDOW, CompiledRule
+from .schema import RECOVERY, Action, Match, Rule, RuleSet
 
-__all__ = ["Engine", "EngineStats", "Decision", "decision_event", "event_time", "FIRED", "THRESHOLD", "COOLDOWN"]
+__all__ = ["Engine", "EngineStats", "Decision", "decision_event", "event_time", "FIRED", "THRESHOLD", "COOLDOWN",
+           "SUSTAINED", "WINDOW", "in_window"]
 STATE_VERSION = 1
 
 
@@ -52,7 +55,7 @@ class Decision(NamedTuple):
     # per event in a replay, where a frozen dataclass's per-field __setattr__ is the cost.
     time: float
     rule: str
-    outcome: str  # fired | threshold | cooldown
+    outcome: str  # fired | threshold | cooldown | sustained | window
     ve: str | None
     device: str | None
     key: str  # what the rule's state is kept per: "ve:101" or "dev:loop3"
@@ -64,10 +67,16 @@ class Decision(NamedTuple):
     total: int = 0
     need: int = 0
     within: float = 0.0
+    # cooldown: seconds left; sustained: seconds still to hold (``within`` = the hold);
+    # window: seconds until the window opens
     cooling_left: float = 0.0
 
     @property
     def detail(self) -> str:
+        if self.outcome == SUSTAINED:
+            return f"held {_fmt(self.within - self.cooling_left)} of {_fmt(self.within)}"
+        if self.outcome == WINDOW:
+            return f"outside its window, opens in +{_fmt(self.cooling_left)}"
         parts = []
         if self.need:
             parts.append(f"{self.total}/{self.need} within {_fmt(self.within)}")
@@ -121,6 +130,8 @@ class EngineStats:
     suppressed_cooldown: int = 0
     cleared: int = 0
     evicted: int = 0
+    suppressed_sustained: int = 0
+    suppressed_window: int = 0
 
 
 class Engine:
@@ -138,6 +149,12 @@ class Engine:
         # (rule, key) -> [total, [(time, count, event id), ...]] and (rule, key) -> last fired
         self._windows: dict[tuple[str, str], list] = {}
         self._cooldowns: dict[tuple[str, str], float] = {}
+        # (rule, key) -> [since, last]: how long a ``sustained`` rule's conditions have held
+        self._streaks: dict[tuple[str, str], list[float]] = {}
+        self._sustain_tests = {r.name: match_predicate(Match((), r.sustained.conditions), labels_of)
+                               for r in ruleset.rules if r.enabled and r.sustained is not None}
+        self.suppressed_sustained = self.suppressed_window = 0
+        gated = any(r.sustained is not None or r.window is not None for r in ruleset.rules if r.enabled)
         self._resets: dict[str, list[CompiledRule]] = {}
         for cr in self.compiled.rules:
             for kind in cr.rule.reset_on:
@@ -145,7 +162,8 @@ class Engine:
         recovery = frozenset(RECOVERY) | frozenset(self._resets) | {"dev.change"}
         self._recovering: dict[str, tuple[str, ...]] = {}
         self._core = self.impl.Core(self.compiled.fast, self.compiled.candidates, recovery, self._recover,
-                                    self._windows, self._cooldowns, Decision, event_time, max_keys, explain)
+                                    self._windows, self._cooldowns, Decision, event_time, max_keys, explain,
+                                    self._gate if gated else None)
         # The hot path is the core's own method: no Python frame of ours per event.
         self.process: Callable[..., list[Decision]] = self._core.process
         self.process_timed: Callable[[Iterable[tuple]], list[Decision]] = self._core.process_timed
@@ -158,7 +176,7 @@ class Engine:
     def stats(self) -> EngineStats:
         c = self._core
         return EngineStats(c.events, c.matched, c.fired, c.suppressed_threshold, c.suppressed_cooldown,
-                           c.cleared, c.evicted)
+                           c.cleared, c.evicted, self.suppressed_sustained, self.suppressed_window)
 
     @property
     def dirty(self) -> bool:
@@ -172,6 +190,48 @@ class Engine:
     def process_all(self, events: Iterable[Mapping[str, Any]]) -> Iterable[Decision]:
         for e in events:
             yield from self.process(e)
+
+    # -- sustained conditions and windows ------------------------------------------------------
+    def _gate(self, rule: Rule, key: str, now: float, event: Mapping[str, Any], ve: Any, device: Any,
+              eid: str) -> Any:
+        """Before a gated rule's threshold (called by the core): None lets it go on; a
+        ``sustained`` or ``window`` decision (or False when not explaining) stops it here, and
+        False alone is an event on which its sustained conditions failed (no decision)."""
+        s = rule.sustained
+        if s is not None:
+            skey = (rule.name, key)
+            streak = self._streaks.get(skey)
+            if not self._sustain_tests[rule.name](event):
+                if streak is not None:
+                    del self._streaks[skey]
+                    self.dirty = True
+                return False
+            if streak is None or now - streak[1] > s.max_gap or now < streak[1]:
+                # New, or broken by a silence (the VE stopped, the daemon was down): no evidence
+                # that it held meanwhile. (An event older than the last is a log out of order.)
+                streak = [now, now]
+                self._streaks.pop(skey, None)
+                self._streaks[skey] = streak
+                self._evict_oldest(self._streaks)
+            else:
+                streak[1] = now
+            self.dirty = True
+            held = now - streak[0]
+            if held < s.hold:
+                self.suppressed_sustained += 1
+                if not self.explain:
+                    return False
+                return Decision(now, rule.name, SUSTAINED, ve, device, key, rule.actions, rule.dry_run, (eid,),
+                                0, 0, s.hold, s.hold - held)
+        if rule.window is not None:
+            wait = seconds_until_window(rule.window, now)
+            if wait > 0:
+                self.suppressed_window += 1
+                if not self.explain:
+                    return False
+                return Decision(now, rule.name, WINDOW, ve, device, key, rule.actions, rule.dry_run, (eid,),
+                                0, 0, 0.0, wait)
+        return None
 
     def _new_window(self, skey: tuple[str, str]) -> list:
         w = self._windows[skey] = [0, []]
@@ -205,6 +265,7 @@ class Engine:
             for key in keys:
                 hit = self._windows.pop((name, key), None) is not None
                 hit |= self._cooldowns.pop((name, key), None) is not None
+                hit |= self._streaks.pop((name, key), None) is not None
                 if hit:
                     self._core.cleared += 1
                     self.dirty = True
@@ -216,6 +277,7 @@ class Engine:
             "version": STATE_VERSION,
             "windows": [[r, k, [list(e) for e in w[1]]] for (r, k), w in self._windows.items() if w[1]],
             "cooldowns": [[r, k, t] for (r, k), t in self._cooldowns.items()],
+            "streaks": [[r, k, since, last] for (r, k), (since, last) in self._streaks.items()],
         }
 
     def restore(self, state: Mapping[str, Any]) -> int:
@@ -249,7 +311,33 @@ class Engine:
                     n += 1
             except (TypeError, ValueError):
                 continue
+        for item in state.get("streaks") or []:
+            try:
+                name, key, since, last = item
+                if name in rules and rules[name].sustained is not None:
+                    self._streaks[(name, key)] = [float(since), float(last)]
+                    self._evict_oldest(self._streaks)
+                    n += 1
+            except (TypeError, ValueError):
+                continue
         return n
+
+
+def seconds_until_window(window: tuple[int, int], now: float) -> float:
+    """0 when the local time of ``now`` (epoch seconds) is inside ``window`` ((start, end)
+    minutes after local midnight, wrapping past midnight when start > end), else the seconds
+    until it opens."""
+    t = _time.localtime(now)
+    start, end = window
+    minute = t.tm_hour * 60 + t.tm_min
+    inside = start <= minute < end if start < end else (minute >= start or minute < end)
+    if inside:
+        return 0.0
+    return ((start - minute) % 1440) * 60.0 - t.tm_sec - (now % 1.0)
+
+
+def in_window(window: tuple[int, int], now: float) -> bool:
+    return seconds_until_window(window, now) == 0.0
 
 
 def _fmt(seconds: float) -> str:

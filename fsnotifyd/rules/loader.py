@@ -11,8 +11,8 @@ File format (version 1), documented in ``docs/rules.md`` and described for edito
     version: 1                  # optional; must be 1
     lists: {name: [scalars]}    # merged across files
     fragments: {name: {kind: ..., where: {...}}}  # merged across files
-    rules: [ {name, description, enabled, match, threshold, cooldown, actions,
-              dry_run, continue, reset_on}, ... ]
+    rules: [ {name, description, enabled, match, sustained, window, threshold, cooldown,
+              actions, dry_run, continue, reset_on}, ... ]
 
 Loading happens in three passes over all files (lists, then fragments, then rules) so a rule
 may use a list or fragment defined in another file.
@@ -32,7 +32,9 @@ from ..errors import ConfigError, RuleError, RuleErrors
 from ..events import KINDS
 from ..inventory import validate_ve_id
 from ..wording import describe as _describe, node_kind as _node_kind, short as _short, type_phrase
-from .schema import ACTIONS, OPERATORS, Action, Condition, Match, Origin, Rule, RuleSet, Threshold, VeSelector
+from ..config import parse_window
+from .schema import (ACTIONS, OPERATORS, Action, Condition, Match, Origin, Rule, RuleSet, Sustained, Threshold,
+                     VeSelector)
 
 __all__ = ["load_rules", "parse_rules", "check_paths", "check_text", "parse_duration", "EVENT_FIELDS", "RULE_KINDS"]
 
@@ -55,10 +57,11 @@ _OBJECT_FIELDS = frozenset({"device", "kernel.errno"})
 
 TOP_KEYS = ("version", "lists", "fragments", "rules")
 RULE_KEYS = ("name", "description", "enabled", "match", "threshold", "cooldown", "actions", "dry_run",
-             "continue", "reset_on")
+             "continue", "reset_on", "sustained", "window")
 MATCH_KEYS = ("kind", "use", "where", "ve")
 FRAGMENT_KEYS = ("description", "kind", "where")
 THRESHOLD_KEYS = ("count", "within", "per")
+SUSTAINED_KEYS = ("where", "for", "max_gap")
 VE_KEYS = ("ids", "labels")
 PER_VALUES = ("ve", "device")
 
@@ -74,6 +77,7 @@ _DURATION = re.compile(
 )
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 DURATION_HELP = 'seconds as a number, or a string like "30s", "10m", "1h30m", "2d", "500ms"'
+WINDOW_HELP = 'a time window "HH:MM-HH:MM" in local time (may wrap past midnight), like "01:00-05:00"'
 
 _YAML = "tag:yaml.org,2002:"
 # Tags a rules file may carry, explicitly or by YAML's implicit resolution. "value" and "merge"
@@ -836,6 +840,20 @@ class _Reader:
             put("threshold", self.threshold(m["threshold"][1], f"{path}.threshold"))
         if "cooldown" in m:
             put("cooldown", self.duration(m["cooldown"][1], f"{path}.cooldown", minimum=0.0))
+        if "sustained" in m:
+            put("sustained", self.sustained(m["sustained"][1], f"{path}.sustained", reg))
+        if "window" in m:
+            wnode = m["window"][1]
+            text = self.string(wnode, f"{path}.window", WINDOW_HELP)
+            if text is not _BAD:
+                try:
+                    put("window", parse_window(text))
+                    put("window_text", text)
+                except ValueError:
+                    put("window", self.error(wnode, f"{path}.window", f"not a window: {_short(text)!r}",
+                                             WINDOW_HELP))
+            else:
+                put("window", _BAD)
         if "actions" in m:
             put("actions", self.actions(m["actions"][1], f"{path}.actions"))
         if "reset_on" in m:
@@ -925,6 +943,27 @@ class _Reader:
         if _BAD in (count, within, per):
             return _BAD
         return Threshold(count=count, within=within, per=per)
+
+    def sustained(self, node: yaml.Node, path: str, reg: _Registry) -> Any:
+        m = self.mapping(node, path, SUSTAINED_KEYS, required=("where", "for"), what="a sustained mapping")
+        if m is _BAD:
+            return _BAD
+        conds: Any = _BAD
+        hold: Any = _BAD
+        if "where" in m:
+            conds = self.where(m["where"][1], f"{path}.where", reg)
+            if conds is not _BAD and not conds:
+                conds = self.error(m["where"][1], f"{path}.where", "no condition to sustain",
+                                   "at least one field condition, e.g. {details.figures.fragmentation: {gt: 1.2}}")
+        if "for" in m:
+            hold = self.duration(m["for"][1], f"{path}.for", minimum=0.0, exclusive=True, maximum=MAX_WITHIN)
+        gap: Any = hold
+        if "max_gap" in m:
+            gap = self.duration(m["max_gap"][1], f"{path}.max_gap", minimum=0.0, exclusive=True,
+                                maximum=MAX_WITHIN)
+        if _BAD in (conds, hold, gap):
+            return _BAD
+        return Sustained(conditions=tuple(conds), hold=hold, max_gap=gap)
 
     # -- actions ----------------------------------------------------------------------------
 

@@ -77,6 +77,17 @@ class Threshold:
 
 
 @dataclass(frozen=True, slots=True)
+class Sustained:
+    """The rule goes on only once ``conditions`` have held on every event its match selects
+    (per VE, or device) for ``hold`` seconds; an event on which they fail, or a silence longer
+    than ``max_gap``, starts the count again."""
+
+    conditions: tuple[Condition, ...]
+    hold: float  # seconds ("for")
+    max_gap: float  # seconds between two events of the series before the streak is broken
+
+
+@dataclass(frozen=True, slots=True)
 class Action:
     name: str
     params: tuple[tuple[str, Any], ...] = ()
@@ -99,6 +110,11 @@ class Rule:
     continue_: bool = True  # False: once this rule fires, later rules do not see the event
     reset_on: tuple[str, ...] = ()  # extra kinds that clear this rule's state for a VE/device
     origin: Origin | None = None
+    sustained: Sustained | None = None
+    # (start, end) minutes after local midnight of the event's time (may wrap past midnight):
+    # outside it the rule neither counts nor fires. None: any time.
+    window: tuple[int, int] | None = None
+    window_text: str | None = None  # as written, for decisions' detail
 
 
 @dataclass(frozen=True, slots=True)

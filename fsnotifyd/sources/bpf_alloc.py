@@ -11,6 +11,13 @@ as discards and a falling one.
 
 Counting starts when the program is attached (or the filesystem is mounted, whichever is
 later): regions a filesystem filled before that are not in the set until written again.
+
+Each event also carries ``details.figures``: garbage, fragmentation, swelling and df ratio as
+:mod:`fsnotifyd.image.thinness` defines them, read from GETFSMAP and the image's BAT by
+:mod:`.alloc_figures` at most every ``figures_interval`` seconds per filesystem, in a worker
+thread. A filesystem with no activity in a period gets an event only when it was measured again
+since its last one (zero counts, fresh figures), so a rule that watches the figures still sees
+an idle VE's state once per interval.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ..events import Observation
 from ..inventory import Inventory, Placement
 from ..typing import Ready, Send
 from . import bpfload
+from .alloc_figures import FiguresClock, measure
 from .bpf_errors import MINORBITS, SOURCE
 
 log = structlog.get_logger("fsnotifyd.bpf")
@@ -57,10 +65,15 @@ class _Tracked:
 class BpfAllocSource:
     name = "bpf_alloc"
 
-    def __init__(self, inventory: Inventory, interval: float = 10.0, region_mib: int = 1) -> None:
+    def __init__(self, inventory: Inventory, interval: float = 10.0, region_mib: int = 1,
+                 figures_interval: float = 60.0) -> None:
         self.inventory = inventory
         self.interval = interval
         self.region_bytes = region_mib << 20
+        # 0: no figures (the GETFSMAP walk is skipped entirely).
+        self.figures = FiguresClock(figures_interval) if figures_interval > 0 else None
+        self.figures_failed = 0
+        self.figures_seconds = 0.0  # the last measurement's cost, for status
         self.prog: bpfload.Loaded | None = None
         self._tracked: dict[int, _Tracked] = {}
         self._overflow = [0, 0, 0]
@@ -71,7 +84,9 @@ class BpfAllocSource:
         p = self.prog
         return {"program": "alloc", "load_s": round(p.load_seconds, 3) if p else None, "interval_s": self.interval,
                 "region_bytes": self.region_bytes, "devices": len(self._tracked), "published": self.published,
-                "regions_not_tracked": self._overflow[0] + self._overflow[1]}
+                "regions_not_tracked": self._overflow[0] + self._overflow[1],
+                "figures_interval_s": self.figures.interval if self.figures else None,
+                "figures_last_s": round(self.figures_seconds, 4), "figures_failed": self.figures_failed}
 
     def _load(self) -> None:
         self.prog = bpfload.load("alloc", defines(self.region_bytes))
@@ -131,21 +146,23 @@ class BpfAllocSource:
                 del self._tracked[dev]
                 self._forget(dev)
                 continue
-            if v is None:
+            if v is None and not (self.figures is not None and self.figures.unpublished(dev, p.mount_seq)):
                 continue
-            now_vals = {f: int(getattr(v, f)) for f in FIELDS}
+            now_vals = t.last if v is None else {f: int(getattr(v, f)) for f in FIELDS}
             delta = {f: now_vals[f] - t.last[f] for f in FIELDS}
             t.last = now_vals
             if not any(delta[f] for f in ("allocated", "freed", "discarded")):
-                continue
-            out.append(self._observation(p, t, now_vals, delta, now))
+                # Idle: an event only to carry figures measured since the last one.
+                if self.figures is None or not self.figures.unpublished(dev, p.mount_seq):
+                    continue
+            out.append(self._observation(p, t, now_vals, delta, now, dev))
         totals = [int(b[b"overflow"].sum(i).value) for i in range(3)]
         lost = sum(totals[:2]) - sum(self._overflow[:2])
         self._overflow = totals
         return out, lost
 
     def _observation(self, p: Placement, t: _Tracked, total: dict[str, int], delta: dict[str, int],
-                     now: float) -> Observation:
+                     now: float, dev: int) -> Observation:
         region_blocks = 1 << t.shift
         region_bytes = region_blocks * t.block_size
         live = total["regions_added"] - total["regions_removed"]
@@ -173,8 +190,32 @@ class BpfAllocSource:
             "totals": {"blocks_allocated": total["allocated"], "blocks_freed": total["freed"],
                        "blocks_discarded": total["discarded"]},
         }
+        figures = self.figures.current(dev, p.mount_seq, time.monotonic()) if self.figures else None
+        if figures is not None:
+            details["figures"] = figures
         return Observation(source=SOURCE, kind="fs.alloc", time=now, device=p.device, fs="ext4", mount=p.mount,
                            details=details)
+
+    async def measure_due(self) -> None:
+        """Measure the figures of every filesystem due for it, one at a time, each in a worker
+        thread (a GETFSMAP walk of a large filesystem must not stall the event loop)."""
+        if self.figures is None:
+            return
+        mounts = self._ext4_mounts()
+        with self._lock:
+            self.figures.forget(set(mounts))
+        for dev, p in mounts.items():
+            if not self.figures.due(dev, p.mount_seq, time.monotonic()) or not p.mount:
+                continue
+            try:
+                got = await asyncio.to_thread(measure, p.mount, p.image, self.region_bytes)
+                self.figures_seconds = got["measure_s"]
+            except Exception as e:  # noqa: BLE001 - a filesystem that refuses is reported, not fatal
+                self.figures_failed += 1
+                log.warning("bpf_alloc.figures_failed", mount=p.mount, image=p.image, error=str(e))
+                got = None
+            with self._lock:
+                self.figures.put(dev, p.mount_seq, time.monotonic(), got)
 
     async def run(self, send: Send, ready: Ready) -> None:
         await asyncio.to_thread(self._load)
@@ -184,6 +225,7 @@ class BpfAllocSource:
             ready()
             while True:
                 await asyncio.sleep(self.interval)
+                await self.measure_due()
                 observations, lost = await asyncio.to_thread(self.collect)
                 for obs in observations:
                     self.published += 1

@@ -60,7 +60,8 @@ def _bpf_space(cfg: SourceConfig, inv: Inventory) -> Source:
 def _bpf_alloc(cfg: SourceConfig, inv: Inventory) -> Source:
     from .bpf_alloc import BpfAllocSource
 
-    return BpfAllocSource(inventory=inv, interval=cfg.interval or 10.0, region_mib=cfg.region_mib or 1)
+    return BpfAllocSource(inventory=inv, interval=cfg.interval or 10.0, region_mib=cfg.region_mib or 1,
+                          figures_interval=60.0 if cfg.figures_interval is None else cfg.figures_interval)
 
 
 def _quota(cfg: SourceConfig, inv: Inventory) -> Source:

@@ -45,10 +45,11 @@ class Paths:
 
 
 def create(state_dir: str, ve_id: str, size: int, *, mountpoint: str | None = None, image: str | None = None,
-           labels: dict[str, str] | None = None, profile: str = "thin", cluster: int | None = None) -> VeRecord:
+           labels: dict[str, str] | None = None, profile: str = "thin", cluster: int | None = None,
+           discard: bool = True) -> VeRecord:
     paths, reg = Paths(state_dir), Registry(state_dir)
     rec = VeRecord(ve_id, os.path.abspath(image or paths.image(ve_id)),
-                   os.path.abspath(mountpoint or paths.root(ve_id)), dict(labels or {}))
+                   os.path.abspath(mountpoint or paths.root(ve_id)), dict(labels or {}), discard=discard)
     rec = reg.add(rec)  # claims the id, mount point and image first
     try:
         kw = {"cluster": cluster} if cluster else {}
@@ -113,13 +114,17 @@ def _start(paths: Paths, rec: VeRecord) -> att_mod.Attached:
             if r.returncode != 0:
                 raise ImageError(f"resize2fs {a.loop} failed: {r.stderr.strip()[:300]}", file=rec.image)
         os.makedirs(rec.mountpoint, exist_ok=True)
-        att_mod.mount(a, rec.mountpoint)
+        att_mod.mount(a, rec.mountpoint, options=mount_options(rec))
         # A repack killed mid-way left its donors: they hold only blocks no file needs.
         repack.remove_donors(rec.mountpoint)
     except BaseException:
         att_mod.detach(a, run_dir=paths.run_dir)
         raise
     return a
+
+
+def mount_options(rec: VeRecord) -> tuple[str, ...]:
+    return ("discard",) if rec.discard else ()
 
 
 def _e2fsck(rec: VeRecord, a: att_mod.Attached, *options: str) -> None:

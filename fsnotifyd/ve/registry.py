@@ -39,6 +39,9 @@ class VeRecord:
     loop: str | None = None  # /dev/loopN while running
     disk: str | None = None  # the FUSE file the loop device reads (its backing file)
     reason: str | None = None  # why it is not as last asked: a start refused, a stop not finished
+    # Mounted with online discard: every block the filesystem frees is discarded at its journal
+    # commit, so the image follows the filesystem's usage without anyone running fstrim.
+    discard: bool = True
 
     def to_ve(self) -> VE:
         """What the daemon's inventory matches events with."""
@@ -143,6 +146,9 @@ def _record(raw: object, path: str) -> VeRecord:
         labels = raw.get("labels") or {}
         if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ConfigError("labels must map strings to strings", file=path, field="labels")
+        discard = raw.get("discard", True)
+        if not isinstance(discard, bool):
+            raise ConfigError("discard must be true or false", file=path, field="discard")
         for key in ("id", "image", "mountpoint"):
             if not isinstance(raw.get(key), str) or not raw[key]:
                 raise ConfigError(f"{key} must be a non-empty string", file=path, field=key)
@@ -150,6 +156,7 @@ def _record(raw: object, path: str) -> VeRecord:
                         created=float(raw.get("created") or 0.0), running=bool(raw.get("running")),
                         loop=raw.get("loop") if isinstance(raw.get("loop"), str) else None,
                         disk=raw.get("disk") if isinstance(raw.get("disk"), str) else None,
-                        reason=raw.get("reason") if isinstance(raw.get("reason"), str) else None)
+                        reason=raw.get("reason") if isinstance(raw.get("reason"), str) else None,
+                        discard=discard)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad VE record: {e}", file=path) from None

@@ -46,8 +46,9 @@ CLUSTER = 4 * KiB
 START_SIZE = 2 * MiB
 STRESS = os.environ.get("FSNOTIFYD_STRESS") == "1"
 ITERATIONS = int(os.environ.get("FSNOTIFYD_STRESS_ITERATIONS", "50")) if STRESS else 10
-KINDS = ["write", "snapshot", "merge", "compact", "resize", "direct"]
+KINDS = ["write", "snapshot", "merge", "compact", "resize", "direct", "discard"]
 DIRECT_CLUSTER = 256 * KiB  # "direct": the exporter's data path (direct I/O, write-behind) on larger clusters
+PIECE_CLUSTER = 64 * KiB  # "discard": clusters of 16 pages, freed by the discards and zero writes that add up
 EXT4_SIZE = 32 * MiB
 OPS = {"flush", "snap", "merge", "compact", "grow", "cut"}
 MAX_KILL_DELAY = 0.6  # seconds after the child is ready; every plan runs for longer
@@ -113,6 +114,22 @@ def plan(kind: str, seed: int) -> list[tuple]:
             else:
                 size -= rng.choice([MiB, 2 * MiB - 512])
                 steps.append(("cut", size))
+    elif kind == "discard":  # online discard: clusters given back piece by piece, over snapshots too
+        c = PIECE_CLUSTER
+        for r in range(150):
+            for vc in rng.sample(range(size // c), 6):
+                value = value % 255 + 1
+                steps.append(("w", vc * c, c, value))
+                pieces = sorted({0, c, *(rng.randrange(0, c, rng.choice([1, 512, 4096])) for _ in range(rng.randint(2, 11)))})
+                cut = list(zip(pieces, pieces[1:]))
+                rng.shuffle(cut)
+                for a, b in cut:  # a discard or a write of zeros: the same to the image
+                    steps.append(("d", vc * c + a, b - a) if rng.random() < 0.7 else ("w", vc * c + a, b - a, 0))
+                    if rng.random() < 0.2:
+                        steps.append(("flush",))
+            steps.append(("flush",))
+            if r % 25 == 24:
+                steps.append(("snap",))
     elif kind == "ext4":  # no writes: the formatted filesystem must come through every operation intact
         size = EXT4_SIZE
         for i in range(300):
@@ -287,7 +304,7 @@ def run_once(kind: str, seed: int, delay: float, base: Path) -> tuple[bool, bool
         with Stack.open(d, writable=False) as s:
             original = s.read(0, s.size)
     else:
-        ops.create_empty(d, START_SIZE, DIRECT_CLUSTER if kind == "direct" else CLUSTER)
+        ops.create_empty(d, START_SIZE, {"direct": DIRECT_CLUSTER, "discard": PIECE_CLUSTER}.get(kind, CLUSTER))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-m", "tests.integration.test_image_crash", d, kind, str(seed), log],
                              cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

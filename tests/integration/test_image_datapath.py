@@ -22,7 +22,7 @@ import pytest
 
 from fsnotifyd.image import attach as A
 from fsnotifyd.image import ops
-from fsnotifyd.testing import run
+from fsnotifyd.testing import discards_settled, run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -318,6 +318,138 @@ def test_fstrim_frees_clusters(images):
         assert trimmed <= full - 40 * MiB, (base, full, trimmed)
         A.umount(att)
         assert_clean(att)
+    finally:
+        images.detach(att)
+
+
+def _top_delta(image: str) -> str:
+    from fsnotifyd.image import descriptor as dd
+
+    desc = dd.load(os.path.join(image, dd.NAME))
+    return os.path.join(image, desc.by_guid(desc.top).file)
+
+
+def _trim(att: A.Attached, mp: Path) -> None:
+    run("sync", "-f", str(mp))  # blocks freed in the open journal transaction are not trimmed
+    run("fstrim", str(mp))
+    A.control(att, {"op": "flush"})
+
+
+def test_discards_over_a_snapshot_leave_the_top_delta_empty(images):
+    """Issue 16's defect: a discard over clusters whose older data a snapshot holds left them
+    mapped in the top (punched), and compaction copied them back as zeros (75-257 MiB kept)."""
+    img = images.image(512 * MiB)
+    att = images.attach(img)
+    try:
+        mp = images.mount(att)
+        write_file(mp / "first", 64 * MiB)
+        A.snapshot(att)
+        top = _top_delta(img)
+        (mp / "first").unlink()
+        _trim(att, mp)
+        write_file(mp / "second", 64 * MiB)  # ext4 reuses the blocks the first file had
+        (mp / "second").unlink()
+        _trim(att, mp)
+        held = os.stat(top).st_blocks * 512
+        assert held <= 4 * MiB, f"the top delta holds {held / MiB:.1f} MiB after two deletes and trims"
+        A.compact(att)
+        held = os.stat(top).st_blocks * 512
+        assert held <= 4 * MiB, f"the top delta holds {held / MiB:.1f} MiB after compaction"
+        # In such a VE, data written after the snapshot is given back whole by a delete + trim.
+        write_file(mp / "third", 200 * MiB)
+        A.control(att, {"op": "flush"})
+        full = physical_bytes(img)
+        (mp / "third").unlink()
+        _trim(att, mp)
+        back = full - physical_bytes(img)
+        assert back >= 196 * MiB, f"deleting and trimming 200 MiB gave back {back / MiB:.0f} MiB"
+        A.umount(att)
+        assert_clean(att)
+    finally:
+        images.detach(att)
+
+
+def test_piecemeal_discards_free_whole_clusters(images):
+    """Online discard sends a discard per freed extent: small files deleted one by one free
+    their clusters once all of each is discarded (the image used to free only clusters one
+    discard covered whole)."""
+    img = images.image(256 * MiB)
+    att = images.attach(img)
+    try:
+        mp = images.mount(att, options=("discard",))
+        d = mp / "small"
+        d.mkdir()
+        for i in range(2000):  # 64 MiB of 32 KiB files: many per 1 MiB cluster
+            (d / f"f{i}").write_bytes(os.urandom(32 << 10))
+        run("sync", "-f", str(mp))
+        A.control(att, {"op": "flush"})
+        full = physical_bytes(img)
+        for first in (0, 1):  # every other file, committed, then the rest: no discard covers a cluster
+            for i in range(first, 2000, 2):
+                (d / f"f{i}").unlink()
+            run("sync", "-f", str(mp))
+        discards_settled(att)
+        back = full - physical_bytes(img)
+        assert back >= 60 * MiB, f"deleting 64 MiB of small files gave back {back / MiB:.1f} MiB"
+        A.umount(att)
+        assert_clean(att)
+    finally:
+        images.detach(att)
+
+
+def test_lazy_inode_table_init_costs_no_clusters(images):
+    """A new 8 GiB ext4 left to zero its inode tables itself (mkfs lazy_itable_init=1, as the
+    default profile on a disk without discard) allocates no cluster for its 128 MiB of tables.
+    On this kernel the loop device passes the zeroing on as write-zeroes requests (the exporter
+    sees fallocate ZERO_RANGE/PUNCH_HOLE, discards); a disk without them gets written zeros, which
+    zero detection drops (test_zero_writes_cost_no_clusters)."""
+    import re
+
+    img = images.image(8 << 30, profile="default", mkfs_args=("-b", "4096", "-E", "lazy_itable_init=1,nodiscard"))
+    att = images.attach(img)
+    try:
+        created = physical_bytes(img)
+        mp = images.mount(att, options=("init_itable=0",))  # no pause between groups
+        deadline = time.monotonic() + 300
+        while True:
+            run("sync", "-f", str(mp))
+            groups = re.findall(r"^Group \d+:.*$", run("dumpe2fs", att.loop).stdout, re.M)
+            zeroed = sum("ITABLE_ZEROED" in g for g in groups)
+            if groups and zeroed == len(groups):
+                break
+            assert time.monotonic() < deadline, f"lazy init zeroed {zeroed} of {len(groups)} groups in 300 s"
+            time.sleep(0.5)
+        A.control(att, {"op": "flush"})
+        st = A.status(att)["stats"]
+        grown = physical_bytes(img) - created
+        assert grown <= 2 * MiB, f"lazy init of {len(groups)} groups cost {grown / MiB:.1f} MiB ({st})"
+        assert st["allocated"] <= 2, st
+        A.umount(att)
+        assert_clean(att)
+    finally:
+        images.detach(att)
+
+
+def test_zero_writes_cost_no_clusters(images):
+    """A guest writing zeros (dd if=/dev/zero, a filesystem zeroing its tables) allocates
+    nothing, and zeros over data free its clusters (qemu's detect-zeroes=unmap)."""
+    img = images.image(256 * MiB)
+    att = images.attach(img)
+    try:
+        base = physical_bytes(img)
+        run("dd", "if=/dev/zero", f"of={att.loop}", "bs=1M", "seek=100", "count=100", "oflag=direct")
+        A.control(att, {"op": "flush"})
+        assert physical_bytes(img) - base <= 1 * MiB
+        run("dd", "if=/dev/urandom", f"of={att.loop}", "bs=1M", "seek=100", "count=50", "oflag=direct")
+        A.control(att, {"op": "flush"})
+        assert physical_bytes(img) - base >= 48 * MiB  # a cluster or two there held metadata already
+        run("dd", "if=/dev/zero", f"of={att.loop}", "bs=64K", "seek=1600", "count=800", "oflag=direct")
+        A.control(att, {"op": "flush"})
+        st = A.status(att)
+        assert physical_bytes(img) - base <= 1 * MiB, st
+        assert st["stats"]["zero_writes"] >= 100, st
+        assert run("cmp", "-n", str(100 * MiB), "-i", f"{100 * MiB}:0", att.loop, "/dev/zero",
+                   check=False).returncode == 0
     finally:
         images.detach(att)
 

@@ -215,7 +215,8 @@ def test_balloon_shrinks_online_and_deflates(state, tmp_path):
     """The balloon: usable space drops without unmounting, the image gives clusters back;
     deflating returns the space to the VE."""
     mnt = tmp_path / "root104"
-    fsnd("ve", "create", "104", "--size", "512M", "--mountpoint", str(mnt), "--state-dir", str(state))
+    # Without online discard (a VE set so, or an older one), so that:
+    fsnd("ve", "create", "104", "--size", "512M", "--mountpoint", str(mnt), "--no-discard", "--state-dir", str(state))
     fsnd("ve", "start", "104", "--state-dir", str(state))
     image = record(state, "104")["image"]
     # Most of the filesystem written then deleted without trim: the image still holds those
@@ -589,3 +590,49 @@ def test_start_refuses_a_filesystem_e2fsck_cannot_repair(state, tmp_path):
     assert after["reason"] in fsnd("ve", "list", "--state-dir", str(state)).stdout
     assert after["reason"] in fsnd("ve", "show", "110", "--state-dir", str(state)).stdout
     assert _block_count(rec["image"], state) == blocks  # resize2fs did not run
+
+
+def _mount_options(mnt: Path) -> list[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if f[1] == str(mnt):
+            return f[3].split(",")
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def _settled(image: str) -> int:
+    """The image's allocation once online discards stopped arriving."""
+    from fsnotifyd.image import attach
+    from fsnotifyd.testing import discards_settled
+
+    a = attach.attachment(str(Path(image).parent.parent / "run"), image)
+    assert a is not None
+    discards_settled(a)
+    return _allocated(image)
+
+
+def test_online_discard_by_default_gives_the_space_back_without_fstrim(state, tmp_path):
+    mnt = tmp_path / "root120"
+    fsnd("ve", "create", "120", "--size", "512M", "--mountpoint", str(mnt), "--start", "--state-dir", str(state))
+    assert "discard" in _mount_options(mnt)
+    image = record(state, "120")["image"]
+    tree = mnt / "tree"
+    tree.mkdir()
+    for i in range(1500):  # 96 MiB of 64 KiB files
+        (tree / f"f{i}").write_bytes(os.urandom(64 << 10))
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    full = _settled(image)
+    for first in (0, 1):  # every other file, then the rest: each discard covers parts of clusters
+        for i in range(first, 1500, 2):
+            (tree / f"f{i}").unlink()
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+    back = full - _settled(image)
+    assert back >= 88 << 20, f"96 MiB deleted, {back / (1 << 20):.1f} MiB given back without fstrim"
+    # Per VE: off from the next start.
+    out = fsnd("ve", "set", "120", "--discard", "off", "--state-dir", str(state)).stdout
+    assert "off (from the next start)" in out
+    fsnd("ve", "stop", "120", "--state-dir", str(state))
+    fsnd("ve", "start", "120", "--state-dir", str(state))
+    assert "discard" not in _mount_options(mnt)
+    assert record(state, "120")["discard"] is False
+    assert "online discard off" in fsnd("ve", "show", "120", "--state-dir", str(state)).stdout

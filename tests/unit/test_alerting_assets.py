@@ -122,6 +122,8 @@ def exported() -> dict[str, set[str]]:
     m.bind_files(lambda: [FileState("x")])
     m.fs_gauges.set("x", "x", "regions_live", 1)
     m.fs_gauges.set("x", "x", "swelling", 1.0)
+    for field in ("garbage", "fragmentation", "image_swelling", "df_ratio"):
+        m.fs_gauges.set("x", "x", field, 1.0)
     # A labelled metric shows no sample (and so no label names) before its first child exists.
     for w in vars(m).values():
         if isinstance(w, MetricWrapperBase) and getattr(w, "_labelnames", ()):

@@ -447,7 +447,7 @@ def test_check_in_use_with_a_bad_bat_repairs_both(tmp_path):
     with open(p, "r+b") as f:
         f.seek(44)
         f.write(struct.pack("<I", IN_USE))
-    poke_bat(p, 1, 0xFFFFFFFF)
+    poke_bat(p, 1, 0xFFFFFFFE)
     repaired_and_clean(d, ["m_DiskInUse", "bat[1]", "clusters"])
 
 
