@@ -574,9 +574,10 @@ def _shrink_online(att: Any, size: int, opts: Options, *, progress: Callable[[di
     if target >= fs_bytes:
         raise RepackRefused(f"the filesystem is {fs_bytes} bytes: nothing above {target} to give back",
                             file=att.image)
-    resize.deflate(mp)  # an older balloon moves out of the way: it is laid again below
-    syncfs(mp)
-    used = thinness.df_used(mp)
+    used = thinness.df_used(mp) - resize.balloon_size(mp)
+    if not opts.dry_run:
+        resize.deflate(mp)  # an older balloon moves out of the way: it is laid again below
+        syncfs(mp)
     if used > target * 0.95:
         raise RepackRefused(f"the data ({used >> 20} MiB in use) does not fit in {target >> 20} MiB with 5 % to "
                             f"spare; nothing moved", file=att.image)
