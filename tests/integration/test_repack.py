@@ -74,7 +74,9 @@ def test_repack_after_churn_packs_the_data(state, tmp_path):
     assert r["mode"] == "repack" and r["bytes_moved"] > 0 and r["clusters_freed"] > 0
     assert a["fragmentation"] < b["fragmentation"]
     assert a["fragmentation"] <= max(1.05, floor + 0.02)
-    assert a["allocated"] < b["allocated"] and r["released"] > 0
+    # The image maps fewer clusters. (What the host gets back, ``released``, may be ~0: with
+    # discards punched inside clusters the delta file already held only the live parts.)
+    assert a["allocated"] < b["allocated"] and r["released"] >= 0
     assert tree_digests(mnt) == digests
     assert not (mnt / DONORS).exists()
     stopped_and_checked(state, "301")
