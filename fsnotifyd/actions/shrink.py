@@ -7,6 +7,11 @@
 - ``balloon``: inflate the image manager's balloon to ``target`` (online; ``0`` deflates).
 - ``resize``: offline: stop the VE, ``resize2fs -M`` plus ``margin`` (default 10%), cut the
   image, compact, start the VE.
+- ``repack``: online, the VE running: move live data out of partly used image clusters
+  (:mod:`fsnotifyd.image.repack`; ``budget_mib_s``, ``max_seconds``), trim, compact. Its result
+  is the repack's own dict (mode, clusters_freed, bytes_moved, seconds, moved_files, skipped,
+  before, after, released). A crash or restart mid-way resumes the job: the next pass deletes
+  the donors left and maps afresh.
 A VE from the config (not an image) can only be trimmed.
 """
 
@@ -17,7 +22,7 @@ import subprocess
 from typing import Any
 
 from ..image import attach as att_mod
-from ..image import ops, resize
+from ..image import ops, repack, resize
 from ..image.info import parse_size
 from ..image.lock import exclusive
 from ..image.stack import Stack
@@ -40,6 +45,8 @@ def _allocated(t: Target) -> int | None:
 def run(job: Job, step: Step, targets: Targets) -> dict[str, Any]:
     mode = job.params.get("mode")
     t = targets.resolve(job.ve)
+    if mode == "repack":
+        return _repack(job, step, t)
     before = _allocated(t)
     if mode == "trim":
         result: dict[str, Any] = {"mode": mode}
@@ -111,3 +118,23 @@ def _margin(raw: Any, minimum: int) -> int:
     if text.endswith("%"):
         return int(minimum * float(text[:-1]) / 100)
     return parse_size(text)
+
+
+def _repack(job: Job, step: Step, t: Target) -> dict[str, Any]:
+    att = t.need_image("shrink repack")
+    t.need_mount("shrink repack")
+    if att is None or not att.mountpoint:
+        raise ActionError(f"VE {t.id}: shrink repack needs the VE running (its image attached and mounted)")
+    if not step.done("repacked"):
+        budget = job.params.get("budget_mib_s")
+        limit = job.params.get("max_seconds")
+        # Stop moving in time to trim and compact before the job's own timeout.
+        room = max(1.0, step.remaining() * 0.8)
+        opts = repack.Options(budget_mib_s=float(budget) if budget is not None else None,
+                              max_seconds=min(float(limit), room) if limit is not None else room)
+        try:
+            r = repack.run(att, opts)
+        except repack.RepackRefused as e:
+            raise ActionError(f"VE {t.id}: {e}") from e
+        step.finish("repacked", repack=r)
+    return dict(job.data["repack"])

@@ -268,6 +268,92 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repack_options(args: argparse.Namespace):
+    from ..image import repack
+    from .logging import configure_logging
+
+    configure_logging("info")  # log events to stderr: stdout is the result (--json)
+
+    for name in ("budget_mib_s", "max_seconds"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise FsnotifydError(f"--{name.replace('_', '-')} must be positive, not {v}")
+    return repack.Options(dry_run=args.dry_run, budget_mib_s=args.budget_mib_s, max_seconds=args.max_seconds)
+
+
+def _progress():
+    """Progress on a terminal only (a pipe or a log gets the result alone)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(p: dict[str, Any]) -> None:
+        print(f"\rrepack: {p['clusters_done']}/{p['clusters_total']} clusters, {p['bytes_moved'] / (1 << 20):.1f} MiB "
+              f"moved, {p['mib_s']:.1f} MiB/s, {p['seconds']:.0f} s", end="", file=sys.stderr, flush=True)
+    return show
+
+
+def _print_repack(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print(r, True)
+        return
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if r.get("dry_run"):
+        return  # the plan was printed
+    b, a = r["before"], r["after"]
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(r["skipped"].items())) or "none"
+    print(f"{r['clusters_freed']} clusters freed, {human(r['bytes_moved'])} moved in {r['moved_files']} files, "
+          f"{r['seconds']:.1f} s; fragmentation {b['fragmentation']:.3f} -> {a['fragmentation']:.3f}, garbage "
+          f"{b['garbage']:.3f} -> {a['garbage']:.3f}; {human(r['released'])} given back to the host")
+    print(f"skipped: {skipped}")
+    if "balloon" in r:
+        print(f"filesystem limited to {human(r['size'])}: balloon of {human(r['balloon'])}, "
+              f"{human(r['discarded'])} discarded")
+
+
+def _repack_attachment(args: argparse.Namespace, a, what: str) -> int:
+    from ..image import repack
+
+    if not a.mountpoint or not os.path.ismount(a.mountpoint):
+        raise FsnotifydError(f"{what} is attached but not mounted: repack moves data on the mounted filesystem")
+    r = repack.run(a, _repack_options(args), progress=_progress(), printer=None if args.json else print)
+    _print_repack(r, args.json)
+    return 0
+
+
+def cmd_repack(args: argparse.Namespace) -> int:
+    return _repack_attachment(args, _need_attached(args, args.image), args.image)
+
+
+def _running_ve(args: argparse.Namespace, verb: str):
+    from ..ve.registry import Registry
+
+    rec = Registry(_state_dir(args)).get(args.id)
+    a = _attached(args, rec.image)
+    if not rec.running or a is None or not a.mountpoint or not os.path.ismount(a.mountpoint):
+        raise FsnotifydError(f"VE {rec.id} is not running: {verb} works on a running VE's mounted filesystem "
+                             f"(fsnotifyd ve start {rec.id}); nothing moved")
+    return rec, a
+
+
+def cmd_ve_repack(args: argparse.Namespace) -> int:
+    rec, a = _running_ve(args, "repack")
+    return _repack_attachment(args, a, f"VE {rec.id}")
+
+
+def cmd_ve_shrink(args: argparse.Namespace) -> int:
+    from ..image import repack
+
+    if not args.online:
+        raise FsnotifydError("ve shrink works online only (--online); offline: fsnotifyd ve stop ID, then "
+                             "fsnotifyd image shrink IMAGE SIZE")
+    rec, a = _running_ve(args, "an online shrink")
+    r = repack.shrink_online(a, parse_size(args.to), _repack_options(args), progress=_progress(),
+                             printer=None if args.json else print)
+    _print_repack(r, args.json)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ..image.check import check
 
@@ -471,6 +557,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("size", nargs="?", help="offline: new filesystem size (default: as small as it goes)")
     sh.add_argument("--online", metavar="SIZE", help="inflate the balloon to SIZE (0 deflates it)")
     cmd("compact", cmd_compact, "move clusters into holes and cut the file (detached)")
+
+    def repack_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+        sp.add_argument("--budget-mib-s", type=float, metavar="N", help="move at most N MiB/s")
+        sp.add_argument("--max-seconds", type=float, metavar="S", help="start no move after S seconds")
+        sp.add_argument("--json", action="store_true")
+
+    rp_ = cmd("repack", cmd_repack, "move live data out of partly used clusters (attached and mounted)")
+    repack_options(rp_)
     ck = cmd("check", cmd_check, "check the image's metadata (exit 1 on problems)")
     ck.add_argument("--repair", action="store_true")
 
@@ -506,6 +601,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vsp.add_argument("id")
     vr = vcmd("release", cmd_ve_release, "undo an isolation (after a person has looked)")
     vr.add_argument("id")
+    vrp = vcmd("repack", cmd_ve_repack, "move live data out of partly used clusters, online")
+    vrp.add_argument("id")
+    repack_options(vrp)
+    vsh = vcmd("shrink", cmd_ve_shrink, "shrink a running VE to SIZE and give the space back (--online)")
+    vsh.add_argument("id")
+    vsh.add_argument("--to", required=True, metavar="SIZE", help="new usable size: 1G, 512M, ...")
+    vsh.add_argument("--online", action="store_true", help="repack the data above SIZE away, lay the balloon there")
+    repack_options(vsh)
     vd = vcmd("destroy", cmd_ve_destroy, "stop and remove a VE (and its image)")
     vd.add_argument("id")
     vd.add_argument("--keep-image", action="store_true")

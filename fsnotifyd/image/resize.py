@@ -13,24 +13,17 @@ written.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import FsckFailed, ImageError
 from . import e2fsck, ops
+from .fiemap import fiemap
 from .stack import Stack
 
 BALLOON = ".fsnotifyd-balloon"
-FS_IOC_FIEMAP = 0xC020660B
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_UNKNOWN = 0x2
-_FIEMAP = struct.Struct("=QQIIII")
-_EXTENT = struct.Struct("=QQQQQIIII")
 
 
 def _run(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
@@ -40,29 +33,6 @@ def _run(*cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     return r
 
 
-def fiemap(fd: int, batch: int = 256) -> list[tuple[int, int, int]]:
-    """(logical, physical, length) of every extent of an open file, in bytes."""
-    out: list[tuple[int, int, int]] = []
-    start = 0
-    while True:
-        buf = bytearray(_FIEMAP.size + batch * _EXTENT.size)
-        _FIEMAP.pack_into(buf, 0, start, (1 << 64) - 1 - start, FIEMAP_FLAG_SYNC, 0, batch, 0)
-        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
-        mapped = _FIEMAP.unpack_from(buf, 0)[3]
-        if mapped == 0:
-            return out
-        last = False
-        for i in range(mapped):
-            logical, physical, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
-            if flags & FIEMAP_EXTENT_UNKNOWN:
-                raise ImageError("the balloon's extents are not known yet (delayed allocation)")
-            out.append((logical, physical, length))
-            start = logical + length
-            last = bool(flags & FIEMAP_EXTENT_LAST)
-        if last:
-            return out
-
-
 @dataclass(frozen=True, slots=True)
 class BalloonResult:
     size: int  # bytes the balloon holds in the filesystem
@@ -70,21 +40,84 @@ class BalloonResult:
     extents: int
 
 
-def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None) -> BalloonResult:
+def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], object] | None = None,
+            cluster: int | None = None) -> BalloonResult:
     """Take ``size`` bytes away from the VE's filesystem mounted at ``mountpoint`` (on
     ``device``, the VE's loop device) and give them back to the host. ``flush`` makes the
-    image's freed clusters durable (the exporter's flush) once the discards are done."""
+    image's freed clusters durable (the exporter's flush) once the discards are done.
+
+    With ``cluster`` (the image's cluster size) the balloon is laid one whole cluster at a
+    time, each piece checked with FIEMAP (:func:`lay`), the rest wherever the allocator puts
+    it: a piece filling a cluster is given back whole, while one allocation of ``size`` may
+    share clusters with live data, which the image cannot free."""
     path = os.path.join(mountpoint, BALLOON)
     if os.path.exists(path):
         _run("chattr", "-i", path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o000)
     try:
         os.ftruncate(fd, 0)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
-                             file=path) from e
+        if cluster is None:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise ImageError(f"the filesystem has no {size} bytes free for the balloon: {e.strerror}",
+                                 file=path) from e
+    finally:
+        os.close(fd)
+    if cluster is not None:
+        fill(mountpoint, size, cluster)
+    return give_back(mountpoint, device, flush=flush)
+
+
+def _open_balloon(mountpoint: str) -> int:
+    path = os.path.join(mountpoint, BALLOON)
+    if os.path.exists(path):
+        _run("chattr", "-i", path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o000)
+
+
+def lay(mountpoint: str, cluster: int, count: int, accept: Callable[[int], bool], *,
+        attempts: int | None = None) -> int:
+    """Add up to ``count`` pieces of one whole cluster each to the balloon (made if missing),
+    on clusters ``accept`` takes (:func:`.placement.place`). Returns the pieces laid."""
+    from . import placement
+
+    if count <= 0:
+        return 0
+    fd = _open_balloon(mountpoint)
+    try:
+        offset = -(-os.fstat(fd).st_size // cluster) * cluster
+        return len(placement.place(fd, count, cluster, accept, offset=offset, attempts=attempts).slots)
+    finally:
+        os.close(fd)
+
+
+def fill(mountpoint: str, size: int, cluster: int) -> None:
+    """Bring the balloon to ``size`` bytes: whole clusters anywhere first, the rest in one
+    allocation."""
+    fd = _open_balloon(mountpoint)
+    try:
+        have = os.fstat(fd).st_blocks * 512
+        if have < size:
+            lay(mountpoint, cluster, (size - have) // cluster, lambda c: True)
+            have = os.fstat(fd).st_blocks * 512
+        if have < size:
+            offset = -(-os.fstat(fd).st_size // cluster) * cluster
+            try:
+                os.posix_fallocate(fd, offset, size - have)
+            except OSError as e:
+                raise ImageError(f"the filesystem has no {size - have} more bytes free for the balloon: "
+                                 f"{e.strerror}", file=os.path.join(mountpoint, BALLOON)) from e
+    finally:
+        os.close(fd)
+
+
+def give_back(mountpoint: str, device: str, *, flush: Callable[[], object] | None = None) -> BalloonResult:
+    """Discard the balloon's extents on the device (the image frees the clusters they fill),
+    flush, and pin the balloon (immutable)."""
+    path = os.path.join(mountpoint, BALLOON)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
         extents = fiemap(fd)
     finally:
@@ -96,7 +129,7 @@ def inflate(mountpoint: str, device: str, size: int, *, flush: Callable[[], obje
     if flush is not None:
         flush()
     _run("chattr", "+i", path)  # pinned: nobody writes into it or deletes it by mistake
-    return BalloonResult(size, discarded, len(extents))
+    return BalloonResult(sum(n for _, _, n in extents), discarded, len(extents))
 
 
 def deflate(mountpoint: str) -> bool:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..image import fsmap, thinness
-from ..image.resize import BALLOON, fiemap
+from ..image.fiemap import fiemap
+from ..image.resize import BALLOON
 
 
 def balloon_extents(mountpoint: str) -> list[tuple[int, int]]:

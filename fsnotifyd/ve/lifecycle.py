@@ -21,7 +21,7 @@ import structlog
 
 from ..errors import FsckFailed, FsnotifydError, ImageError
 from ..image import attach as att_mod
-from ..image import e2fsck, ops, resize
+from ..image import e2fsck, ops, repack, resize
 from ..image.check import check
 from ..image.lock import exclusive
 from .registry import Registry, VeRecord
@@ -94,7 +94,7 @@ def _start(paths: Paths, rec: VeRecord) -> att_mod.Attached:
     # The VE's own attachment, by name: a snapshot view of its image is another one.
     a = att_mod.attachment(paths.run_dir, rec.image)
     if a is not None and _healthy(a) and a.mountpoint and os.path.ismount(a.mountpoint):
-        return a
+        return a  # running: a repack in progress owns any donor there
     if a is not None:  # left by a crash: take it apart before starting afresh
         att_mod.detach(a, run_dir=paths.run_dir)
     with exclusive(rec.image, "repair"):
@@ -115,6 +115,8 @@ def _start(paths: Paths, rec: VeRecord) -> att_mod.Attached:
                 raise ImageError(f"resize2fs {a.loop} failed: {r.stderr.strip()[:300]}", file=rec.image)
         os.makedirs(rec.mountpoint, exist_ok=True)
         att_mod.mount(a, rec.mountpoint, options=mount_options(rec))
+        # A repack killed mid-way left its donors: they hold only blocks no file needs.
+        repack.remove_donors(rec.mountpoint)
     except BaseException:
         att_mod.detach(a, run_dir=paths.run_dir)
         raise

@@ -542,3 +542,31 @@ def test_shrink_trim_balloon_and_resize_on_an_image_ve(state):
     assert fs_size(rec.loop) == new_size
     with open(os.path.join(rec.mountpoint, "kept"), "rb") as f:
         assert f.read() == b"k" * 100000
+
+
+def test_shrink_repack_action_runs_a_pass_and_publishes_it(state):
+    """`shrink: {mode: repack}` on a running image VE: one pass (a donor left by a killed pass
+    is deleted first), its result the repack dict, published as image.repacked; on a stopped
+    VE it fails with the reason."""
+    from fsnotifyd.image.repack import DONOR_DIR
+    from fsnotifyd.testing import churn, tree_digests
+    from fsnotifyd.ve import lifecycle
+
+    rec = new_ve(state, "702", size=256 * MiB)
+    churn(rec.mountpoint, rounds=2, fill=0.5, delete=0.65)
+    digests = tree_digests(rec.mountpoint)
+    os.makedirs(os.path.join(rec.mountpoint, DONOR_DIR))
+    with open(os.path.join(rec.mountpoint, DONOR_DIR, "donor-1-0"), "wb") as f:  # as a SIGKILL leaves it
+        os.posix_fallocate(f.fileno(), 0, 2 * MiB)
+    events = run_actions(state, [decision("702", {"shrink": {"mode": "repack", "budget_mib_s": 200}})])
+    assert ends(events) == [("shrink", "action.succeeded", None)], events[-1].details
+    r = next(e for e in events if e.kind == "action.succeeded").details["result"]
+    assert r["mode"] == "repack" and r["bytes_moved"] > 0 and r["after"]["fragmentation"] < r["before"]["fragmentation"]
+    [passed] = [e for e in events if e.kind == "image.repacked"]
+    assert passed.details["clusters_freed"] == r["clusters_freed"]
+    assert not os.path.exists(os.path.join(rec.mountpoint, DONOR_DIR))
+    assert tree_digests(rec.mountpoint) == digests
+    lifecycle.stop(str(state), "702")
+    events = run_actions(state, [decision("702", {"shrink": {"mode": "repack"}})])
+    [(_, kind, error)] = ends(events)
+    assert kind == "action.failed" and "mounted" in error, error
