@@ -555,6 +555,9 @@ def checkpoint_printer(size: int) -> Callable[[Sample], None]:
         if s.after is not None:
             line += f" | {'':>7}{fig_cells(s.after)} | {s.maint.get('seconds', 0):.1f}s"
             line += f" moved {int(s.maint.get('compact_moved', 0))}"
+            if "repack_bytes_moved" in s.maint:
+                line += (f", repack moved {s.maint['repack_bytes_moved'] / MiB:.0f} MiB, freed "
+                         f"{int(s.maint.get('repack_clusters_freed', 0))} clusters")
         if s.fig.transient is not None:
             line += f" | before discards settled ({s.fig.settle_s:.1f} s): garbage {s.fig.transient:.2f}"
         print(line, flush=True)
