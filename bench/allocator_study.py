@@ -6,7 +6,7 @@ options and ext4 tunables, 1 MiB image clusters), run on the three churn workloa
 with the same random sequence:
 
   mkfs       flex_bg size (-G 16 / 64 / 4096: thin's), packed_meta_blocks, journal size
-             (-J size=4 / 256), inode ratio (-i 4096 / 65536), mkfs's plain defaults;
+             (-J size=4 / 16 / 256; 1 GiB gets 32 MiB by default), inode ratio (-i 4096 / 65536), mkfs's plain defaults;
   mount      mb_optimize_scan=0 / 1, discard (the defaults mode of the swelling bench);
   sysfs      /sys/fs/ext4/<dev>/mb_group_prealloc (64 / 256 / 2048 blocks; default 512),
              mb_stream_req (0 / 256 / 1024 blocks; default 16);
@@ -67,6 +67,7 @@ def variants() -> list[tuple[str, sw.Setup, str]]:
           ("mkfs", replace(base, name="packed_meta_blocks", mkfs_args=thin_args(extended="packed_meta_blocks=1")),
            "none"),
           ("mkfs", replace(base, name="-J size=4", mkfs_args=thin_args(extra=("-J", "size=4"))), "none"),
+          ("mkfs", replace(base, name="-J size=16", mkfs_args=thin_args(extra=("-J", "size=16"))), "none"),
           ("mkfs", replace(base, name="-J size=256", mkfs_args=thin_args(extra=("-J", "size=256"))), "none"),
           ("mkfs", replace(base, name="-i 4096", mkfs_args=thin_args(extra=("-i", "4096"))), "none"),
           ("mkfs", replace(base, name="-i 65536", mkfs_args=thin_args(extra=("-i", "65536"))), "none")]
