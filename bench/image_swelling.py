@@ -118,21 +118,12 @@ def repack_module():
         return None
 
 
-def repack_pass(att, mnt: Path) -> dict[str, float]:
-    """One repack pass over the mounted VE; what it moved. The module's entry point is looked
-    up by the names its branch may give it, so the bench needs no change when it lands."""
+def repack_pass(att) -> dict[str, float]:
+    """One repack pass over the mounted VE (it trims and compacts itself); what it moved."""
     mod = repack_module()
     assert mod is not None
-    if callable(getattr(mod, "run", None)) and hasattr(mod, "Options"):  # run(att, Options()): trims, compacts
-        r = mod.run(att, mod.Options())
-        return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for name in ("repack_attached", "repack"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            r = fn(att, str(mnt)) if name == "repack_attached" else fn(str(mnt), att=att)
-            d = r if isinstance(r, dict) else getattr(r, "__dict__", {})
-            return {k: v for k, v in d.items() if isinstance(v, (int, float))}
-    raise RuntimeError(f"{mod.__name__} has no repack entry point the bench knows (run, repack_attached, repack)")
+    r = mod.run(att, mod.Options())
+    return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # -- the VE ----------------------------------------------------------------------------------------
@@ -249,7 +240,7 @@ class VE:
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         if self.mode.repack:
-            for k, v in repack_pass(self.att, self.mnt).items():
+            for k, v in repack_pass(self.att).items():
                 out[f"repack_{k}"] = v
         if self.mode.fstrim_compact:
             sh("fstrim", str(self.mnt))
@@ -524,7 +515,7 @@ def run_one(work: Path, size: int, times: float, workload: str, mode: Mode, setu
             t1 = time.perf_counter()
             maint: dict[str, float] = {}
             if repack_module() is not None:
-                maint.update({f"repack_{k}": v for k, v in repack_pass(ve.att, ve.mnt).items()})
+                maint.update({f"repack_{k}": v for k, v in repack_pass(ve.att).items()})
             sh("fstrim", str(ve.mnt))
             syncfs(ve.mnt)
             maint["compact_moved"] = at.compact(ve.att)["moved"]
