@@ -55,3 +55,17 @@ def test_each_workload_churns_and_measures(bench, workload):
         assert not any(work.iterdir()), list(work.iterdir())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_repack_mode_runs_a_pass_at_the_checkpoint(bench):
+    work = Path(tempfile.mkdtemp(prefix="fsnd-bench-smoke-"))
+    try:
+        pool = memoryview(os.urandom(4 * MiB))
+        r = bench.run_one(work, 128 * MiB, 0.5, "small", bench.MODES["repack"], bench.Setup(),
+                          seed=1, pool=pool, sync_every=8 * MiB)
+        last = r.samples[-1]
+        assert "repack_bytes_moved" in last.maint, last.maint
+        assert last.after.fragmentation <= last.fig.fragmentation
+        assert not any(work.iterdir()), list(work.iterdir())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
