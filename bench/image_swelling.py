@@ -584,11 +584,11 @@ def print_final(results: list[Result], size: int, times: float) -> None:
             continue
         if r.mode == "defaults":
             pg = r.peak("garbage")
-            print(f"    {r.workload:<8} peak garbage with the defaults {pg:.2f} (target <= {TARGET_PEAK_GARBAGE}): "
+            print(f"    {r.workload:<8} peak garbage with the defaults {pg:.3f} (target <= {TARGET_PEAK_GARBAGE}): "
                   f"{'met' if pg <= TARGET_PEAK_GARBAGE else 'NOT met'}")
         if r.mode == "repack":
             fr = r.final.fragmentation
-            print(f"    {r.workload:<8} fragmentation after a repack {fr:.2f} (target <= {TARGET_FRAG_AFTER_REPACK}): "
+            print(f"    {r.workload:<8} fragmentation after a repack {fr:.3f} (target <= {TARGET_FRAG_AFTER_REPACK}): "
                   f"{'met' if fr <= TARGET_FRAG_AFTER_REPACK else 'NOT met'}")
 
 
