@@ -44,7 +44,6 @@ from benchutil import machine_facts  # noqa: E402
 import image_swelling as sw  # noqa: E402
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import format as fmt  # noqa: E402
-from fsnotifyd.image import ops  # noqa: E402
 
 KiB, MiB = sw.KiB, sw.MiB
 THIN_E = "lazy_itable_init=0,lazy_journal_init=0,nodiscard,stride=256,stripe_width=256"
