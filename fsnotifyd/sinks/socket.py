@@ -209,12 +209,14 @@ class SocketSink:
             if now - self._last_refusal_log > 10:  # a local user looping must not flood the log
                 self._last_refusal_log = now
                 log.warning("control.refused", pid=peer.pid, uid=peer.uid, gid=peer.gid, refused_total=self.refused)
+            await self._unread(reader)
             await self._reply(writer, {"ok": False, "error": f"permission denied: uid {peer.uid} is not root "
                                                              f"and not in group {self.gid}"})
             return
         if self._clients > self.max_clients:
             self.busy += 1
             self.count("-", "busy")
+            await self._unread(reader)
             await self._reply(writer, {"ok": False, "error": f"too many clients (at most {self.max_clients})"})
             return
         try:
@@ -259,6 +261,15 @@ class SocketSink:
                 reply = {"ok": False, "error": f"{op} failed: {e}"}
             self.count(op, "ok" if reply.get("ok") else "error")
             await self._reply(writer, reply)
+
+    @staticmethod
+    async def _unread(reader: asyncio.StreamReader) -> None:
+        """Take in what the client sent before refusing it: closing a unix socket with unread
+        data resets it, and the client could lose the answer (seen as "Connection lost" under
+        load). Bounded: a request line, for a moment."""
+        with contextlib.suppress(ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError,
+                                 ConnectionError):
+            await asyncio.wait_for(reader.readline(), 0.5)
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

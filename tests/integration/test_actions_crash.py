@@ -35,7 +35,7 @@ ACTIONS = [{"snapshot": {"keep": 2}}, {"isolate": {"mode": "readonly"}}, {"fsck"
            {"notify": {"message": "m"}}]
 
 
-def child_main(state_dir: str, decision_id: str, ready: str) -> None:
+def child_main(state_dir: str, decision_id: str, ready: str, ve: str = "801", actions: list | None = None) -> None:
     import asyncio
 
     from fsnotifyd.actions.executor import Executor
@@ -50,8 +50,8 @@ def child_main(state_dir: str, decision_id: str, ready: str) -> None:
         journal = JobJournal(os.path.join(state_dir, "actions", "journal.jsonl"))
         ex = Executor(journal, handlers(Targets(state_dir)), lambda e: None)
         ex.resume()
-        ex.submit({"id": decision_id, "kind": "rule.matched", "ve": "801", "device": None, "fs": "ext4",
-                   "mount": None, "details": {"rule": "crash", "actions": ACTIONS, "dry_run": False,
+        ex.submit({"id": decision_id, "kind": "rule.matched", "ve": ve, "device": None, "fs": "ext4",
+                   "mount": None, "details": {"rule": "crash", "actions": actions or ACTIONS, "dry_run": False,
                                               "event_ids": [], "trigger_kind": "fs.error"}})
         Path(ready).write_text("ready")
         await ex.idle()
@@ -61,12 +61,14 @@ def child_main(state_dir: str, decision_id: str, ready: str) -> None:
     asyncio.run(main())
 
 
-def run_child(state: Path, decision_id: str, kill_after: float | None) -> bool:
+def run_child(state: Path, decision_id: str, kill_after: float | None, *, ve: str = "801",
+              actions: list | None = None) -> bool:
     ready = state / "ready"
     ready.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", "tests.integration.test_actions_crash", str(state), decision_id,
-                          str(ready)], cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          str(ready), ve, json.dumps(actions or ACTIONS)], cwd=str(ROOT), env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         if kill_after is not None:
             deadline = time.monotonic() + 30
@@ -157,8 +159,74 @@ def test_sigkill_during_actions_then_restart_completes_each_once(ve, capsys):
     assert killed >= ITERATIONS // 3  # the rest ended before their kill: timing varies
 
 
+REPACK_KILLS = int(os.environ.get("FSNOTIFYD_STRESS_ITERATIONS", "20")) if STRESS else 3
+
+
+def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, capsys):
+    """The daemon's executor killed at random points of a `shrink: {mode: repack}` job: no file
+    changes, the restarted executor resumes the job and finishes it, no donor is left, and the
+    image and the filesystem check clean. (The repack process itself is killed in
+    test_repack.py; here it is the daemon that runs the action.)"""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        kernel_missing("no FUSE (/dev/fuse, fusermount3 from fuse3)")
+    from fsnotifyd.actions.journal import JobJournal
+    from fsnotifyd.image import attach
+    from fsnotifyd.image.check import check
+    from fsnotifyd.image.repack import DONOR_DIR
+    from fsnotifyd.testing import churn, tree_digests
+    from fsnotifyd.ve import lifecycle
+
+    sd = tmp_path / "state"
+    sd.mkdir()
+    lifecycle.create(str(sd), "802", 256 << 20)
+    rec = lifecycle.start(str(sd), "802")
+    rng = random.Random()
+    killed, t0 = 0, time.monotonic()
+    repack = [{"shrink": {"mode": "repack"}}]
+    try:
+        it, last = 0, 2.0
+        while killed < REPACK_KILLS and it < 3 * REPACK_KILLS:
+            churn(rec.mountpoint, rounds=3 if it == 0 else 1, fill=0.45, seed=200 + it, subdir=f"c{it}")
+            digests = tree_digests(rec.mountpoint)
+            did = f"repack{it:03d}-{rng.randrange(1 << 30):08x}"
+            delay = rng.uniform(0.0, last)  # within a pass: mapping, moves, trim, compaction
+            killed += run_child(sd, did, delay, ve="802", actions=repack)
+            where = f"iteration {it} (kill after {delay:.3f} s)"
+            left = {k: v for k, v in tree_digests(rec.mountpoint).items() if not k.startswith(DONOR_DIR + "/")}
+            assert left == digests, where  # a donor a kill left holds no file's data
+            t1 = time.monotonic()
+            run_child(sd, did, None, ve="802", actions=repack)
+            last = max(0.3, time.monotonic() - t1 - 0.5)  # the next kill within a pass as long (less start-up)
+            journal = JobJournal(str(sd / "actions" / "journal.jsonl"))
+            job = journal.jobs.get(f"{did}/0")
+            journal.close()
+            assert job is not None and job.state == "succeeded", (where, job and (job.state, job.error))
+            assert not os.path.exists(os.path.join(rec.mountpoint, DONOR_DIR)), where
+            assert tree_digests(rec.mountpoint) == digests, where
+            it += 1
+        assert killed >= REPACK_KILLS, f"{killed} kills in {it} runs"
+        lifecycle.stop(str(sd), "802")
+        report = check(rec.image)
+        assert report.clean, str(report)
+        a = attach.attach(rec.image, run_dir=str(sd / "run"), readonly=True)
+        try:
+            r = subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+        finally:
+            attach.detach(a, run_dir=str(sd / "run"))
+    finally:
+        with contextlib.suppress(Exception):
+            lifecycle.stop(str(sd), "802")
+        for a in attach.attached(str(sd / "run")):
+            attach.detach(a, run_dir=str(sd / "run"))
+    with capsys.disabled():
+        print(f"\n  repack under a killed executor: {it} runs, {killed} killed, "
+              f"{time.monotonic() - t0:.1f} s")
+
+
 if __name__ == "__main__":
-    child_main(sys.argv[1], sys.argv[2], sys.argv[3])
+    child_main(sys.argv[1], sys.argv[2], sys.argv[3], *sys.argv[4:5],
+               *([json.loads(sys.argv[5])] if len(sys.argv) > 5 else []))
 
 
 DAEMON_RULES = """version: 1
