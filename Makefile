@@ -19,6 +19,8 @@ bench: bootstrap
 	$(PY) bench/image_io.py
 	$(PY) bench/image_ops.py
 	$(PY) bench/image_swelling.py
+	$(PY) bench/repack.py --load
+	$(PY) bench/alloc_figures.py
 	$(PY) bench/isolate_latency.py
 	$(PY) bench/bpf_overhead.py
 
