@@ -86,7 +86,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for d in info.deltas:
         role = "top" if d.top else f"snapshot{' ' + repr(d.name) if d.name else ''}"
         print(f"  {d.guid}  {role:<20} {d.file:<50} {human(d.allocated_bytes):>8} allocated, "
-              f"{human(d.physical_bytes):>8} on disk{', IN USE' if d.in_use else ''}")
+              f"{human(d.physical_bytes):>8} on disk{', IN USE' if d.in_use else ''}"
+              + (f", {d.zeroed_clusters} zero-marked" if d.zeroed_clusters else ""))
     return 0
 
 

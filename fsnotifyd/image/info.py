@@ -41,6 +41,7 @@ class DeltaInfo:
     file_bytes: int  # the file's length
     physical_bytes: int  # blocks the host filesystem holds for it (holes excluded)
     in_use: bool
+    zeroed_clusters: int = 0  # zero marks: clusters that read as zeros whatever lies below, at no cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,6 @@ def image_info(directory: str) -> ImageInfo:
             st = os.stat(path)
             deltas.append(DeltaInfo(shot.guid, shot.file, shot.guid == desc.top, shot.name, shot.created, shot.parent,
                                     len(vcs), len(vcs) * d.cluster, st.st_size, st.st_blocks * 512,
-                                    d.header.in_use))
+                                    d.header.in_use, sum(1 for vc in range(len(d.bat)) if d.zeroed(vc))))
     return ImageInfo(directory, desc.size, desc.cluster, len(mapped) * desc.cluster,
                      sum(d.file_bytes for d in deltas), sum(d.physical_bytes for d in deltas), tuple(deltas))
