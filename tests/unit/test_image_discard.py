@@ -88,7 +88,7 @@ def test_zero_mark_over_a_snapshot_costs_no_cluster(tmp_path):
     assert [vc for vc, p in enumerate(bat) if p == ZERO_CLUSTER] == [2, 3, 5]
     from fsnotifyd.image.info import image_info
 
-    assert [d.zeroed_clusters for d in image_info(d).deltas] == [0, 3]
+    assert [delta.zeroed_clusters for delta in image_info(d).deltas] == [0, 3]
     with Stack.open(d) as s:
         model.assert_same(s)
         # Writing into a zero-marked cluster: the rest of it is zeros, not the snapshot's data.
