@@ -90,8 +90,9 @@ def run_child(state: Path, decision_id: str, kill_after: float | None, *, ve: st
         p.stderr.close()
 
 
-@pytest.fixture
-def ve(tmp_path, kernel):
+@contextlib.contextmanager
+def running_ve(tmp_path: Path, ve_id: str, size: int):
+    """A VE started in its own state dir; afterwards nothing of it is left attached."""
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         kernel_missing("no FUSE (/dev/fuse, fusermount3 from fuse3)")
     from fsnotifyd.image import attach
@@ -99,18 +100,24 @@ def ve(tmp_path, kernel):
 
     sd = tmp_path / "state"
     sd.mkdir()
-    lifecycle.create(str(sd), "801", 48 << 20)
-    rec = lifecycle.start(str(sd), "801")
+    lifecycle.create(str(sd), ve_id, size)
+    rec = lifecycle.start(str(sd), ve_id)
     try:
         yield sd, rec
     finally:
         subprocess.run(["fsfreeze", "-u", rec.mountpoint], capture_output=True)
         with contextlib.suppress(Exception):
-            lifecycle.stop(str(sd), "801")
+            lifecycle.stop(str(sd), ve_id)
         for a in attach.attached(str(sd / "run")):
             attach.detach(a, run_dir=str(sd / "run"))
         leftovers = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         assert str(sd) not in leftovers, leftovers
+
+
+@pytest.fixture
+def ve(tmp_path, kernel):
+    with running_ve(tmp_path, "801", 48 << 20) as it:
+        yield it
 
 
 def test_sigkill_during_actions_then_restart_completes_each_once(ve, capsys):
@@ -167,8 +174,6 @@ def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, cap
     changes, the restarted executor resumes the job and finishes it, no donor is left, and the
     image and the filesystem check clean. (The repack process itself is killed in
     test_repack.py; here it is the daemon that runs the action.)"""
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        kernel_missing("no FUSE (/dev/fuse, fusermount3 from fuse3)")
     from fsnotifyd.actions.journal import JobJournal
     from fsnotifyd.image import attach
     from fsnotifyd.image.check import check
@@ -176,14 +181,10 @@ def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, cap
     from fsnotifyd.testing import churn, tree_digests
     from fsnotifyd.ve import lifecycle
 
-    sd = tmp_path / "state"
-    sd.mkdir()
-    lifecycle.create(str(sd), "802", 256 << 20)
-    rec = lifecycle.start(str(sd), "802")
     rng = random.Random()
     killed, t0 = 0, time.monotonic()
     repack = [{"shrink": {"mode": "repack"}}]
-    try:
+    with running_ve(tmp_path, "802", 256 << 20) as (sd, rec):
         it, last = 0, 2.0
         while killed < REPACK_KILLS and it < 3 * REPACK_KILLS:
             churn(rec.mountpoint, rounds=3 if it == 0 else 1, fill=0.45, seed=200 + it, subdir=f"c{it}")
@@ -213,11 +214,6 @@ def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, cap
             r = subprocess.run(["e2fsck", "-fn", a.loop], capture_output=True, text=True)
             assert r.returncode == 0, r.stdout + r.stderr
         finally:
-            attach.detach(a, run_dir=str(sd / "run"))
-    finally:
-        with contextlib.suppress(Exception):
-            lifecycle.stop(str(sd), "802")
-        for a in attach.attached(str(sd / "run")):
             attach.detach(a, run_dir=str(sd / "run"))
     with capsys.disabled():
         print(f"\n  repack under a killed executor: {it} runs, {killed} killed, "
