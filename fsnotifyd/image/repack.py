@@ -495,20 +495,24 @@ def _run(att: Any, opts: Options, *, above: int | None,
 
     done = 0
     total = len(pl.victims)
-    for i, batch in enumerate(rp.batches(pl.victims, cpb, opts.batch_clusters)):
-        if run_.out_of_time():
-            break
-        placed = _move_batch(run_, mp, m, batch, cluster, accept, i)
-        if not placed:
-            if i == 0:
-                raise RepackRefused("the filesystem is too full for a donor: no fallocated cluster landed in a "
-                                    "wholly free cluster" + ("" if first is None else " below the target size")
-                                    + "; nothing moved", file=att.image)
-            run_.skipped["no_donor"] += sum(1 for _ in batch)
-            break
-        done += len(batch)
-        _report(run_, done, total)
-    remove_donors(mp)
+    try:
+        for i, batch in enumerate(rp.batches(pl.victims, cpb, opts.batch_clusters)):
+            if run_.out_of_time():
+                break
+            placed = _move_batch(run_, mp, m, batch, cluster, accept, i)
+            if not placed:
+                if i == 0:
+                    raise RepackRefused("the filesystem is too full for a donor: no fallocated cluster landed "
+                                        "in a wholly free cluster"
+                                        + ("" if first is None else " below the target size")
+                                        + "; nothing moved", file=att.image)
+                run_.skipped["no_donor"] += sum(1 for _ in batch)
+                break
+            done += len(batch)
+            _report(run_, done, total)
+    finally:
+        # A refusal or a failed move must not leave the donors' directory in the VE's tree.
+        remove_donors(mp)
     # What the moves emptied, from the bitmaps after the last commit.
     attempted = {v.cluster for v in pl.victims}
     syncfs(mp)
