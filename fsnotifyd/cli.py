@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(cfg, events_out=args.events_out, notifier=notifier)
-        loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
+        loop.add_signal_handler(signal.SIGHUP, daemon.control.reload_rules)
         await daemon.run(stop)
 
     asyncio.run(main())
