@@ -20,7 +20,8 @@ import pytest
 from fsnotifyd.inventory import VE
 from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.sources.kmsg import RECORD_MAX, boot_wallclock, parse_record
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 pytestmark = pytest.mark.kernel
 
