@@ -40,8 +40,8 @@ class MemoryStateStore:
     def set(self, key: str, value: int) -> None:
         self.values[key] = value
 
-    def flush(self) -> None:
-        pass
+    def flush(self) -> bool:
+        return True  # nothing to write: always "on disk"
 
     def __getitem__(self, key: str) -> int:
         return self.values[key]
@@ -66,8 +66,8 @@ class CapturingSink:
 
 
 class FakeSource:
-    """A scripted :class:`fsnotifyd.typing.Source`: raises ``unavailable`` before ready, fails ``fail_times`` times, then
-    sends ``observations`` and idles until cancelled."""
+    """A scripted :class:`fsnotifyd.typing.Source`: raises ``unavailable`` before ready, fails
+    ``fail_times`` times, then sends ``observations`` and idles until cancelled."""
 
     def __init__(self, name: str, observations: Iterable[Observation] = (), *, unavailable: str | None = None,
                  fail_times: int = 0) -> None:

@@ -60,4 +60,5 @@ class StateStore(Protocol):
 
     def set(self, key: str, value: int) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> bool:
+        """Write what changed; False when the disk refused it (kept, tried again next time)."""

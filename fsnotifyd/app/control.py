@@ -51,8 +51,9 @@ class Control:
             "rules": {**(d.rules_status or {}), **dataclasses.asdict(d.engine.stats)},
             "images": {"exporters_aborted": d.image_watchdog.aborted, "attached": d.image_watchdog.images()},
             "lost": {"queue_full": bus.dropped},
-            "sinks": {s.name: s.status() for s in d.sinks
-                      if s is not d.socket and callable(getattr(s, "status", None))},
+            # Only some sinks have a status (spools, delivery counts): optional by design.
+            "sinks": {s.name: status() for s in d.sinks
+                      if s is not d.socket and callable(status := getattr(s, "status", None))},
             "control": {"group": d.config.control.group, "refused": d.socket.refused,
                         "busy": d.socket.busy, "dropped_subscribers": d.socket.dropped_subscribers},
             "actions": self._actions(),

@@ -58,7 +58,7 @@ def test_the_fakes_behave_as_their_docstrings_say() -> None:
 
     store = MemoryStateStore()
     store.set("k", 3)
-    store.flush()
+    assert store.flush() is True
     assert store.get("k") == 3 and store.get("missing") is None
 
     sink = CapturingSink()

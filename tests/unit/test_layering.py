@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -54,7 +55,7 @@ RULES = {
 }
 
 
-def _violations(applies, forbidden: str) -> list[str]:
+def _violations(applies: Callable[[str], bool], forbidden: str) -> list[str]:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         importer = _module_name(path)
