@@ -40,9 +40,6 @@ EARLIER_SWITCHES: dict[str, tuple[str, str]] = {
     "fsnotifyd.image._fastio": ("FSNOTIFYD_FASTIO", "0"),
 }
 
-log = structlog.get_logger("fsnotifyd.native")
-
-
 @dataclass(frozen=True)
 class Loaded:
     module: ModuleType | None  # None: the Python side runs
@@ -92,7 +89,8 @@ def _warn(name: str, reason: str) -> None:
     # Often at import time, before the CLI has set logging up: structlog's default would
     # print to stdout, where results go, so then the warning goes to stderr the standard way.
     if structlog.is_configured():
-        log.warning("native.fallback", module=name, reason=reason, running="python")
+        structlog.get_logger("fsnotifyd.native").warning("native.fallback", module=name, reason=reason,
+                                                         running="python")
     else:
         warnings.warn(f"fsnotifyd: C module {name} not used: {reason}; the Python implementation runs",
                       RuntimeWarning, stacklevel=4)
