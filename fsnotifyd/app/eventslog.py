@@ -117,6 +117,7 @@ def _write(tl: model.Timeline, fmt: str, out: TextIO, files: list[str]) -> None:
         for line in text.render_json(tl):
             out.write(line + "\n")
     elif fmt == "html":
-        out.write(html_page.render(tl, title=f"fsnotifyd incident timeline: {os.path.basename(files[-1])}"))
+        rotated = f" and {len(files) - 1} rotated file(s)" if len(files) > 1 else ""
+        out.write(html_page.render(tl, source=f"from {files[-1]}{rotated}"))
     else:
         out.write(text.render(tl))

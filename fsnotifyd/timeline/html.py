@@ -32,6 +32,7 @@ STEP_COLOURS = {
     "notify": "#e377c2",
     "shrink": "#bcbd22",
     "exec": "#393b79",
+    "readonly": "#843c39",
     "writable": "#637939",
     "other": "#7f7f7f",
 }
@@ -49,7 +50,7 @@ class Layout:
     """Page geometry in CSS pixels (a screenshot at device scale 1 has the same pixels)."""
 
     left: int = 16  # the drawing's left edge on the page
-    top: int = 64  # the drawing's top edge on the page (below the title, fixed height)
+    top: int = 72  # the drawing's top edge on the page (below the title, fixed height)
     width: int = 1320
     label: int = 120  # lane labels, left of the plot
     right_pad: int = 24
@@ -82,8 +83,12 @@ class _Scale:
         return self.x0 + (t - self.t0) / (self.t1 - self.t0) * (self.x1 - self.x0)
 
 
-def render(tl: Timeline, *, title: str = "fsnotifyd incident timeline", layout: Layout = Layout()) -> str:
+def render(tl: Timeline, *, title: str = "fsnotifyd incident timeline", source: str = "",
+           layout: Layout = Layout()) -> str:
+    """The page; ``source`` says where the events were read (shown under the title)."""
     lanes = tl.lanes
+    window = f"{text.clock(tl.start)} – {text.clock(tl.end)}" if tl.start is not None and tl.end is not None else ""
+    sub = " · ".join(p for p in (window, f"{len(tl.lines)} events", f"{len(tl.incidents)} incident(s)", source) if p)
     svg = _svg(tl, lanes, layout) if tl.lines else '<p class="none">no events</p>'
     rows = "\n".join(
         f'<tr id="r{i}" class="sev-{html.escape(ln.severity)}">'
@@ -91,7 +96,7 @@ def render(tl: Timeline, *, title: str = "fsnotifyd incident timeline", layout: 
         for i, (ln, row) in enumerate(zip(tl.lines, text.rows(tl))))
     incidents = "\n".join(f"<li>{html.escape(text.incident_summary(i))}</li>" for i in tl.incidents)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in text.HEADER)
-    return _PAGE.format(title=html.escape(title), top=layout.top, left=layout.left, svg=svg,
+    return _PAGE.format(title=html.escape(title), sub=html.escape(sub), top=layout.top, left=layout.left, svg=svg,
                         legend=_legend(), head=head, rows=rows,
                         incidents=f"<ul>{incidents}</ul>" if incidents else "")
 
@@ -232,8 +237,9 @@ _PAGE = """<!DOCTYPE html>
 <style>
 html, body {{ margin: 0; padding: 0; background: #ffffff; color: #222222;
   font: 13px/1.4 -apple-system, "DejaVu Sans", "Segoe UI", sans-serif; }}
-header {{ height: {top}px; box-sizing: border-box; padding: 14px {left}px 0; overflow: hidden; }}
+header {{ height: {top}px; box-sizing: border-box; padding: 12px {left}px 0; overflow: hidden; }}
 header h1 {{ margin: 0; font-size: 20px; font-weight: 600; }}
+header .sub {{ margin-top: 2px; font-size: 12px; color: #555555; white-space: nowrap; }}
 main {{ padding: 0 {left}px 24px; }}
 svg text.lane {{ font-size: 13px; font-weight: 600; fill: #222222; }}
 svg text.tick {{ font-size: 11px; fill: #444444; text-anchor: middle; }}
@@ -249,7 +255,7 @@ tr.hit td {{ background: #fff3bf; }}
 .none {{ font-style: italic; }}
 </style></head>
 <body>
-<header><h1>{title}</h1></header>
+<header><h1>{title}</h1><div class="sub">{sub}</div></header>
 <main>
 {svg}
 {legend}

@@ -11,7 +11,8 @@ joins the incident in progress. An incident ends when the VE is released, when a
 started it again (the repair clears the isolation), or after :data:`QUIET_GAP` without events.
 
 Each event becomes one :class:`Line` with its step (``error``, ``decision``, ``snapshot``,
-``check``, ``isolate``, ``repair``, ``released``, ``notify`` …) and the seconds since the
+``check``, ``isolate``, ``repair``, ``released``, ``notify`` …; an ``fs.readonly`` that is a
+plain remount, as an isolation makes, is ``readonly`` and starts no incident) and the seconds since the
 previous line and the first line of its incident. Each job becomes a :class:`Span` from its
 start to its end. Pure: events in, a :class:`Timeline` out.
 """
@@ -33,7 +34,9 @@ JOB_KINDS = frozenset({"action.started", "action.succeeded", "action.failed"})
 QUIET_GAP = 3600.0  # seconds without an event after which a VE's next error is a new incident
 
 STEPS = ("error", "decision", "snapshot", "check", "isolate", "repair", "released", "notify", "shrink",
-         "exec", "writable", "other")
+         "exec", "readonly", "writable", "other")
+# fs.readonly reasons that are a remount someone asked for (an isolation, an operator), not an error.
+REMOUNT_REASONS = frozenset({"remounted_ro"})
 _ACTION_STEP = {"snapshot": "snapshot", "isolate": "isolate", "notify": "notify", "shrink": "shrink",
                 "exec": "exec"}
 
@@ -117,6 +120,8 @@ def step_of(event: Mapping[str, Any]) -> tuple[str, str]:
     """(step, phase) of one event."""
     kind = str(event.get("kind"))
     details = event.get("details") or {}
+    if kind == "fs.readonly" and details.get("reason") in REMOUNT_REASONS:
+        return "readonly", ""
     if kind in ERROR_KINDS or kind == "fs.warning":
         return "error", ""
     if kind == "rule.matched":
@@ -173,7 +178,7 @@ def summary_of(event: Mapping[str, Any]) -> str:
         problems = d.get("problems")
         return (f"{d.get('mode')} {d.get('result')}, exit {d.get('exit_code')}"
                 + (f", {problems} problems" if problems else "")
-                + (f", snapshot {str(d['snapshot'])[:8]}" if d.get("snapshot") else ""))
+                + (f", snapshot {_short(d['snapshot'])}" if d.get("snapshot") else ""))
     if kind == "notification":
         return str(d.get("message") or "")
     if kind == "ve.released":
@@ -191,7 +196,7 @@ def _result_words(action: Any, result: Mapping[str, Any]) -> str:
     if result.get("dry_run"):
         return "dry run"
     if action == "snapshot" and result.get("guid"):
-        return f"guid {str(result['guid'])[:8]}"
+        return f"guid {_short(result['guid'])}"
     if action == "isolate":
         return str(result.get("how") or result.get("mode") or "")
     if action == "fsck":
@@ -286,9 +291,9 @@ class _Builder:
             del self._open[lane]
             current = None
         incident = linked
-        if incident is None and kind in ERROR_KINDS:
+        if incident is None and kind in ERROR_KINDS and step_of(event)[0] == "error":
             incident = current or self._new(t, lane)
-        elif incident is None and kind in ("ve.released", "fs.writable", "fs.warning"):
+        elif incident is None and kind in ("ve.released", "fs.writable", "fs.warning", "fs.readonly"):
             incident = current
         elif incident is None and kind == "rule.matched" and d.get("trigger_kind") in ERROR_KINDS:
             incident = current  # its trigger was read before the window, or rotated away
@@ -311,6 +316,11 @@ class _Builder:
             out.append(Span(lane=lane, incident=incident, step=step, job=job, start=start,
                             end=end[0] if end else None, outcome=end[1] if end else None))
         return sorted(out, key=lambda s: (s.start, s.job))
+
+
+def _short(guid: Any) -> str:
+    """The first 8 hex digits of a GUID (images write them in braces), enough to find it in `image snapshots`."""
+    return str(guid).strip("{}")[:8]
 
 
 def _round(v: float | None) -> float | None:

@@ -135,6 +135,19 @@ class TestModel:
         assert {s.job: s.outcome for s in tl.spans}["d1/1"] == "failed"
 
 
+    def test_a_remount_read_only_is_a_state_of_the_incident_not_a_new_one(self) -> None:
+        """The fs.readonly an isolation's remount makes joins the incident; alone it starts none, while
+        a read-only the kernel forced is an error that does."""
+        events = incident_events()[:3] + [ev("fs.readonly", 0.4, "101", "ro1", "critical", reason="remounted_ro"),
+                                          ev("fs.readonly", 0.5, "103", "ro2", "critical", reason="remounted_ro"),
+                                          ev("fs.readonly", 0.6, "104", "ro3", "critical", reason="errors_remount_ro")]
+        tl = model.build(items(events))
+        by_id = {ln.event_id: ln for ln in tl.lines}
+        assert (by_id["ro1"].step, by_id["ro1"].incident) == ("readonly", "101#1")
+        assert (by_id["ro2"].step, by_id["ro2"].incident) == ("readonly", None)
+        assert (by_id["ro3"].step, by_id["ro3"].incident) == ("error", "104#1")
+
+
 class TestWhen:
     @pytest.mark.parametrize("value, back", [("1h", 3600), ("30m", 1800), ("90s", 90), ("1h30m", 5400), ("2d", 172800)])
     def test_durations_count_back_from_now(self, value: str, back: float) -> None:
