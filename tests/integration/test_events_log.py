@@ -58,7 +58,8 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fsnotifyd.cli", *argv], capture_output=True, text=True, timeout=120)
 
 
-def trigger(loop: str, message: str) -> None:
+def trigger(loop: str | None, message: str) -> None:
+    assert loop, "a started VE has a loop device"
     Path(f"/sys/fs/ext4/{os.path.basename(loop)}/trigger_fs_error").write_text(message)
 
 
@@ -90,8 +91,8 @@ def colours_in(img: Image, y0: int, y1: int, x0: int, x1: int) -> dict[str, int]
     return seen
 
 
-def test_events_log_of_a_real_incident_text_json_and_html_in_a_browser(workdir: Path, tmp_path: Path,
-                                                                       chromium: str) -> None:
+def test_events_log_of_a_real_incident_text_json_and_html_in_a_browser(chromium: str, workdir: Path,
+                                                                       tmp_path: Path) -> None:
     from fsnotifyd.image import attach
     from fsnotifyd.testing import RunningDaemon
     from fsnotifyd.timeline import html
