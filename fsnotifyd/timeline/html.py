@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import text
-from .model import ERROR_KINDS, STEPS, Line, Span, Timeline
+from .model import ERROR_KINDS, HOST_LANE, Line, Span, Timeline
 
 STEP_COLOURS = {
     "error": "#d62728",
@@ -41,8 +41,6 @@ LANE_COLOURS = ("#3b5bdb", "#e8590c", "#2b8a3e", "#c2255c", "#5f3dc4", "#087f5b"
 SEVERITY_STROKE = {"critical": ("#000000", 2.5), "error": ("#000000", 1.5), "warning": ("#555555", 1.0)}
 GRID = "#e6e6e6"
 LANE_BACKGROUNDS = ("#fafafa", "#f1f3f5")
-
-assert set(STEP_COLOURS) == set(STEPS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,8 @@ def _svg(tl: Timeline, lanes: tuple[str, ...], lay: Layout) -> str:
         out.append(f'<rect x="0" y="{y}" width="{lay.width}" height="{lay.lane}" '
                    f'fill="{LANE_BACKGROUNDS[i % 2]}"/>')
         out.append(f'<rect x="4" y="{y + 8}" width="12" height="{lay.lane - 16}" fill="{lane_colour(i)}"/>')
-        out.append(f'<text x="24" y="{y + lay.lane / 2 + 5}" class="lane">VE {html.escape(lane)}</text>')
+        name = "host" if lane == HOST_LANE else f"VE {lane}"
+        out.append(f'<text x="24" y="{y + lay.lane / 2 + 5}" class="lane">{html.escape(name)}</text>')
     ticks = _ticks(scale.t0, scale.t1)
     for t in ticks:
         x = round(scale.x(t))

@@ -235,7 +235,6 @@ class _Builder:
         self.quiet_gap = quiet_gap
         self.lines: list[Line] = []
         self.incidents: list[Incident] = []
-        self.by_id: dict[str, Incident] = {}
         self._open: dict[str, Incident] = {}  # lane → its incident in progress
         self._of_event: dict[str, Incident] = {}  # event / decision id → incident
         self._last: dict[str, float] = {}  # incident id → time of its latest line
@@ -305,7 +304,6 @@ class _Builder:
         n = self._numbers[lane] = self._numbers.get(lane, 0) + 1
         incident = Incident(id=f"{lane}#{n}", lane=lane, start=t, end=t)
         self.incidents.append(incident)
-        self.by_id[incident.id] = incident
         self._open[lane] = incident
         return incident
 

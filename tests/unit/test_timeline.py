@@ -105,6 +105,7 @@ class TestModel:
         spans = {s.job: s for s in tl.spans}
         assert set(spans) == {"d1/0", "d1/1", "d2/0", "d2/1"}
         s = spans["d1/0"]
+        assert s.end is not None
         assert (s.step, s.start - T0, s.end - T0, s.outcome) == ("snapshot", pytest.approx(0.02), pytest.approx(0.5),
                                                                "succeeded")
         assert spans["d2/1"].step == "repair" and spans["d2/0"].step == "isolate"
@@ -125,6 +126,16 @@ class TestModel:
     def test_ve_filter(self) -> None:
         tl = model.build(items(incident_events()), ves=["102"])
         assert {ln.lane for ln in tl.lines} == {"102"} and [i.id for i in tl.incidents] == ["102#1"]
+
+    def test_errors_of_no_ve_are_the_host_lane(self) -> None:
+        events = [ev("fs.error", 0.0, None, "h1", "error"),
+                  ev("rule.matched", 0.01, None, "hd", "warning", rule="host-fs-error-notify", event_ids=["h1"],
+                     actions=[{"notify": {}}], trigger_kind="fs.error"),
+                  ev("action.started", 0.02, None, "hd/0/s", job="hd/0", action="notify", params={}, decision="hd")]
+        tl = model.build(items(events) + items([ev("fs.error", 1.0, "101", "e1", "error")]), ves=["host"])
+        assert [(ln.lane, ln.incident, ln.step) for ln in tl.lines] == [
+            ("host", "host#1", "error"), ("host", "host#1", "decision"), ("host", "host#1", "notify")]
+        assert "host</text>" in html.render(tl)
 
     def test_a_failed_job(self) -> None:
         events = incident_events()[:6] + [job("action.failed", 3.0, "101", "d1", 1, "fsck", "check",
@@ -252,6 +263,12 @@ class TestJournalAndCli:
         assert main(["events", "log", "--journal", str(j)]) == 0
         captured = capsys.readouterr()
         assert f"{j}:17: not JSON" in captured.err and "101#2" in captured.out
+
+
+def test_every_step_has_its_own_colour_apart_from_the_lanes() -> None:
+    assert set(html.STEP_COLOURS) == set(model.STEPS)
+    assert len(set(html.STEP_COLOURS.values())) == len(html.STEP_COLOURS)
+    assert not set(html.STEP_COLOURS.values()) & set(html.LANE_COLOURS)
 
 
 def test_durations_read_well() -> None:
