@@ -3,6 +3,7 @@
   fsnotifyd run [--config FILE] [--events-out PATH]     the daemon (root)
   fsnotifyd status [--json]                              sources up/down with reasons, VEs, counts
   fsnotifyd events tail [--kind K]... [--ve ID]...        live events as JSON lines
+  fsnotifyd events log [--ve ID] [--since 1h] [--until T] incidents from the journal, step by step
   fsnotifyd record --out FILE [--duration S]             write the live stream to a file for replay
   fsnotifyd rules check PATH...                          validate rules files
   fsnotifyd rules test RULES... --events LOG...          replay recorded events/kernel logs through rules
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", action="append", help="only this kind (repeatable; 'fs.*' matches a prefix)")
     t.add_argument("--ve", action="append", help="only events of this VE (repeatable)")
     t.set_defaults(func=cmd_tail)
+    from .app import eventslog
+
+    eventslog.add_command(esub, common)
 
     rec = sub.add_parser("record", help="write the live event stream to a file for later replay")
     common(rec)

@@ -43,6 +43,7 @@ KINDS = frozenset(
         "fsck.result",
         "image.repacked",
         "notification",
+        "ve.released",
     }
 )
 
@@ -73,6 +74,7 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "fsck.result": "info",
     "image.repacked": "info",
     "notification": "warning",
+    "ve.released": "info",
 }
 
 # Kinds that describe a state of a filesystem rather than a countable happening: a second

@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 # the image I/O benchmark (bench/image_io.py); systemd gives systemd-analyze, openssl the TLS tools.
 DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
               systemd openssl)
-missing=()
-for p in "${DEB_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+install_missing() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: missing Debian packages ${missing[*]} and not root; run as root" >&2
     exit 1
@@ -21,7 +22,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+}
+install_missing "${DEB_PACKAGES[@]}"
+
+# The browser that opens the `events log --format html` page in its test
+# (tests/integration/test_events_log.py: a headless screenshot must show the lanes). Heavy, so
+# a block of its own: Debian 12's chromium 156 with its 24 dependencies is about 113 MB to
+# download, ~350 MB installed (about 10 s on this VM's mirror).
+BROWSER_PACKAGES=(chromium)
+install_missing "${BROWSER_PACKAGES[@]}"
 
 # bcc needs headers at /lib/modules/$(uname -r)/build. This kernel ships none, so point it at
 # Debian's generic -amd64 headers (verified to compile the probes; see docs/troubleshooting.md).

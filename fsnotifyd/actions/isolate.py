@@ -24,6 +24,7 @@ import subprocess
 import time
 from typing import Any
 
+from ..events import Event, Kernel, rfc3339
 from ..image import attach as att_mod
 from ..ve import lifecycle
 from .executor import ActionError, Step
@@ -187,3 +188,12 @@ def release(targets: Targets, ve_id: str) -> dict[str, Any]:
         lifecycle.start(targets.state_dir, t.id)
     _save(targets, ve_id, None)
     return rec
+
+
+def released_event(ve_id: str, rec: dict[str, Any], host: str) -> Event:
+    """``ve.released``: the isolation ``rec`` (as :func:`release` returns it) was undone."""
+    since = rec.get("time")
+    return Event(kind="ve.released", time=time.time(), host=host, severity="info", device=None, fs=None,
+                 mount=None, ve=ve_id, kernel=Kernel(), sources=("daemon",),
+                 details={"mode": rec.get("mode"), "how": rec.get("how"), "job": rec.get("job"),
+                          "isolated_since": rfc3339(since) if isinstance(since, (int, float)) else None})

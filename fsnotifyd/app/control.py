@@ -148,4 +148,6 @@ class Control:
         except ActionError as e:
             return {"ok": False, "error": str(e)}
         log.info("ve.released", ve=request["ve"], mode=rec.get("mode"))
+        # In the journal too: it ends the incident the isolation was part of (`events log`).
+        d.publish(isolate.released_event(request["ve"], rec, os.uname().nodename), depth=1)
         return {"ok": True, "ve": request["ve"], "mode": rec.get("mode"), "how": rec.get("how")}
