@@ -79,8 +79,9 @@ def _import(name: str, abi: int, check: Callable[[ModuleType], str | None] | Non
         return Loaded(None, f"not built ({e}); run scripts/bootstrap.sh")
     built = getattr(module, "ABI", None)
     if built != abi:
-        return Loaded(None, f"built for ABI {built}, the Python side speaks {abi}: built from other "
-                            "sources; rebuild it (scripts/bootstrap.sh)")
+        what = "an older build without an ABI number" if built is None else f"built for ABI {built}"
+        return Loaded(None, f"{what}, the Python side speaks {abi}: built from other sources; "
+                            "rebuild it (scripts/bootstrap.sh)")
     reason = check(module) if check is not None else None
     return Loaded(None, reason) if reason is not None else Loaded(module)
 
