@@ -24,6 +24,7 @@ from typing import Callable
 from ..errors import FsckFailed, ImageError
 from . import e2fsck, ops
 from .fiemap import fiemap
+from .progress import ProgressFn
 from .stack import Stack
 
 BALLOON = ".fsnotifyd-balloon"
@@ -203,10 +204,10 @@ def shrink_filesystem(device: str, size: int | None) -> int:
     return fs_size(device)
 
 
-def cut_and_compact(image_dir: str, size: int) -> ops.CompactResult:
+def cut_and_compact(image_dir: str, size: int, *, progress: ProgressFn | None = None) -> ops.CompactResult:
     """After the filesystem shrank: cut the image's virtual size and compact its file."""
     with Stack.open(image_dir) as stack:
         ops.cut_stack(stack, image_dir, size)
-        return ops.compact(stack.top)
+        return ops.compact(stack.top, progress=progress)
 
 
