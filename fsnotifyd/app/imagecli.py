@@ -245,7 +245,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         raise FsnotifydError("offline shrink needs the image detached (or use --online SIZE, the balloon)")
     a = attach.attach(args.image, run_dir=_run_dir(args))
     try:
-        new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None)
+        with _line("e2fsck", "") as p:
+            new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None, progress=p)
     finally:
         attach.detach(a, run_dir=_run_dir(args))
     with exclusive(args.image, "shrink"), _line("shrink", "clusters") as p:
@@ -490,7 +491,8 @@ def cmd_ve_set(args: argparse.Namespace) -> int:
 def cmd_ve_start(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
-    rec = lifecycle.start(_state_dir(args), args.id)
+    with _line("ve start", "") as p:  # the image check and e2fsck: percentages
+        rec = lifecycle.start(_state_dir(args), args.id, progress=p)
     print(f"VE {rec.id} running: {rec.loop} mounted at {rec.mountpoint}")
     return 0
 

@@ -45,13 +45,15 @@ def render(label: str, stage: str, done: int, total: int, unit: str, seconds: fl
     head = f"{label} {stage}".strip()
     parts = [head]
     suffix = "" if unit == "B" else f" {unit}"
-    if total > 0:
+    if unit and total > 0:
         parts.append(f"{_amount(done, unit)}/{_amount(total, unit)}{suffix}")
-        parts.append(f"{min(100.0, 100.0 * done / total):.0f} %")
-    else:
+    elif unit:
         parts.append(f"{_amount(done, unit)}{suffix}")
+    if total > 0:
+        parts.append(f"{min(100.0, 100.0 * done / total):.0f} %")
     if seconds >= 0.5 and done:
-        parts.append(f"{human(int(rate))}/s" if unit == "B" else f"{rate:.0f} {unit}/s")
+        if unit:  # unit "": the tool's own steps, worth a percentage and an ETA only
+            parts.append(f"{human(int(rate))}/s" if unit == "B" else f"{rate:.0f} {unit}/s")
         if total > done:
             parts.append(f"ETA {_duration((total - done) / rate)}")
     if extra:
@@ -65,7 +67,7 @@ class Progress:
     :meth:`close` (or leave the ``with`` block) when the command ends."""
 
     label: str
-    unit: str = "B"  # "B": amounts in bytes (1.2G); anything else is a count of that unit
+    unit: str = "B"  # "B": amounts in bytes (1.2G); "": a percentage only; else a count of that unit
     out: TextIO = field(default_factory=lambda: sys.stderr)
     clock: Callable[[], float] = time.monotonic
     interval: float = 1.0 / RATE_HZ
@@ -91,12 +93,14 @@ class Progress:
                       self.extra(seconds) if self.extra is not None else "")
         width = self.width or _columns(self.out)
         line = line[:max(10, width - 1)]
-        if line == self._text and self._drawn:
-            return  # the final call after a last draw of the same figures
+        if line == self._text:
+            return  # the same figures again (the final call after a last draw)
         self._text = line
-        self.out.write(CLEAR + line)
+        # A stage drawn at its end is cleared at once: what the command prints next (a log
+        # event of the next step, the result) starts on a clean line.
+        self.out.write(CLEAR + line + (CLEAR if final else ""))
         self.out.flush()
-        self._drawn = True
+        self._drawn = not final
         self.draws += 1
 
     def due(self) -> bool:
@@ -104,6 +108,7 @@ class Progress:
         return self.clock() - self._last_draw >= self.interval
 
     def close(self) -> None:
+        self._text = ""  # whatever comes next is drawn again
         if self._drawn:
             self.out.write(CLEAR)
             self.out.flush()

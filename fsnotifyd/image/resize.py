@@ -190,10 +190,10 @@ def fs_size(device: str) -> int:
         raise ImageError("cannot read the filesystem's size from its superblock", file=device) from None
 
 
-def shrink_filesystem(device: str, size: int | None) -> int:
+def shrink_filesystem(device: str, size: int | None, *, progress: ProgressFn | None = None) -> int:
     """e2fsck then resize2fs an unmounted ext4 to ``size`` bytes (None: as small as it goes);
-    returns the new size."""
-    r = e2fsck.run(device, "-fy")
+    returns the new size. ``progress`` hears e2fsck's passes."""
+    r = e2fsck.run(device, "-fy", progress=progress)
     if not r.repaired:  # exit 4 and up: resizing a filesystem e2fsck left broken breaks it more
         raise FsckFailed(f"not shrunk: {' '.join(r.command)} exited {r.exit_code} ({', '.join(r.decoded)}): "
                          f"{r.tail()}", command=r.command, exit_code=r.exit_code, decoded=r.decoded, file=device)

@@ -20,6 +20,7 @@ export writes a hidden file beside the target and renames it. Every failure remo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -224,7 +225,10 @@ def export_disk(directory: str, target: str, *, fmt: str = "raw", snapshot: str 
     fd, raw_tmp = tempfile.mkstemp(prefix=f".{base}.export-", suffix=".raw", dir=parent)
     out_tmp = None
     try:
-        with Stack.open(directory, writable=False, upto=snapshot) as stack:
+        # The top changes under a writer: no exporter may attach it writable meanwhile. A
+        # snapshot never changes, so exporting one needs no lock (the VE keeps running).
+        with (exclusive(directory, "export") if snapshot is None else contextlib.nullcontext()), \
+                Stack.open(directory, writable=False, upto=snapshot) as stack:
             size = stack.size
             clusters, written = _copy_out(stack, fd, progress)
         os.fsync(fd)

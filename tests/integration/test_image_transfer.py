@@ -170,3 +170,31 @@ def test_ext4_round_trip_raw_and_qcow2(work: Path, capsys: pytest.CaptureFixture
     sh("cmp", str(raw), str(back))
     # e2fsck on the exported raw: the filesystem came through whole
     sh("e2fsck", "-fn", str(back))
+
+
+def test_ve_start_draws_its_check_and_e2fsck_on_a_terminal(work: Path) -> None:
+    """``ve start`` run on a real pty: the image check and e2fsck's passes are drawn; with
+    stdout on a file, nothing is."""
+    from tests.ptyrun import assert_drawn, assert_silent, run_on_terminal
+
+    sd = str(work / "s")
+    rc, shown, _ = run_on_terminal(["ve", "create", "imex1", "--size", "256M", "--state-dir", sd],
+                                   stdout_tty=False)
+    assert rc == 0
+    try:
+        # Grown while stopped: the start runs a full e2fsck (-fy) before resize2fs; a clean
+        # filesystem's `e2fsck -p` runs no passes, so reports none.
+        rc, _, piped = run_on_terminal(["image", "grow", str(work / "s" / "images" / "imex1"), "384M",
+                                        "--state-dir", sd], stdout_tty=False)
+        assert rc == 0, piped
+        rc, shown, _ = run_on_terminal(["ve", "start", "imex1", "--state-dir", sd], stdout_tty=True)
+        assert rc == 0, shown
+        assert_drawn(shown, b"ve start check  ")
+        assert_drawn(shown, b"ve start pass 1  ")
+        assert b"VE imex1 running" in shown.rsplit(b"\x1b[K", 1)[1]
+        assert run_on_terminal(["ve", "stop", "imex1", "--state-dir", sd], stdout_tty=False)[0] == 0
+        rc, shown, piped = run_on_terminal(["ve", "start", "imex1", "--state-dir", sd], stdout_tty=False)
+        assert rc == 0 and b"running" in piped
+        assert_silent(shown, piped)
+    finally:
+        run_on_terminal(["ve", "destroy", "imex1", "--state-dir", sd], stdout_tty=False)

@@ -3,15 +3,10 @@ pseudo-terminal (it draws) and on pipes (it draws nothing)."""
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 import shutil
-import struct
 import subprocess
-import sys
-import tempfile
-import termios
 import time
 from pathlib import Path
 
@@ -21,6 +16,7 @@ from fsnotifyd.app.progress import CLEAR, Progress, render
 from fsnotifyd.image import qemuimg
 from fsnotifyd.image.info import human
 from fsnotifyd.image.stack import Stack
+from tests.ptyrun import assert_drawn, assert_silent, run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / "tests" / "fixtures" / "logs"
@@ -55,9 +51,14 @@ def test_rate_limited_and_cleared() -> None:
     assert 5 <= p.draws <= 6  # about RATE_HZ a second, whatever the calls
     clock.now += 0.001
     p("copy", 2000, 2000)  # the end is always drawn
-    assert out.getvalue().endswith("import copy  2K/2K  100 %  2K/s")
+    assert out.getvalue().endswith("import copy  2K/2K  100 %  2K/s" + CLEAR)  # the end clears itself
+    p("copy", 2000, 2000)  # the same figures: not drawn again
+    assert out.getvalue().endswith("import copy  2K/2K  100 %  2K/s" + CLEAR)
+    p("copy", 1999, 2000)
+    clock.now += 1
+    p("copy", 1999, 2000)
     p.close()
-    assert out.getvalue().endswith(CLEAR)
+    assert out.getvalue().endswith(CLEAR) and not out.getvalue().endswith(CLEAR + CLEAR)
     n = len(out.getvalue())
     p.close()  # once cleared, nothing more
     assert len(out.getvalue()) == n
@@ -83,42 +84,6 @@ def test_qemu_progress_parse() -> None:
 
 # -- the CLI on a terminal and on pipes --------------------------------------------------------
 
-def _run(argv: list[str], *, stdout_tty: bool, stderr_tty: bool = True) -> tuple[int, bytes, bytes]:
-    """Run ``fsnotifyd ARGV`` with stdout and/or stderr on a pseudo-terminal (120 columns), the
-    other on a file (not a terminal; a pipe left unread while the terminal is read could fill);
-    returns (exit code, what the terminal showed, what the file got)."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryFile() as other:
-        p = subprocess.Popen([sys.executable, "-m", "fsnotifyd", *argv], stdin=subprocess.DEVNULL, env=env,
-                             stdout=slave if stdout_tty else other, stderr=slave if stderr_tty else other)
-        os.close(slave)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every holder of the slave closed it
-                break
-            if not chunk:
-                break
-            shown += chunk
-        os.close(master)
-        rc = p.wait(timeout=120)
-        other.seek(0)
-        return rc, shown, other.read()
-
-
-def _assert_drawn(shown: bytes, label: bytes) -> None:
-    assert CLEAR.encode() + label in shown, shown
-    assert b"%" in shown.split(CLEAR.encode() + label, 1)[1]  # done/total and a percentage
-
-
-def _assert_silent(*outputs: bytes) -> None:
-    for o in outputs:
-        assert b"\r" not in o.replace(b"\r\n", b"\n") and CLEAR.encode() not in o, o
-
-
 @pytest.fixture
 def image(tmp_path: Path) -> str:
     if shutil.which("mkfs.ext4") is None:
@@ -143,27 +108,27 @@ def _holes(image: str) -> None:
 def test_compact_draws_on_a_terminal_only(image: str, tmp_path: Path) -> None:
     sd = str(tmp_path / "s")
     _holes(image)
-    rc, shown, _ = _run(["image", "compact", image, "--state-dir", sd], stdout_tty=True)
+    rc, shown, _ = run_on_terminal(["image", "compact", image, "--state-dir", sd], stdout_tty=True)
     assert rc == 0
-    _assert_drawn(shown, b"compact compact  ")
+    assert_drawn(shown, b"compact compact  ")
     result = shown.rsplit(CLEAR.encode(), 1)[1]  # the line is cleared before the result
     assert result.startswith(b"moved ") and result.endswith(b"\r\n"), shown
     moved = int(result.split()[1])
     assert moved >= 1 and f"{moved}/{moved} clusters  100 %".encode() in shown
     _holes(image)
-    rc, shown, piped = _run(["image", "compact", image, "--state-dir", sd], stdout_tty=False)
+    rc, shown, piped = run_on_terminal(["image", "compact", image, "--state-dir", sd], stdout_tty=False)
     assert rc == 0 and b"moved" in piped
-    _assert_silent(shown, piped)  # stdout a pipe: nothing drawn, even on the terminal stderr
+    assert_silent(shown, piped)  # stdout a pipe: nothing drawn, even on the terminal stderr
 
 
 def test_check_draws_on_a_terminal_only(image: str, tmp_path: Path) -> None:
     sd = str(tmp_path / "s")
-    rc, shown, _ = _run(["image", "check", image, "--state-dir", sd], stdout_tty=True)
+    rc, shown, _ = run_on_terminal(["image", "check", image, "--state-dir", sd], stdout_tty=True)
     assert rc == 0 and b"clean" in shown
-    _assert_drawn(shown, b"image check  ")
-    rc, shown, piped = _run(["image", "check", image, "--state-dir", sd], stdout_tty=False, stderr_tty=False)
+    assert_drawn(shown, b"image check  ")
+    rc, shown, piped = run_on_terminal(["image", "check", image, "--state-dir", sd], stdout_tty=False, stderr_tty=False)
     assert rc == 0 and piped == f"{image}: clean\n".encode()
-    _assert_silent(shown, piped)
+    assert_silent(shown, piped)
 
 
 def test_import_draws_on_a_terminal_only(tmp_path: Path) -> None:
@@ -173,14 +138,14 @@ def test_import_draws_on_a_terminal_only(tmp_path: Path) -> None:
         f.seek(8 * MiB)
         f.write(os.urandom(16 * MiB))
     sd = str(tmp_path / "s")
-    rc, shown, _ = _run(["image", "import", str(raw), str(tmp_path / "a"), "--state-dir", sd], stdout_tty=True)
+    rc, shown, _ = run_on_terminal(["image", "import", str(raw), str(tmp_path / "a"), "--state-dir", sd], stdout_tty=True)
     assert rc == 0
-    _assert_drawn(shown, b"import copy  ")
+    assert_drawn(shown, b"import copy  ")
     assert b"16M/16M  100 %" in shown  # done/total in bytes of data extents
-    rc, shown, piped = _run(["image", "import", str(raw), str(tmp_path / "b"), "--state-dir", sd],
+    rc, shown, piped = run_on_terminal(["image", "import", str(raw), str(tmp_path / "b"), "--state-dir", sd],
                             stdout_tty=False)
     assert rc == 0 and b"16 clusters allocated" in piped
-    _assert_silent(shown, piped)
+    assert_silent(shown, piped)
 
 
 def test_rules_test_draws_on_a_terminal_only(tmp_path: Path) -> None:
@@ -190,11 +155,31 @@ def test_rules_test_draws_on_a_terminal_only(tmp_path: Path) -> None:
     log.write_text("\n".join(base * 200) + "\n")
     argv = ["rules", "test", str(RULES / "default.yaml"), "--events", str(log)]
     t0 = time.monotonic()
-    rc, shown, _ = _run(argv, stdout_tty=True)
+    rc, shown, _ = run_on_terminal(argv, stdout_tty=True)
     assert rc == 0, shown
-    _assert_drawn(shown, b"rules test  ")
+    assert_drawn(shown, b"rules test  ")
     assert b" events" in shown and f"/{human(log.stat().st_size)}".encode() in shown, shown[-2000:]
-    rc, shown, piped = _run(argv, stdout_tty=False)
+    rc, shown, piped = run_on_terminal(argv, stdout_tty=False)
     assert rc == 0 and b"decisions" in piped
-    _assert_silent(shown, piped)
+    assert_silent(shown, piped)
     assert time.monotonic() - t0 < 120
+
+
+def test_e2fsck_reports_its_passes(tmp_path: Path) -> None:
+    """e2fsck -C FD on a real ext4 (in a file): its completion lines reach the callback."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 not installed (e2fsprogs)")
+    from fsnotifyd.image import e2fsck
+
+    raw = tmp_path / "fs.raw"
+    with open(raw, "wb") as f:
+        f.truncate(256 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+    seen: list[tuple[str, int, int]] = []
+    r = e2fsck.run(str(raw), "-fn", progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert r.exit_code == 0, r.output
+    stages = {s for s, _, _ in seen}
+    assert {"pass 1", "pass 5"} <= stages, seen[:10]
+    assert all(0 <= d <= t for _, d, t in seen if t)
+    assert e2fsck.parse_completion(b"1 23 100 /dev/loop0") == (1, 23, 100)
+    assert e2fsck.parse_completion(b"garbage") is None
