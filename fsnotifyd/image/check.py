@@ -106,7 +106,7 @@ def check(image_dir: str, *, repair: bool = False, progress: ProgressFn | None =
         return report  # which files are leftovers cannot be known without the descriptor
     sizes = [_file_size(os.path.join(image_dir, shot.file)) for shot in desc.shots]
     done = 0
-    for shot, size in zip(desc.shots, sizes):
+    for shot, size in zip(desc.shots, sizes, strict=True):
         _check_delta(os.path.join(image_dir, shot.file), desc, shot.guid == desc.top, report, repair,
                      base=shot.parent == dd.ROOT_PARENT)
         done += size

@@ -138,7 +138,8 @@ def test_import_draws_on_a_terminal_only(tmp_path: Path) -> None:
         f.seek(8 * MiB)
         f.write(os.urandom(16 * MiB))
     sd = str(tmp_path / "s")
-    rc, shown, _ = run_on_terminal(["image", "import", str(raw), str(tmp_path / "a"), "--state-dir", sd], stdout_tty=True)
+    rc, shown, _ = run_on_terminal(["image", "import", str(raw), str(tmp_path / "a"), "--state-dir", sd],
+                                   stdout_tty=True)
     assert rc == 0
     assert_drawn(shown, b"import copy  ")
     assert b"16M/16M  100 %" in shown  # done/total in bytes of data extents
