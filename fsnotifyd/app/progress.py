@@ -42,7 +42,7 @@ def _duration(s: float) -> str:
 def render(label: str, stage: str, done: int, total: int, unit: str, seconds: float, extra: str = "") -> str:
     """The text of one progress line (pure: tests and every caller draw the same line)."""
     rate = done / seconds if seconds > 0 else 0.0
-    head = f"{label} {stage}".strip()
+    head = label if stage in ("", label) else f"{label} {stage}"  # not "compact compact"
     parts = [head]
     suffix = "" if unit == "B" else f" {unit}"
     if unit and total > 0:

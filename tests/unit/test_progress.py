@@ -36,7 +36,7 @@ def test_render_figures() -> None:
     line = render("import", "copy", 256 * MiB, 1024 * MiB, "B", 2.0)
     assert line == "import copy  256M/1G  25 %  128M/s  ETA 6 s"
     assert render("compact", "compact", 30, 120, "clusters", 10.0) == \
-        "compact compact  30/120 clusters  25 %  3 clusters/s  ETA 30 s"
+        "compact  30/120 clusters  25 %  3 clusters/s  ETA 30 s"
     assert render("x", "", 5, 0, "B", 0.1) == "x  5B"  # total unknown, too early for a rate
     assert "ETA 1 h 23 min" in render("x", "y", 1, 5000, "clusters", 1.0)
     assert render("rules test", "", 10, 20, "B", 1.0, "7 events") .endswith("7 events")
@@ -110,7 +110,7 @@ def test_compact_draws_on_a_terminal_only(image: str, tmp_path: Path) -> None:
     _holes(image)
     rc, shown, _ = run_on_terminal(["image", "compact", image, "--state-dir", sd], stdout_tty=True)
     assert rc == 0
-    assert_drawn(shown, b"compact compact  ")
+    assert_drawn(shown, b"compact  ")
     result = shown.rsplit(CLEAR.encode(), 1)[1]  # the line is cleared before the result
     assert result.startswith(b"moved ") and result.endswith(b"\r\n"), shown
     moved = int(result.split()[1])
