@@ -21,6 +21,7 @@ export writes a hidden file beside the target and renames it. Every failure remo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -66,8 +67,13 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past pos
-            return
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past pos
+                return
+            if e.errno == errno.EINVAL:  # a block device: no holes it could tell of
+                yield pos, size
+                return
+            raise
         end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
         if start >= size:
             return

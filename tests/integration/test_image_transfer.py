@@ -198,3 +198,22 @@ def test_ve_start_draws_its_check_and_e2fsck_on_a_terminal(work: Path) -> None:
         assert_silent(shown, piped)
     finally:
         run_on_terminal(["ve", "destroy", "imex1", "--state-dir", sd], stdout_tty=False)
+
+
+def test_import_from_a_block_device(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A block device answers SEEK_DATA with EINVAL: it is read whole (zeros still allocate
+    nothing), not taken for a disk without data."""
+    raw, _ = make_ext4(work)
+    dev = sh("losetup", "-f", "--show", "-r", str(raw)).stdout.strip()
+    try:
+        image = str(work / "img")
+        rc, out, err = cli(capsys, "image", "import", dev, image, "--state-dir", str(work / "s"))
+        assert rc == 0, err
+        assert f"{DISK // MiB}M of data extents read" in out
+    finally:
+        sh("losetup", "-d", dev)
+    with Stack.open(image, writable=False) as s:
+        assert s.allocated_clusters() == nonzero_clusters(raw)
+    back = work / "back.raw"
+    assert cli(capsys, "image", "export", image, str(back), "--state-dir", str(work / "s"))[0] == 0
+    sh("cmp", str(raw), str(back))
