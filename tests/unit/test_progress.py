@@ -184,3 +184,17 @@ def test_e2fsck_reports_its_passes(tmp_path: Path) -> None:
     assert all(0 <= d <= t for _, d, t in seen if t)
     assert e2fsck.parse_completion(b"1 23 100 /dev/loop0") == (1, 23, 100)
     assert e2fsck.parse_completion(b"garbage") is None
+
+
+def test_merge_draws_on_a_terminal(image: str, tmp_path: Path) -> None:
+    from fsnotifyd.image import ops
+
+    with Stack.open(image) as s:
+        guid = ops.snapshot(s, image)
+        s.write(10 * MiB, os.urandom(MiB))
+        s.flush()
+    rc, shown, _ = run_on_terminal(["image", "merge", image, guid, "--state-dir", str(tmp_path / "s")],
+                                   stdout_tty=True)
+    assert rc == 0 and b"merged into its child" in shown
+    assert_drawn(shown, b"merge  ")
+    assert b"256/256 clusters  100 %" in shown  # every cluster of the 256 MiB disk looked at
