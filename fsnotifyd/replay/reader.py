@@ -1,6 +1,6 @@
 """Read recorded events and kernel logs as one stream of event dicts, in event time.
 
-Each file is recognised by its first lines (:func:`~.kerneltext.detect_format`):
+Each file is recognised by its first lines (:func:`~fsnotifyd.kernel.logtext.detect_format`):
 
 * an fsnotifyd JSONL journal or recording (every line a JSON object whose ``schema`` starts
   with ``fsnotifyd.event/``): events pass through unchanged, ids included;
@@ -52,8 +52,11 @@ from ..correlator import Correlator, CorrelatorSettings
 from ..errors import ConfigError
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
-from ..sources.kmsg import KmsgRecord, MountFailureReasons, classify
-from .kerneltext import ReadReport, detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
+from ..kernel.classify import classify
+from ..kernel.kmsg import KmsgRecord
+from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
+from ..kernel.mountfail import MountFailureReasons
+from .report import ReadReport
 
 __all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "load_ve_map", "REPLAY_NAMESPACE"]
 
