@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .events import SEVERITIES, KindFilter
 from .inventory import VE, validate_ve_id
 from .sinkvalues import facility_code, webhook_url
 from .wording import node_kind, type_phrase, yaml_value
@@ -117,7 +118,9 @@ def parse_window(text: str) -> tuple[int, int]:
 
 
 
-_SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev", "bpf_errors", "bpf_space", "bpf_alloc", "quota")
+# The config key of every source under ``sources:``: the one list of source names; the
+# factories of sources/registry.py are keyed by these names (checked when it is imported).
+SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev", "bpf_errors", "bpf_space", "bpf_alloc", "quota")
 
 
 class _Reader:
@@ -188,7 +191,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     except yaml.YAMLError as e:  # reader errors (control characters, bad encoding) carry no mark
         raise ConfigError(f"not valid YAML: {e}", file=file) from e
     if root is None:
-        return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
+        return Config(file=file, sources={s: SourceConfig() for s in SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
                                "queue_size", "sources", "ves", "rules", "actions", "sinks", "control"))
     kw: dict[str, Any] = {"file": file}
@@ -249,9 +252,9 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         kw.update(_sinks(r, top["sinks"]))
     if "control" in top:
         kw["control"] = _control(r, top["control"])
-    sources = {s: SourceConfig() for s in _SOURCES}
+    sources = {s: SourceConfig() for s in SOURCES}
     if "sources" in top:
-        for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
+        for name, node in r.mapping(top["sources"], "sources", SOURCES).items():
             allowed = ("enabled", "interval", "fstypes") + {"bpf_alloc": ("region_mib", "figures_interval"),
                                                             "bpf_space": ("ext4_devices",)}.get(name, ())
             fields = r.mapping(node, f"sources.{name}", allowed)
@@ -314,9 +317,6 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(**kw)
 
 
-_SEVERITIES = ("debug", "info", "warning", "error", "critical")
-
-
 def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
     s = r.mapping(node, "sinks", ("webhooks", "syslog"))
     out: dict[str, Any] = {}
@@ -329,7 +329,7 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
         if "enabled" in y:
             yk["enabled"] = r.scalar(y["enabled"], "sinks.syslog.enabled", bool)
         for key, choices in (("target", ("auto", "journal", "syslog")), ("format", ("rfc5424", "rfc3164")),
-                             ("min_severity", _SEVERITIES)):
+                             ("min_severity", SEVERITIES)):
             if key in y:
                 yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
         if "facility" in y:
@@ -434,8 +434,6 @@ def _choice(r: _Reader, node: yaml.Node, name: str, choices: tuple[str, ...]) ->
 
 
 def _kinds(r: _Reader, node: yaml.Node, name: str) -> tuple[str, ...]:
-    from .events import KindFilter
-
     kinds = r.strings(node, name)
     for i, k in enumerate(kinds):
         try:

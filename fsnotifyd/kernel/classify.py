@@ -20,7 +20,12 @@ from .ext4 import ext4_report, ext4_state
 from .jbd2 import journal_abort
 from .kmsg import KmsgRecord
 
-__all__ = ["classify"]
+__all__ = ["KMSG_KINDS", "classify"]
+
+# The kinds of observations from kmsg: what classify() returns, and the source's own
+# events.lost (records the kernel overwrote before they were read).
+KMSG_KINDS = frozenset({"fs.error", "fs.warning", "fs.readonly", "fs.shutdown", "fs.mount_failed",
+                        "blk.io_error", "events.lost"})
 
 # The cheap test every record goes through before any regex (the kmsg path is latency bound).
 _PREFIXES = (ext4.PREFIX, jbd2.PREFIX, block.BUFFER_PREFIX)

@@ -52,7 +52,7 @@ from ..correlator import Correlator, CorrelatorSettings
 from ..errors import ConfigError
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
-from ..kernel.classify import classify
+from ..kernel.classify import KMSG_KINDS, classify
 from ..kernel.kmsg import KmsgRecord
 from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
 from ..kernel.mountfail import MountFailureReasons
@@ -63,8 +63,6 @@ __all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "load
 # uuid5 namespace of replayed text events (a fixed random UUID: ids are stable across releases).
 REPLAY_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-5e8f-9a0b-1c2d3e4f5a6b")
 
-KMSG_KINDS = frozenset({"fs.error", "fs.warning", "fs.readonly", "fs.shutdown", "fs.mount_failed",
-                        "blk.io_error", "events.lost"})
 _KMSG_ONLY = frozenset({"kmsg"})
 
 DETECT_LINES = 64
