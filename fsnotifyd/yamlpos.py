@@ -108,7 +108,10 @@ class _Pairs(list):  # type: ignore[type-arg]  # a JSON object, as json's object
 
 def value_of_json(text: str) -> Value:
     """The :class:`Value` tree of a JSON text (no positions); raises ``ValueError``."""
-    return _from_json(json.loads(text, object_pairs_hook=_Pairs))
+    try:
+        return _from_json(json.loads(text, object_pairs_hook=_Pairs))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _from_json(obj: Any) -> Value:
