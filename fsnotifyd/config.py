@@ -19,6 +19,7 @@ from .events import SEVERITIES, KindFilter
 from .inventory import VE, validate_ve_id
 from .sinkvalues import facility_code, webhook_url
 from .wording import node_kind, type_phrase, yaml_value
+from .yamlpos import YamlSyntaxError, compose, position, scalar_value
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class _Reader:
         self.file = file
 
     def error(self, node: yaml.Node | None, msg: str, fieldname: str | None = None) -> ConfigError:
-        line = node.start_mark.line + 1 if node is not None else None
+        line = position(node)[0] if node is not None else None
         return ConfigError(msg, file=self.file, line=line, field=fieldname)
 
     def what(self, node: yaml.Node) -> str:
@@ -136,8 +137,8 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             return node_kind(node)
         try:
-            return yaml_value(yaml.safe_load(yaml.serialize(node)))
-        except yaml.YAMLError:
+            return yaml_value(scalar_value(node))
+        except Exception:  # noqa: BLE001 - shown as written, the caller's error says what is wrong
             return yaml_value(node.value)
 
     def mapping(self, node: yaml.Node, path: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
@@ -158,8 +159,8 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, f"expected {type_phrase(kind)}, got {self.what(node)}", name)
         try:
-            value = yaml.safe_load(yaml.serialize(node))
-        except yaml.YAMLError as e:
+            value = scalar_value(node)
+        except Exception as e:  # noqa: BLE001 - a constructor raises ValueError, OverflowError, ...
             raise self.error(node, f"cannot read value: {e}", name) from None
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python, not in YAML: `port: true` is a mistake, not port 1.
@@ -184,12 +185,12 @@ class _Reader:
 def parse_config(text: str, file: str = "<string>") -> Config:
     r = _Reader(file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=line) from e
-    except yaml.YAMLError as e:  # reader errors (control characters, bad encoding) carry no mark
-        raise ConfigError(f"not valid YAML: {e}", file=file) from e
+        root = compose(text)
+    except YamlSyntaxError as e:
+        if e.why == "syntax":
+            raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=e.line) from e
+        # a forbidden character, a document nested too deeply: PyYAML's words, and the line if known
+        raise ConfigError(f"not valid YAML: {e.text}", file=file, line=e.line) from e
     if root is None:
         return Config(file=file, sources={s: SourceConfig() for s in SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
