@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import errno as _errno
+import errno
 import re
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -25,24 +25,24 @@ BLK_MARK = " error, dev "  # inside a request error line (it may carry a "blk_up
 # blk_errors[] (block/blk-core.c): the status name printed by blk_print_req_error() → errno.
 BLK_STATUS_ERRNO: Mapping[str, int] = MappingProxyType(
     {
-        "operation not supported": _errno.EOPNOTSUPP,
-        "timeout": _errno.ETIMEDOUT,
-        "critical space allocation": _errno.ENOSPC,
-        "recoverable transport": _errno.ENOLINK,
-        "critical target": _errno.EREMOTEIO,
-        "reservation conflict": _errno.EBADE,
-        "critical medium": _errno.ENODATA,
-        "protection": _errno.EILSEQ,
-        "kernel resource": _errno.ENOMEM,
-        "device resource": _errno.EBUSY,
-        "nonblocking retry": _errno.EAGAIN,
-        "device offline": _errno.ENODEV,
-        "dm internal retry": _errno.EREMCHG,
-        "open zones exceeded": _errno.ETOOMANYREFS,
-        "active zones exceeded": _errno.EOVERFLOW,
-        "duration limit exceeded": _errno.ETIME,
-        "invalid": _errno.EINVAL,
-        "I/O": _errno.EIO,
+        "operation not supported": errno.EOPNOTSUPP,
+        "timeout": errno.ETIMEDOUT,
+        "critical space allocation": errno.ENOSPC,
+        "recoverable transport": errno.ENOLINK,
+        "critical target": errno.EREMOTEIO,
+        "reservation conflict": errno.EBADE,
+        "critical medium": errno.ENODATA,
+        "protection": errno.EILSEQ,
+        "kernel resource": errno.ENOMEM,
+        "device resource": errno.EBUSY,
+        "nonblocking retry": errno.EAGAIN,
+        "device offline": errno.ENODEV,
+        "dm internal retry": errno.EREMCHG,
+        "open zones exceeded": errno.ETOOMANYREFS,
+        "active zones exceeded": errno.EOVERFLOW,
+        "duration limit exceeded": errno.ETIME,
+        "invalid": errno.EINVAL,
+        "I/O": errno.EIO,
     }
 )
 
@@ -50,19 +50,19 @@ BLK_STATUS_ERRNO: Mapping[str, int] = MappingProxyType(
 # values that have been stable for years; 18/19 moved between releases.
 BLK_STS_ERRNO: Mapping[int, int] = MappingProxyType(
     {
-        1: _errno.EOPNOTSUPP,
-        2: _errno.ETIMEDOUT,
-        3: _errno.ENOSPC,
-        4: _errno.ENOLINK,
-        5: _errno.EREMOTEIO,
-        6: _errno.EBADE,
-        7: _errno.ENODATA,
-        8: _errno.EILSEQ,
-        9: _errno.ENOMEM,
-        10: _errno.EIO,
-        12: _errno.EAGAIN,
-        13: _errno.EBUSY,
-        16: _errno.ENODEV,
+        1: errno.EOPNOTSUPP,
+        2: errno.ETIMEDOUT,
+        3: errno.ENOSPC,
+        4: errno.ENOLINK,
+        5: errno.EREMOTEIO,
+        6: errno.EBADE,
+        7: errno.ENODATA,
+        8: errno.EILSEQ,
+        9: errno.ENOMEM,
+        10: errno.EIO,
+        12: errno.EAGAIN,
+        13: errno.EBUSY,
+        16: errno.ENODEV,
     }
 )
 
@@ -93,7 +93,7 @@ def buffer_error(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
         kind="blk.io_error",
         time=when,
         device=record_device(m.group("dev"), rec.props),
-        kernel=Kernel(errno=_errno.EIO, block=block, pid=caller_pid(rec.caller), message=msg),
+        kernel=Kernel(errno=errno.EIO, block=block, pid=caller_pid(rec.caller), message=msg),
         details=details,
     )
 
@@ -115,7 +115,7 @@ def request_error(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
         time=when,
         device=record_device(m.group("dev"), rec.props),
         kernel=Kernel(
-            errno=BLK_STATUS_ERRNO.get(status, _errno.EIO),
+            errno=BLK_STATUS_ERRNO.get(status, errno.EIO),
             block=sector,
             pid=caller_pid(rec.caller),
             message=msg,
