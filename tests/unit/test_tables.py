@@ -84,3 +84,13 @@ def test_every_source_has_a_factory_and_a_docs_row() -> None:
     documented = [re.fullmatch(r"`(\w+)`", c[0]) for c in _table_rows("sources.md", "| source |")]
     assert [m.group(1) for m in documented if m] == list(config.SOURCES)
 
+
+
+def test_the_timeline_names_only_known_kinds_severities_and_actions() -> None:
+    # The timeline picks subsets of the tables (which kinds are errors, which severities get a
+    # stroke, which actions are a step of their own): a renamed kind must not silently drop out.
+    from fsnotifyd.timeline import html, model
+
+    assert model.CHAIN_KINDS <= events.KINDS and model.JOB_KINDS <= events.KINDS
+    assert set(html.SEVERITY_STROKE) <= set(events.SEVERITIES)
+    assert set(model._ACTION_STEP) <= set(schema.ACTIONS)
