@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from ..inventory import VE
-from ..replay.reader import ReadReport, load_ve_map, read_items
+from ..replay.reader import ReadReport, read_items
+from ..replay.vemap import load_ve_map
 from ..rules.engine import Decision, Engine
 from ..rules.loader import load_rules
 from .progress import Clearing, reporter
