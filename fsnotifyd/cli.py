@@ -183,7 +183,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         boot = float(args.boot_time) if args.boot_time.replace(".", "", 1).isdigit() else \
             datetime.fromisoformat(args.boot_time.replace("Z", "+00:00")).timestamp()
     return rulestest.run(args.rules, args.events, expect=args.expect, fmt=args.format,
-                         ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired)
+                         ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired,
+                         show_progress=True)
 
 
 RELOAD_TIMEOUT_S = 60.0  # loading rules takes well under a second; past this the daemon is stuck

@@ -15,9 +15,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .events import SEVERITIES, KindFilter
 from .inventory import VE, validate_ve_id
 from .sinkvalues import facility_code, webhook_url
 from .wording import node_kind, type_phrase, yaml_value
+from .yamlpos import YamlSyntaxError, compose, position, scalar_value
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,9 @@ def parse_window(text: str) -> tuple[int, int]:
 
 
 
-_SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev", "bpf_errors", "bpf_space", "bpf_alloc", "quota")
+# The config key of every source under ``sources:``: the one list of source names; the
+# factories of sources/registry.py are keyed by these names (checked when it is imported).
+SOURCES = ("kmsg", "fanotify", "sysfs", "mountinfo", "udev", "bpf_errors", "bpf_space", "bpf_alloc", "quota")
 
 
 class _Reader:
@@ -125,7 +129,7 @@ class _Reader:
         self.file = file
 
     def error(self, node: yaml.Node | None, msg: str, fieldname: str | None = None) -> ConfigError:
-        line = node.start_mark.line + 1 if node is not None else None
+        line = position(node)[0] if node is not None else None
         return ConfigError(msg, file=self.file, line=line, field=fieldname)
 
     def what(self, node: yaml.Node) -> str:
@@ -133,8 +137,8 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             return node_kind(node)
         try:
-            return yaml_value(yaml.safe_load(yaml.serialize(node)))
-        except yaml.YAMLError:
+            return yaml_value(scalar_value(node))
+        except Exception:  # noqa: BLE001 - shown as written, the caller's error says what is wrong
             return yaml_value(node.value)
 
     def mapping(self, node: yaml.Node, path: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
@@ -155,8 +159,8 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, f"expected {type_phrase(kind)}, got {self.what(node)}", name)
         try:
-            value = yaml.safe_load(yaml.serialize(node))
-        except yaml.YAMLError as e:
+            value = scalar_value(node)
+        except Exception as e:  # noqa: BLE001 - a constructor raises ValueError, OverflowError, ...
             raise self.error(node, f"cannot read value: {e}", name) from None
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python, not in YAML: `port: true` is a mistake, not port 1.
@@ -181,14 +185,14 @@ class _Reader:
 def parse_config(text: str, file: str = "<string>") -> Config:
     r = _Reader(file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=line) from e
-    except yaml.YAMLError as e:  # reader errors (control characters, bad encoding) carry no mark
-        raise ConfigError(f"not valid YAML: {e}", file=file) from e
+        root = compose(text)
+    except YamlSyntaxError as e:
+        if e.why == "syntax":
+            raise ConfigError(f"not valid YAML: {e.problem}", file=file, line=e.line) from e
+        # a forbidden character, a document nested too deeply: PyYAML's words, and the line if known
+        raise ConfigError(f"not valid YAML: {e.text}", file=file, line=e.line) from e
     if root is None:
-        return Config(file=file, sources={s: SourceConfig() for s in _SOURCES})
+        return Config(file=file, sources={s: SourceConfig() for s in SOURCES})
     top = r.mapping(root, "", ("state_dir", "socket", "journal", "stdout", "metrics", "correlator",
                                "queue_size", "sources", "ves", "rules", "actions", "sinks", "control"))
     kw: dict[str, Any] = {"file": file}
@@ -249,9 +253,9 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         kw.update(_sinks(r, top["sinks"]))
     if "control" in top:
         kw["control"] = _control(r, top["control"])
-    sources = {s: SourceConfig() for s in _SOURCES}
+    sources = {s: SourceConfig() for s in SOURCES}
     if "sources" in top:
-        for name, node in r.mapping(top["sources"], "sources", _SOURCES).items():
+        for name, node in r.mapping(top["sources"], "sources", SOURCES).items():
             allowed = ("enabled", "interval", "fstypes") + {"bpf_alloc": ("region_mib", "figures_interval"),
                                                             "bpf_space": ("ext4_devices",)}.get(name, ())
             fields = r.mapping(node, f"sources.{name}", allowed)
@@ -314,9 +318,6 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(**kw)
 
 
-_SEVERITIES = ("debug", "info", "warning", "error", "critical")
-
-
 def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
     s = r.mapping(node, "sinks", ("webhooks", "syslog"))
     out: dict[str, Any] = {}
@@ -329,7 +330,7 @@ def _sinks(r: _Reader, node: yaml.Node) -> dict[str, Any]:
         if "enabled" in y:
             yk["enabled"] = r.scalar(y["enabled"], "sinks.syslog.enabled", bool)
         for key, choices in (("target", ("auto", "journal", "syslog")), ("format", ("rfc5424", "rfc3164")),
-                             ("min_severity", _SEVERITIES)):
+                             ("min_severity", SEVERITIES)):
             if key in y:
                 yk[key] = _choice(r, y[key], f"sinks.syslog.{key}", choices)
         if "facility" in y:
@@ -434,8 +435,6 @@ def _choice(r: _Reader, node: yaml.Node, name: str, choices: tuple[str, ...]) ->
 
 
 def _kinds(r: _Reader, node: yaml.Node, name: str) -> tuple[str, ...]:
-    from .events import KindFilter
-
     kinds = r.strings(node, name)
     for i, k in enumerate(kinds):
         try:

@@ -13,43 +13,25 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any, Mapping
 
 SCHEMA = "fsnotifyd.event/1"
 
-KINDS = frozenset(
-    {
-        "fs.error",
-        "fs.warning",
-        "fs.readonly",
-        "fs.writable",
-        "fs.shutdown",
-        "fs.mount_failed",
-        "fs.enospc",
-        "fs.edquot",
-        "fs.alloc",
-        "quota.warning",
-        "blk.io_error",
-        "dev.add",
-        "dev.change",
-        "dev.remove",
-        "source.up",
-        "source.down",
-        "events.lost",
-        "rule.matched",
-        "action.started",
-        "action.succeeded",
-        "action.failed",
-        "fsck.result",
-        "image.repacked",
-        "notification",
-        "ve.released",
-    }
-)
+SEVERITY_PRIORITY: Mapping[str, int] = MappingProxyType({
+    # Every severity, least severe first (sinks filter by rank), with its syslog(3) priority:
+    # what the syslog sink writes as PRI and journald as PRIORITY.
+    "debug": 7,  # LOG_DEBUG
+    "info": 6,  # LOG_INFO
+    "warning": 4,  # LOG_WARNING
+    "error": 3,  # LOG_ERR
+    "critical": 2,  # LOG_CRIT
+})
+SEVERITIES = tuple(SEVERITY_PRIORITY)
 
-SEVERITIES = ("debug", "info", "warning", "error", "critical")
-
-DEFAULT_SEVERITY: Mapping[str, str] = {
+# Every event kind, with its default severity: the one table of kinds (docs/events.md's
+# "Kinds" table is checked against it by tests/unit/test_tables.py).
+DEFAULT_SEVERITY: Mapping[str, str] = MappingProxyType({
     "fs.error": "error",
     "fs.warning": "warning",
     "fs.readonly": "critical",
@@ -75,7 +57,8 @@ DEFAULT_SEVERITY: Mapping[str, str] = {
     "image.repacked": "info",
     "notification": "warning",
     "ve.released": "info",
-}
+})
+KINDS = frozenset(DEFAULT_SEVERITY)
 
 # Kinds that describe a state of a filesystem rather than a countable happening: a second
 # report of the same state is a confirmation, not a new fact.

@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gcc, libc6-dev and python3-dev build the C parts of the rules replay (setup.py); fio drives
-# the image I/O benchmark (bench/image_io.py); systemd gives systemd-analyze, openssl the TLS tools.
+# the image I/O benchmark (bench/image_io.py); systemd gives systemd-analyze, openssl the TLS tools,
+# qemu-utils the qemu-img that `image import/export` uses for qcow2.
 DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
-              systemd openssl)
+              systemd openssl qemu-utils)
 install_missing() {
   local missing=() p
   for p in "$@"; do

@@ -8,17 +8,19 @@ them. VE commands work on the registry under ``<state-dir>/ves``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError, FsnotifydError
 from ..image import ops
 from ..image.info import human, image_info, parse_size
 from ..image.lock import exclusive
 from .controlclient import ask_blocking
+from .progress import Progress, reporter
 
 DEFAULT_STATE_DIR = "/var/lib/fsnotifyd"
 
@@ -200,8 +202,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not r.get("ok"):
             raise FsnotifydError(f"merge failed: {r.get('error')}")
     else:
-        with exclusive(args.image, "merge"):
-            ops.merge(args.image, args.guid)
+        with exclusive(args.image, "merge"), _line("merge", "clusters") as p:
+            ops.merge(args.image, args.guid, progress=p)
     print(f"snapshot {args.guid} merged into its child and deleted")
     return 0
 
@@ -244,11 +246,12 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         raise FsnotifydError("offline shrink needs the image detached (or use --online SIZE, the balloon)")
     a = attach.attach(args.image, run_dir=_run_dir(args))
     try:
-        new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None)
+        with _line("e2fsck", "") as p:
+            new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None, progress=p)
     finally:
         attach.detach(a, run_dir=_run_dir(args))
-    with exclusive(args.image, "shrink"):
-        result = resize.cut_and_compact(args.image, new)
+    with exclusive(args.image, "shrink"), _line("shrink", "clusters") as p:
+        result = resize.cut_and_compact(args.image, new, progress=p)
     print(f"filesystem and image cut to {human(new)}; {human(result.released)} released")
     return 0
 
@@ -264,8 +267,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
         r = attach.compact(a)
         print(f"moved {r['moved']} clusters, released {human(r['released'])} in {time.monotonic() - t0:.2f} s (online)")
         return 0
-    with exclusive(args.image, "compact"), Stack.open(args.image) as stack:
-        r = ops.compact(stack.top)
+    with exclusive(args.image, "compact"), Stack.open(args.image) as stack, _line("compact", "clusters") as p:
+        r = ops.compact(stack.top, progress=p)
     print(f"moved {r.moved} clusters, released {human(r.released)} in {time.monotonic() - t0:.2f} s")
     return 0
 
@@ -283,23 +286,30 @@ def _repack_options(args: argparse.Namespace):
     return repack.Options(dry_run=args.dry_run, budget_mib_s=args.budget_mib_s, max_seconds=args.max_seconds)
 
 
-def _progress():
-    """Progress on a terminal only (a pipe or a log gets the result alone)."""
-    if not sys.stderr.isatty():
-        return None
+@contextlib.contextmanager
+def _repack_progress() -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """Repack's progress (a dict per step) on the one progress line (app/progress.py)."""
+    with _line("repack", "clusters") as p:
+        if p is None:
+            yield None
+            return
+        line = p
 
-    def show(p: dict[str, Any]) -> None:
-        print(f"\rrepack: {p['clusters_done']}/{p['clusters_total']} clusters, {p['bytes_moved'] / (1 << 20):.1f} MiB "
-              f"moved, {p['mib_s']:.1f} MiB/s, {p['seconds']:.0f} s", end="", file=sys.stderr, flush=True)
-    return show
+        def show(d: dict[str, Any]) -> None:
+            line.extra = lambda _s: f"{d['bytes_moved'] / (1 << 20):.1f} MiB moved, {d['mib_s']:.1f} MiB/s"
+            line("", d["clusters_done"], d["clusters_total"])
+        yield show
+
+
+def _line(label: str, unit: str = "B") -> contextlib.AbstractContextManager[Progress | None]:
+    """The progress line of one command, cleared when it ends (None off a terminal)."""
+    return reporter(label, unit) or contextlib.nullcontext()
 
 
 def _print_repack(r: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print(r, True)
         return
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     if r.get("dry_run"):
         return  # the plan was printed
     b, a = r["before"], r["after"]
@@ -318,7 +328,8 @@ def _repack_attachment(args: argparse.Namespace, a, what: str) -> int:
 
     if not a.mountpoint or not os.path.ismount(a.mountpoint):
         raise FsnotifydError(f"{what} is attached but not mounted: repack moves data on the mounted filesystem")
-    r = repack.run(a, _repack_options(args), progress=_progress(), printer=None if args.json else print)
+    with _repack_progress() as progress:
+        r = repack.run(a, _repack_options(args), progress=progress, printer=None if args.json else print)
     _print_repack(r, args.json)
     return 0
 
@@ -350,8 +361,9 @@ def cmd_ve_shrink(args: argparse.Namespace) -> int:
         raise FsnotifydError("ve shrink works online only (--online); offline: fsnotifyd ve stop ID, then "
                              "fsnotifyd image shrink IMAGE SIZE")
     rec, a = _running_ve(args, "an online shrink")
-    r = repack.shrink_online(a, parse_size(args.to), _repack_options(args), progress=_progress(),
-                             printer=None if args.json else print)
+    with _repack_progress() as progress:
+        r = repack.shrink_online(a, parse_size(args.to), _repack_options(args), progress=progress,
+                                 printer=None if args.json else print)
     _print_repack(r, args.json)
     return 0
 
@@ -362,12 +374,54 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.repair and _attached(args, args.image) is not None:
         raise FsnotifydError("repair needs the image detached")
     if args.repair:
-        with exclusive(args.image, "repair"):
-            report = check(args.image, repair=True)
+        with exclusive(args.image, "repair"), _line("image") as p:
+            report = check(args.image, repair=True, progress=p)
     else:
-        report = check(args.image)
+        with _line("image") as p:
+            report = check(args.image, progress=p)
     print(report)
     return 0 if report.clean or (args.repair and check(args.image).clean) else 1
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ..image import transfer
+
+    if _attached(args, args.image) is not None:
+        raise FsnotifydError(f"{args.image} is attached: detach it before replacing it")
+    kw: dict[str, Any] = {"fmt": args.format, "force": args.force}
+    if args.size:
+        kw["size"] = parse_size(args.size)
+    if args.cluster:
+        kw["cluster"] = parse_size(args.cluster)
+    t0 = time.monotonic()
+    try:
+        with _line("import") as p:
+            r = transfer.import_disk(args.source, args.image, progress=p, **kw)
+    except OSError as e:
+        raise FsnotifydError(f"import of {args.source} into {args.image} failed: {e}") from e
+    print(f"{r.directory}: {human(r.size)} image ({human(r.cluster)} clusters) from {r.format} {r.source}: "
+          f"{human(r.data_bytes)} of data extents read, {r.clusters} clusters allocated, "
+          f"in {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..image import transfer
+
+    if not args.snapshot and _attached(args, args.image) is not None:
+        raise FsnotifydError(f"{args.image} is attached and its top changes under the copy: detach it, or "
+                             f"snapshot it and export the snapshot (--snapshot GUID)")
+    t0 = time.monotonic()
+    try:
+        with _line("export") as p:
+            r = transfer.export_disk(args.image, args.target, fmt=args.format or
+                                     ("qcow2" if args.target.endswith(".qcow2") else "raw"), snapshot=args.snapshot,
+                                     force=args.force, progress=p)
+    except OSError as e:
+        raise FsnotifydError(f"export of {args.image} to {args.target} failed: {e}") from e
+    print(f"{r.target}: {r.format}, {human(r.size)} disk; {r.clusters} clusters read, "
+          f"{human(r.written_bytes)} of data written (the rest holes), in {time.monotonic() - t0:.2f} s")
+    return 0
 
 
 # -- VE commands ---------------------------------------------------------------------------------
@@ -438,7 +492,8 @@ def cmd_ve_set(args: argparse.Namespace) -> int:
 def cmd_ve_start(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
-    rec = lifecycle.start(_state_dir(args), args.id)
+    with _line("ve start", "") as p:  # the image check and e2fsck: percentages
+        rec = lifecycle.start(_state_dir(args), args.id, progress=p)
     print(f"VE {rec.id} running: {rec.loop} mounted at {rec.mountpoint}")
     return 0
 
@@ -549,6 +604,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     repack_options(rp_)
     ck = cmd("check", cmd_check, "check the image's metadata (exit 1 on problems)")
     ck.add_argument("--repair", action="store_true")
+    im_ = cmd("import", cmd_import, "a new image from a raw or qcow2 disk (sparse: only data is copied)",
+              image=False)
+    im_.add_argument("source", metavar="RAW|QCOW2", help="disk file (or block device) to bring in")
+    im_.add_argument("image", metavar="DIR", help="image directory to create")
+    im_.add_argument("--format", choices=("raw", "qcow2"), help="the source's format (default: from its header)")
+    im_.add_argument("--size", help="virtual size of the image (default: the disk's; never smaller)")
+    im_.add_argument("--cluster", help="cluster size (default 1M)")
+    im_.add_argument("--force", action="store_true", help="replace an image already in DIR")
+    ex = cmd("export", cmd_export, "write the image's disk to a sparse raw file or a qcow2")
+    ex.add_argument("target", metavar="RAW|QCOW2", help="file to write")
+    ex.add_argument("--format", choices=("raw", "qcow2"), default=None,
+                    help="default: qcow2 if the name ends in .qcow2, else raw")
+    ex.add_argument("--snapshot", metavar="GUID", help="export this snapshot's state (default: the current one)")
+    ex.add_argument("--force", action="store_true", help="replace an existing file")
 
     ve = sub.add_parser("ve", help="VEs: an id paired with an image and a mount point")
     vsub = ve.add_subparsers(dest="ve_command", required=True)

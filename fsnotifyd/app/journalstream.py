@@ -16,9 +16,11 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-# structlog's level names (add_log_level maps exception -> error, warn -> warning) to syslog(3)
-# priorities, as the syslog sink maps event severities.
-PRIORITIES: Mapping[str, int] = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+from ..events import SEVERITY_PRIORITY
+
+# structlog's level names (add_log_level maps exception -> error, warn -> warning) are the event
+# severities' names: their syslog(3) priorities are the ones the syslog sink writes.
+PRIORITIES: Mapping[str, int] = SEVERITY_PRIORITY
 
 _DEV_INO = re.compile(r"([0-9]+):([0-9]+)")
 

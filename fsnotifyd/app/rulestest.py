@@ -13,15 +13,18 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from ..inventory import VE
-from ..replay.reader import ReadReport, load_ve_map, read_items
+from ..replay.reader import ReadReport, read_items
+from ..replay.vemap import load_ve_map
 from ..rules.engine import Decision, Engine
 from ..rules.loader import load_rules
+from .progress import Clearing, reporter
 
 
 def _iso(ts: float) -> str:
@@ -67,7 +70,9 @@ class Replay:
     of log replays in constant memory whatever is done with the decisions."""
 
     def __init__(self, rules: Sequence[str], logs: Sequence[str], *, ves: Sequence[VE] = (),
-                 year: int | None = None, boot_time: float | None = None, only_fired: bool = False) -> None:
+                 year: int | None = None, boot_time: float | None = None, only_fired: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress  # told the events replayed so far, after each chunk
         labels = {ve.id: dict(ve.labels) for ve in ves}
         self.engine = Engine(load_rules(rules), labels_of=lambda ve: labels.get(ve, {}), explain=not only_fired)
         self.report = ReadReport()
@@ -84,6 +89,8 @@ class Replay:
             if seen == self.events:
                 break
             self.events = seen
+            if self.progress is not None:
+                self.progress(seen)
             yield from decisions
 
 
@@ -129,11 +136,65 @@ def print_table(decisions: Iterable[Decision], out: TextIO) -> tuple[int, int]:
     return n, fired
 
 
+class ReadMeter:
+    """Bytes of the logs read so far: the process's ``rchar`` (/proc/self/io) since the
+    replay began, against the files' sizes (a .gz counts its compressed bytes both ways).
+    The readers open the files themselves, so their positions are not at hand; the few other
+    reads of the process (the rules, a VE map) are small beside a log worth a progress line."""
+
+    def __init__(self, logs: Sequence[str]) -> None:
+        self.total = sum(_size(p) for p in logs)
+        self._start = self._rchar()
+
+    @staticmethod
+    def _rchar() -> int:
+        try:
+            with open("/proc/self/io", "rb") as f:
+                for line in f:
+                    if line.startswith(b"rchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def done(self) -> int:
+        n = max(0, self._rchar() - self._start)
+        return min(n, self.total) if self.total else n
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size if path != "-" else 0
+    except OSError:
+        return 0
+
+
 def run(rules: Sequence[str], logs: Sequence[str], *, expect: str | None = None, fmt: str = "table",
         ve_map: str | None = None, year: int | None = None, boot_time: float | None = None,
-        only_fired: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+        only_fired: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+        show_progress: bool = False) -> int:
+    """``show_progress``: a progress line on stderr (bytes of the logs read, events/s) while
+    the replay runs, when stdout and stderr are terminals (app/progress.py decides)."""
     ves = load_ve_map(ve_map) if ve_map else ()
     result = Replay(rules, logs, ves=ves, year=year, boot_time=boot_time, only_fired=only_fired)
+    line = reporter("rules test", extra=lambda s: f"{result.events} events"
+                    + (f", {result.events / s:.0f} events/s" if s > 0 else "")) if show_progress else None
+    if line is not None:
+        meter, drawn = ReadMeter(logs), line
+
+        def tick(events: int) -> None:
+            if drawn.due():
+                drawn("", meter.done(), meter.total)
+        result.progress = tick
+        out, err = Clearing(line, out), Clearing(line, err)  # type: ignore[assignment]
+    try:
+        return _run(result, expect, fmt, out, err)
+    finally:
+        if line is not None:
+            line.close()
+
+
+def _run(result: Replay, expect: str | None, fmt: str, out: TextIO, err: TextIO) -> int:
     got: list[str] = []  # canonical lines, kept only to compare with --expect
 
     def decisions() -> Iterator[Decision]:

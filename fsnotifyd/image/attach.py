@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator
 import structlog
 
 from ..errors import ImageError
+from ..mountinfo import MountEntry, read_mountinfo
 from ..statefile import write_json_atomic
 from . import descriptor as desc_mod
 
@@ -161,29 +162,11 @@ def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.Comp
     return r
 
 
-@dataclass(frozen=True)
-class _Mount:
-    dev: str  # "major:minor"
-    mountpoint: str
-    fstype: str
-    source: str
+def _mounts() -> list[MountEntry]:
+    return read_mountinfo()
 
 
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def _mounts() -> list[_Mount]:
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a, b = left.split(), right.split()
-            out.append(_Mount(a[2], _unescape(a[4]), b[0], _unescape(b[1]) if len(b) > 1 else ""))
-    return out
-
-
-def _fuse_mount(fuse_dir: str) -> _Mount | None:
+def _fuse_mount(fuse_dir: str) -> MountEntry | None:
     found = None
     for m in _mounts():
         if m.mountpoint == fuse_dir and m.fstype.startswith("fuse"):
@@ -423,9 +406,9 @@ def _tail(path: str, n: int = 600) -> str:
 
 # -- mount ---------------------------------------------------------------------------------------
 
-def _mounts_of(loop: str) -> list[_Mount]:
+def _mounts_of(loop: str) -> list[MountEntry]:
     dev = _loop_dev(loop)
-    return [] if dev is None else [m for m in _mounts() if m.dev == dev]
+    return [] if dev is None else [m for m in _mounts() if f"{m.major}:{m.minor}" == dev]
 
 
 def mount(att: Attached, mountpoint: str, *, readonly: bool = False, options: tuple[str, ...] | list[str] = (),
@@ -700,7 +683,7 @@ def abort_fuse(att: Attached) -> bool:
     m = _fuse_mount(att.fuse_dir)
     if m is None:
         return False
-    minor = int(m.dev.split(":")[1])
+    minor = m.minor
     if _fusectl_mounted():
         try:
             with open(f"{FUSECTL}/{minor}/abort", "w") as f:
@@ -738,14 +721,14 @@ def run_watchdog(run_dir: str, interval: float, stop_event: threading.Event, *, 
     An aborted connection stays aborted: the attachment is checked again only after it is
     detached and attached anew (its FUSE mount is then another connection). ``on_pass`` gets,
     after each round, every attachment checked with its exporter's status (None: no answer)."""
-    aborted: set[tuple[str, str]] = set()
+    aborted: set[tuple[str, tuple[int, int]]] = set()
     while not stop_event.is_set():
         seen: list[tuple[Attached, dict[str, Any] | None]] = []
         for att in attached(run_dir):
             m = _fuse_mount(att.fuse_dir)
             if not att.loop or m is None:
                 continue
-            if (att.fuse_dir, m.dev) in aborted:
+            if (att.fuse_dir, m.devnum) in aborted:
                 seen.append((att, None))  # still attached, still broken
                 continue
             answer: list[dict[str, Any]] = []
@@ -756,7 +739,7 @@ def run_watchdog(run_dir: str, interval: float, stop_event: threading.Event, *, 
                 continue
             seen.append((att, answer[0] if answer else None))
             if not ok:
-                aborted.add((att.fuse_dir, m.dev))
+                aborted.add((att.fuse_dir, m.devnum))
                 if on_abort is not None:
                     on_abort(att)
         if on_pass is not None:

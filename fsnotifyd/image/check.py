@@ -45,6 +45,7 @@ from . import descriptor as dd
 from .delta import Delta, punch_hole
 from .descriptor import Descriptor
 from .format import SIGNATURE, ZERO_CLUSTER
+from .progress import ProgressFn
 
 TMP_SUFFIX = ".tmp"
 MKFS_TMP_PREFIX = "fsnd-mkfs-"
@@ -92,9 +93,10 @@ class CheckReport:
         return "\n".join(str(p) for p in self.problems)
 
 
-def check(image_dir: str, *, repair: bool = False) -> CheckReport:
+def check(image_dir: str, *, repair: bool = False, progress: ProgressFn | None = None) -> CheckReport:
     """Check the image in ``image_dir``; with ``repair`` fix what can be fixed. Never raises for
-    what is in the directory: every problem is an entry of the report."""
+    what is in the directory: every problem is an entry of the report. ``progress("check",
+    bytes, bytes)`` over the delta files, after each one."""
     report = CheckReport(image_dir)
     desc_path = os.path.join(image_dir, dd.NAME)
     try:
@@ -102,11 +104,23 @@ def check(image_dir: str, *, repair: bool = False) -> CheckReport:
     except ImageError as e:
         report.add(e.file or desc_path, e.field, e.message, repairable=False)
         return report  # which files are leftovers cannot be known without the descriptor
-    for shot in desc.shots:
+    sizes = [_file_size(os.path.join(image_dir, shot.file)) for shot in desc.shots]
+    done = 0
+    for shot, size in zip(desc.shots, sizes, strict=True):
         _check_delta(os.path.join(image_dir, shot.file), desc, shot.guid == desc.top, report, repair,
                      base=shot.parent == dd.ROOT_PARENT)
+        done += size
+        if progress is not None:
+            progress("check", done, sum(sizes))
     _leftovers(image_dir, desc, report, repair)
     return report
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0  # reported by the check itself
 
 
 # -- one delta ---------------------------------------------------------------------------------

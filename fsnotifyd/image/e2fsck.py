@@ -9,9 +9,15 @@ here, in the image manager, which the actions may import and the VE lifecycle al
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
+
+from .progress import ProgressFn
 
 EXIT_BITS = {1: "errors corrected", 2: "errors corrected, reboot needed", 4: "errors left uncorrected",
              8: "operational error", 16: "usage or syntax error", 32: "cancelled by request",
@@ -57,7 +63,59 @@ class Result:
         return " / ".join(said[-lines:])
 
 
-def run(device: str, *options: str, timeout: float | None = None) -> Result:
+def parse_completion(line: bytes) -> tuple[int, int, int] | None:
+    """One line of ``e2fsck -C FD`` output, ``PASS CURRENT MAX DEVICE``: (pass, current, max)."""
+    parts = line.split()
+    try:
+        return int(parts[0]), int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def run(device: str, *options: str, timeout: float | None = None, progress: ProgressFn | None = None) -> Result:
+    """e2fsck ``options`` ``device``; with ``progress``, ``progress("pass N", current, max)`` as
+    e2fsck reports its completion (``-C FD``) pass by pass."""
     argv = ("e2fsck", *options, device)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    return Result(argv, r.returncode, r.stdout + r.stderr)
+    if progress is None:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        return Result(argv, r.returncode, r.stdout + r.stderr)
+    rfd, wfd = os.pipe()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            p = subprocess.Popen(("e2fsck", "-C", str(wfd), *options, device), stdout=out, stderr=err,
+                                 pass_fds=(wfd,))
+        finally:
+            os.close(wfd)
+        try:
+            _follow(rfd, progress, deadline)
+            code = p.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            os.close(rfd)
+        out.seek(0)
+        err.seek(0)
+        text = (out.read() + err.read()).decode("utf-8", "replace")
+    return Result(argv, code, text)
+
+
+def _follow(fd: int, progress: ProgressFn, deadline: float | None) -> None:
+    pending = b""
+    while True:
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            raise subprocess.TimeoutExpired("e2fsck", 0)
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            got = parse_completion(line)
+            if got is not None:
+                progress(f"pass {got[0]}", got[1], got[2])

@@ -20,6 +20,7 @@ from . import descriptor as dd
 from .delta import Delta, fsync_dir
 from .descriptor import Descriptor, Shot
 from .format import DEFAULT_CLUSTER, SECTOR
+from .progress import ProgressFn
 from .stack import Stack
 
 ROOT_FILE = "root.hds"
@@ -185,12 +186,20 @@ class CompactResult:
     released: int  # bytes cut from the end of the file
 
 
-def compact(delta: Delta, *, batch: int = 64) -> CompactResult:
+def _moves(delta: Delta) -> int:
+    """How many clusters a compaction would move now: the last ones into the first holes."""
+    holes = delta._free
+    owners = sorted((p for vc in range(len(delta.bat)) if (p := delta.physical(vc))), reverse=True)
+    return sum(1 for p, h in zip(owners, holes) if h < p)
+
+
+def compact(delta: Delta, *, batch: int = 64, progress: ProgressFn | None = None) -> CompactResult:
     """Move the clusters at the end of the file into the holes discards left, then cut the
     file. In batches: copy, fdatasync, remap (commit); a crash keeps each cluster mapped to a
-    complete copy."""
+    complete copy. ``progress("compact", moved, to move)`` after each batch."""
     delta.commit()
     moved = 0
+    total = _moves(delta) if progress is not None else 0
     while True:
         holes = list(delta._free)
         owners = sorted(((p, vc) for vc in range(len(delta.bat)) if (p := delta.physical(vc))), reverse=True)
@@ -207,15 +216,17 @@ def compact(delta: Delta, *, batch: int = 64) -> CompactResult:
             delta.move(vc, h)
         delta.commit()
         moved += len(pairs)
+        if progress is not None:
+            progress("compact", moved, max(total, moved))
     released = delta.truncate_tail()
     return CompactResult(moved, released)
 
 
-def merge(directory: str, guid: str, *, stack: Stack | None = None) -> None:
+def merge(directory: str, guid: str, *, stack: Stack | None = None, progress: ProgressFn | None = None) -> None:
     """Delete snapshot ``guid`` by merging its data into its child (the delta above it): each
     cluster the child does not have is copied up (its data pages only) or marked zero as the
     snapshot marks it, then the descriptor drops the snapshot, then its file is removed. Reads
-    are the same at every step."""
+    are the same at every step. ``progress("merge", clusters looked at, clusters)``."""
     path = descriptor_path(directory)
     desc = dd.load(path)
     if guid == desc.top:
@@ -239,7 +250,10 @@ def merge(directory: str, guid: str, *, stack: Stack | None = None) -> None:
             c = src.cluster
             n = 0
             base = shot.parent == dd.ROOT_PARENT  # zeros in the base hide nothing: no mark needed
-            for vc in range(min(len(src.bat), target.header.entries)):
+            entries = min(len(src.bat), target.header.entries)
+            for vc in range(entries):
+                if progress is not None:
+                    progress("merge", vc + 1, entries)
                 if target.entry(vc):  # the child has data or zeros of its own there
                     continue
                 p = src.physical(vc)

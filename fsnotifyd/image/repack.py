@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 import structlog
 
 from ..errors import ImageError
+from ..mountinfo import read_mountinfo
 from . import fiemap as fm
 from . import fsmap, moveext, placement, thinness
 from . import repackplan as rp
@@ -95,15 +96,12 @@ class Map:
 def _mount_options(mountpoint: str) -> frozenset[str]:
     mp = os.path.realpath(mountpoint)
     found: frozenset[str] | None = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a, b = left.split(), right.split()
-            if a[4].replace("\\040", " ") == mp:
-                found = frozenset(a[5].split(",")) | frozenset(b[2].split(",") if len(b) > 2 else ())
-                fstype = b[0]
-                if fstype != "ext4":
-                    raise RepackRefused(f"not ext4 but {fstype}: repack moves ext4 extents only", file=mountpoint)
+    for entry in read_mountinfo():
+        if entry.mountpoint == mp:  # the last one is the one on top
+            found = entry.mount_options | entry.super_options
+            if entry.fstype != "ext4":
+                raise RepackRefused(f"not ext4 but {entry.fstype}: repack moves ext4 extents only",
+                                    file=mountpoint)
     if found is None:
         raise RepackRefused("not mounted: repack works on the running VE's filesystem", file=mountpoint)
     return found

@@ -24,6 +24,7 @@ from typing import Callable
 from ..errors import FsckFailed, ImageError
 from . import e2fsck, ops
 from .fiemap import fiemap
+from .progress import ProgressFn
 from .stack import Stack
 
 BALLOON = ".fsnotifyd-balloon"
@@ -189,10 +190,10 @@ def fs_size(device: str) -> int:
         raise ImageError("cannot read the filesystem's size from its superblock", file=device) from None
 
 
-def shrink_filesystem(device: str, size: int | None) -> int:
+def shrink_filesystem(device: str, size: int | None, *, progress: ProgressFn | None = None) -> int:
     """e2fsck then resize2fs an unmounted ext4 to ``size`` bytes (None: as small as it goes);
-    returns the new size."""
-    r = e2fsck.run(device, "-fy")
+    returns the new size. ``progress`` hears e2fsck's passes."""
+    r = e2fsck.run(device, "-fy", progress=progress)
     if not r.repaired:  # exit 4 and up: resizing a filesystem e2fsck left broken breaks it more
         raise FsckFailed(f"not shrunk: {' '.join(r.command)} exited {r.exit_code} ({', '.join(r.decoded)}): "
                          f"{r.tail()}", command=r.command, exit_code=r.exit_code, decoded=r.decoded, file=device)
@@ -203,10 +204,10 @@ def shrink_filesystem(device: str, size: int | None) -> int:
     return fs_size(device)
 
 
-def cut_and_compact(image_dir: str, size: int) -> ops.CompactResult:
+def cut_and_compact(image_dir: str, size: int, *, progress: ProgressFn | None = None) -> ops.CompactResult:
     """After the filesystem shrank: cut the image's virtual size and compact its file."""
     with Stack.open(image_dir) as stack:
         ops.cut_stack(stack, image_dir, size)
-        return ops.compact(stack.top)
+        return ops.compact(stack.top, progress=progress)
 
 

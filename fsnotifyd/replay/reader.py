@@ -1,6 +1,6 @@
 """Read recorded events and kernel logs as one stream of event dicts, in event time.
 
-Each file is recognised by its first lines (:func:`~.kerneltext.detect_format`):
+Each file is recognised by its first lines (:func:`~fsnotifyd.kernel.logtext.detect_format`):
 
 * an fsnotifyd JSONL journal or recording (every line a JSON object whose ``schema`` starts
   with ``fsnotifyd.event/``): events pass through unchanged, ids included;
@@ -37,7 +37,6 @@ import gzip
 import heapq
 import io
 import itertools
-import json
 import os
 import sys
 import uuid
@@ -46,23 +45,22 @@ from datetime import datetime, tzinfo
 from typing import Any, Iterable, Iterator, Mapping
 
 import msgspec
-import yaml
 
 from ..correlator import Correlator, CorrelatorSettings
-from ..errors import ConfigError
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
 from .. import native as native_modules
-from ..sources.kmsg import KmsgRecord, MountFailureReasons, classify
-from .kerneltext import ReadReport, detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
+from ..kernel.classify import KMSG_KINDS, classify
+from ..kernel.kmsg import KmsgRecord
+from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
+from ..kernel.mountfail import MountFailureReasons
+from .report import ReadReport
 
-__all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "load_ve_map", "REPLAY_NAMESPACE"]
+__all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "REPLAY_NAMESPACE"]
 
 # uuid5 namespace of replayed text events (a fixed random UUID: ids are stable across releases).
 REPLAY_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-5e8f-9a0b-1c2d3e4f5a6b")
 
-KMSG_KINDS = frozenset({"fs.error", "fs.warning", "fs.readonly", "fs.shutdown", "fs.mount_failed",
-                        "blk.io_error", "events.lost"})
 _KMSG_ONLY = frozenset({"kmsg"})
 
 DETECT_LINES = 64
@@ -513,167 +511,3 @@ def read_timed_events(paths, **kw) -> Iterator[tuple[float, dict[str, Any]]]:
 
 def _merge_key(item: _Item) -> tuple[float, int]:
     return item[0], item[1]
-
-
-# --------------------------------------------------------------------------------------------
-# VE maps
-
-
-class _N:
-    """A parsed value with the line it came from (None when unknown).
-
-    ``kind`` is ``map`` (value: list of (key, value) pairs, duplicates kept), ``seq`` (list),
-    ``str`` or ``null``.
-    """
-
-    __slots__ = ("kind", "value", "line")
-
-    def __init__(self, kind: str, value: Any, line: int | None) -> None:
-        self.kind, self.value, self.line = kind, value, line
-
-
-class _Pairs(list):  # a JSON object, as json's object_pairs_hook hands it over
-    pass
-
-
-def _from_yaml(node: yaml.Node) -> _N:
-    line = node.start_mark.line + 1 if node.start_mark is not None else None
-    if isinstance(node, yaml.MappingNode):
-        return _N("map", [(_from_yaml(k), _from_yaml(v)) for k, v in node.value], line)
-    if isinstance(node, yaml.SequenceNode):
-        return _N("seq", [_from_yaml(v) for v in node.value], line)
-    if node.tag.endswith(":null"):
-        return _N("null", None, line)
-    return _N("str", str(node.value), line)
-
-
-def _from_json(obj: Any) -> _N:
-    if isinstance(obj, _Pairs):
-        return _N("map", [(_from_json(k), _from_json(v)) for k, v in obj], None)
-    if isinstance(obj, list):
-        return _N("seq", [_from_json(v) for v in obj], None)
-    if obj is None:
-        return _N("null", None, None)
-    if isinstance(obj, bool):
-        return _N("str", "true" if obj else "false", None)
-    return _N("str", str(obj), None)
-
-
-_FIELDS = {"devices": "devices", "device": "devices", "mounts": "mounts", "mount": "mounts",
-           "images": "images", "image": "images", "labels": "labels", "cgroup": "cgroup"}
-
-
-def load_ve_map(path: str | os.PathLike[str]) -> tuple[VE, ...]:
-    """VEs from a small YAML or JSON map file, in either of two shapes (mixable)::
-
-        {"101": {"devices": ["loop0"], "mounts": ["/vz/root/101"], "images": [...],
-                 "labels": {"tier": "gold"}, "cgroup": "..."}}
-        {"loop0": "101", "loop1": "102"}          # device → VE id
-
-    A key whose value is a mapping is a VE id; a key whose value is a string is a device.
-    ``device``, ``mount`` and ``image`` are accepted for their plurals, and each takes one
-    string or a list. Errors are :class:`~fsnotifyd.errors.ConfigError` naming file and line.
-    """
-    file = os.fspath(path)
-    try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read VE map: {e.strerror or e}", file=file) from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"VE map is not UTF-8 text: {e.reason}", file=file) from e
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        root = None if node is None else _from_yaml(node)
-    except yaml.YAMLError as e:
-        # JSON that PyYAML's YAML 1.1 reader refuses (tabs, "\\/") is still JSON.
-        try:
-            root = _from_json(json.loads(text, object_pairs_hook=_Pairs))
-        except ValueError:
-            mark = getattr(e, "problem_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"VE map is neither YAML nor JSON: {problem}", file=file,
-                              line=mark.line + 1 if mark is not None else None) from None
-    return _ves_from(root, file)
-
-
-def _ves_from(root: _N | None, file: str) -> tuple[VE, ...]:
-    def err(msg: str, n: _N, field: str | None = None) -> ConfigError:
-        return ConfigError(msg, file=file, line=n.line, field=field)
-
-    if root is None or root.kind == "null":
-        return ()
-    if root.kind != "map":
-        raise err("a VE map is a mapping: {VE id: {devices: [...]}} or {device: VE id}", root)
-    found: dict[str, dict[str, Any]] = {}
-    owner: dict[str, str] = {}  # device → VE id
-    keys_seen: set[str] = set()
-
-    def entry_of(ve: str) -> dict[str, Any]:
-        return found.setdefault(ve, {"devices": [], "mounts": [], "images": [], "labels": {}, "cgroup": None})
-
-    def ve_id(n: _N, field: str) -> str:
-        try:
-            return validate_ve_id(n.value)
-        except ConfigError as e:
-            raise ConfigError(str(e).split(" (field")[0], file=file, line=n.line, field=field) from None
-
-    def strings(n: _N, field: str) -> list[_N]:
-        items = n.value if n.kind == "seq" else [n]
-        for item in items:
-            if item.kind != "str" or not item.value:
-                raise err("expected a non-empty string or a list of them", item, field)
-        return items
-
-    def claim(device: str, ve: str, n: _N) -> None:
-        prior = owner.setdefault(device, ve)
-        if prior != ve:
-            raise err(f"device {device!r} is given to VE {prior!r} and to VE {ve!r}", n, device)
-
-    for k, v in root.value:
-        if k.kind != "str":
-            raise err("keys are VE ids or device names (strings)", k)
-        if k.value in keys_seen:
-            raise err(f"duplicate key {k.value!r}", k, k.value)
-        keys_seen.add(k.value)
-        if v.kind == "str":  # {"loop0": "101"}
-            ve = ve_id(v, k.value)
-            claim(k.value, ve, v)
-            entry_of(ve)["devices"].append(k.value)
-            continue
-        if v.kind != "map":
-            raise err(f"{k.value!r}: expected a VE id (device map) or a mapping of devices, mounts, "
-                      "images, labels (VE map)", v, k.value)
-        ve = ve_id(k, k.value)
-        entry = entry_of(ve)
-        for fk, fv in v.value:
-            name = _FIELDS.get(fk.value) if fk.kind == "str" else None
-            where = f"{ve}.{fk.value}"
-            if name is None:
-                raise err(f"unknown field {fk.value!r} (known: devices, mounts, images, labels, cgroup)", fk, where)
-            if name == "labels":
-                if fv.kind != "map":
-                    raise err("labels: expected a mapping of names to values", fv, where)
-                for lk, lv in fv.value:
-                    if lk.kind != "str" or lv.kind != "str":
-                        raise err("labels: names and values are strings", lk, where)
-                    entry["labels"][lk.value] = lv.value
-            elif name == "cgroup":
-                if fv.kind != "str":
-                    raise err("cgroup: expected a string", fv, where)
-                entry["cgroup"] = fv.value
-            else:
-                items = strings(fv, where)
-                if name == "devices":
-                    for item in items:
-                        claim(item.value, ve, item)
-                values = [item.value for item in items]
-                if name == "mounts":
-                    values = [os.path.normpath(m) for m in values]
-                entry[name].extend(values)
-    return tuple(
-        VE(ve, mounts=tuple(dict.fromkeys(e["mounts"])), devices=tuple(dict.fromkeys(e["devices"])),
-           images=tuple(dict.fromkeys(e["images"])), cgroup=e["cgroup"],
-           labels=tuple(sorted(e["labels"].items())))
-        for ve, e in found.items()
-    )

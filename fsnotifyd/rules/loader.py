@@ -20,19 +20,19 @@ may use a list or fragment defined in another file.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from ..errors import ConfigError, RuleError, RuleErrors
 from ..events import KINDS
 from ..inventory import validate_ve_id
-from ..wording import describe as _describe, node_kind as _node_kind, short as _short, type_phrase
+from ..wording import describe as _describe, short as _short, type_phrase
 from ..config import parse_window
+from .nodes import BAD, YAML_TAG, NodeReader, did_you_mean, one_of
 from .schema import (ACTIONS, OPERATORS, Action, Condition, Match, Origin, Rule, RuleSet, Sustained, Threshold,
                      VeSelector)
 
@@ -40,8 +40,8 @@ __all__ = ["load_rules", "parse_rules", "check_paths", "check_text", "parse_dura
 
 VERSION = 1
 
-# Every kind a rule may name (events.KINDS already holds the engine's own "rule.matched").
-RULE_KINDS = frozenset(KINDS | {"rule.matched"})
+# Every kind a rule may name (events.KINDS holds the engine's own "rule.matched" too).
+RULE_KINDS = KINDS
 
 # The dotted fields of the event JSON form (Event.to_dict()); "details.<anything>" is also valid.
 EVENT_FIELDS = (
@@ -79,16 +79,6 @@ _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 DURATION_HELP = 'seconds as a number, or a string like "30s", "10m", "1h30m", "2d", "500ms"'
 WINDOW_HELP = 'a time window "HH:MM-HH:MM" in local time (may wrap past midnight), like "01:00-05:00"'
 
-_YAML = "tag:yaml.org,2002:"
-# Tags a rules file may carry, explicitly or by YAML's implicit resolution. "value" and "merge"
-# are what the YAML 1.1 resolver gives a plain "=" or "<<" scalar: read as strings (but a "<<"
-# *key* is a merge key, which is refused).
-_SAFE_TAGS = frozenset(_YAML + t for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp",
-                                            "value", "merge"))
-_STRING_TAGS = frozenset({_YAML + "value", _YAML + "merge"})
-_TAG_NODE = {_YAML + "map": yaml.MappingNode, _YAML + "seq": yaml.SequenceNode}  # every other tag: scalars
-
-_BAD: Any = object()  # a value that was wrong; its error is already recorded
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,22 +228,6 @@ def _sorted_unique(errors: list[RuleError], files: list[str]) -> list[RuleError]
 # helpers
 
 
-def _one_of(names: Iterable[str]) -> str:
-    names = list(names)
-    if not names:
-        return "nothing (none are defined)"
-    return "one of: " + ", ".join(names)
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _is_scalar_value(v: Any) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool))
-
-
 def _kind_matches(pattern: str, kind: str) -> bool:
     return kind.startswith(pattern[:-1]) if pattern.endswith("*") else kind == pattern
 
@@ -301,201 +275,24 @@ _FIELDS_HELP = ", ".join(EVENT_FIELDS) + ", details.<name>"
 # one file
 
 
-class _Reader:
-    def __init__(self, file: str, text: str, errors: list[RuleError]) -> None:
-        self.file, self.text, self.errors = file, text, errors
-        self.bad: set[int] = set()  # ids of nodes already reported (forbidden tags)
-        self._constructor = yaml.SafeLoader("")
-
-    # -- error reporting -------------------------------------------------------------------
-
-    def what(self, node: yaml.Node) -> str:
-        """What a node is, for "got ..." in messages: a list, a mapping, or the scalar's value."""
-        if isinstance(node, yaml.ScalarNode):
-            if node.tag in _STRING_TAGS:
-                return _describe(node.value)
-            try:
-                return _describe(self._constructor.construct_object(node, deep=True))
-            except Exception:  # noqa: BLE001
-                return "a scalar"
-        return _node_kind(node)
-
-    def origin(self, node: yaml.Node) -> Origin:
-        return Origin(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
-
-    def error(self, node: yaml.Node | None, field: str | None, message: str, expected: str,
-              column: int | None = None) -> Any:
-        line = col = None
-        if node is not None:
-            line, col = node.start_mark.line + 1, node.start_mark.column + 1
-        self.errors.append(RuleError(message, file=self.file, line=line, column=column or col,
-                                     field=field or None, expected=expected))
-        return _BAD
+class _Reader(NodeReader):
+    """The rules grammar, over the positioned-node reader of :mod:`.nodes`."""
 
     # -- the document ------------------------------------------------------------------------
 
     def document(self) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
-        try:
-            root = yaml.compose(self.text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            problem = e.problem or e.context or "syntax error"
-            self.errors.append(RuleError(
-                f"not valid YAML: {problem}" + (f" ({e.context})" if e.context and e.problem else ""),
-                file=self.file, line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
-                expected="valid YAML (check indentation, quotes, brackets and colons)"))
-            return None
-        except yaml.reader.ReaderError as e:
-            pos = max(0, min(e.position, len(self.text)))
-            line = self.text.count("\n", 0, pos) + 1
-            column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
-            self.errors.append(RuleError(f"not valid YAML: character {e.character!r} is not allowed",
-                                         file=self.file, line=line, column=column,
-                                         expected="printable text (no control characters)"))
-            return None
-        except RecursionError:
-            self.errors.append(RuleError("not valid YAML: nested too deeply", file=self.file,
-                                         expected="a rules file nested at most a few hundred levels deep"))
-            return None
-        except (yaml.YAMLError, ValueError) as e:
-            self.errors.append(RuleError(f"not valid YAML: {_short(str(e), 200)}", file=self.file,
-                                         expected="valid YAML"))
-            return None
+        root = self.root()
         if root is None:
             return None
-        self.check_tags(root)
-        if isinstance(root, yaml.ScalarNode) and root.tag == _YAML + "null":
-            return None  # a file of only "~" or "null": no rules
         top = self.mapping(root, "", TOP_KEYS)
-        if top is _BAD:
+        if top is BAD:
             return None
         if "version" in top:
             node = top["version"][1]
             v = self.scalar(node, "version")
-            if v is not _BAD and (type(v) is not int or v != VERSION):
+            if v is not BAD and (type(v) is not int or v != VERSION):
                 self.error(node, "version", f"unsupported version: got {_describe(v)}", f"{VERSION}")
         return top
-
-    def check_tags(self, root: yaml.Node) -> None:
-        """Refuse every tag but plain YAML ones (so no !!python/... ever) and merge keys."""
-        seen: set[int] = set()
-        stack: list[tuple[yaml.Node, str]] = [(root, "")]
-        while stack:
-            node, path = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.tag not in _SAFE_TAGS or _TAG_NODE.get(node.tag, yaml.ScalarNode) is not type(node):
-                shown = node.tag.replace(_YAML, "!!")
-                where = f" on {_node_kind(node)}" if node.tag in _SAFE_TAGS else ""
-                self.error(node, path, f"YAML tag {_short(shown, 60)!r} is not allowed{where}",
-                           "plain YAML values without tags (no !!python/... or custom tags)")
-                self.bad.add(id(node))
-                continue
-            if isinstance(node, yaml.SequenceNode):
-                for i, item in reversed(list(enumerate(node.value))):
-                    stack.append((item, f"{path}[{i}]"))
-            elif isinstance(node, yaml.MappingNode):
-                for k, v in reversed(node.value):
-                    name = k.value if isinstance(k, yaml.ScalarNode) else "?"
-                    sub = f"{path}.{name}" if path else str(name)
-                    if isinstance(k, yaml.ScalarNode) and k.tag == _YAML + "merge":
-                        self.error(k, sub, "YAML merge keys (<<) are not supported",
-                                   "each key written out, or shared conditions in 'fragments' and 'lists'")
-                        self.bad.add(id(k))
-                        continue
-                    stack.append((v, sub))
-                    stack.append((k, sub))
-
-    # -- generic node readers -----------------------------------------------------------------
-
-    def mapping(self, node: yaml.Node, path: str, allowed: Sequence[str] | None,
-                required: Sequence[str] = (), what: str = "a mapping", allow_null: bool = False) -> Any:
-        """key -> (key node, value node); unknown and duplicate keys are errors (first one kept)."""
-        if id(node) in self.bad:
-            return _BAD
-        if allow_null and isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "null":
-            return {}  # "key:" with nothing under it
-        if not isinstance(node, yaml.MappingNode):
-            exp = what if allowed is None else f"{what} with keys: {', '.join(allowed)}"
-            return self.error(node, path, f"wrong type: got {self.what(node)}", exp)
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for knode, vnode in node.value:
-            if id(knode) in self.bad:
-                continue
-            if not isinstance(knode, yaml.ScalarNode):
-                self.error(knode, path, f"a key must be a plain name, got {_node_kind(knode)}", "a string key")
-                continue
-            key = knode.value
-            sub = f"{path}.{key}" if path else key
-            if allowed is not None and key not in allowed:
-                self.error(knode, sub, f"unknown key {_short(key)!r}{_did_you_mean(key, allowed)}",
-                           _one_of(allowed))
-                continue
-            if key in out:
-                first = out[key][0].start_mark
-                self.error(knode, sub, f"duplicate key {_short(key)!r} (first at line {first.line + 1}, "
-                                       f"column {first.column + 1})", "each key once")
-                continue
-            out[key] = (knode, vnode)
-        for key in required:
-            if key not in out:
-                self.error(node, f"{path}.{key}" if path else key, f"missing required key {key!r}",
-                           f"a {key!r} key in this mapping")
-        return out
-
-    def scalar(self, node: yaml.Node, path: str, expected: str = "a scalar value") -> Any:
-        """The Python value of a scalar node (safe constructors only)."""
-        if id(node) in self.bad:
-            return _BAD
-        if not isinstance(node, yaml.ScalarNode):
-            return self.error(node, path, f"wrong type: got {self.what(node)}", expected)
-        if node.tag in _STRING_TAGS:
-            return node.value
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except Exception as e:  # noqa: BLE001 - e.g. "2020-13-45" resolves as a date and fails
-            return self.error(node, path, f"cannot read value {_short(node.value)!r}: "
-                                          f"{_short(str(e).splitlines()[0] if str(e) else type(e).__name__, 80)}",
-                              expected)
-
-    def typed(self, node: yaml.Node, path: str, kinds: tuple[type, ...], expected: str) -> Any:
-        v = self.scalar(node, path, expected)
-        if v is _BAD:
-            return v
-        if isinstance(v, bool) and bool not in kinds:
-            return self.error(node, path, f"wrong type: got {_describe(v)}", expected)
-        if not isinstance(v, kinds):
-            return self.error(node, path, f"wrong type: got {_describe(v)}", expected)
-        return v
-
-    def string(self, node: yaml.Node, path: str, expected: str = "a string") -> Any:
-        return self.typed(node, path, (str,), expected)
-
-    def boolean(self, node: yaml.Node, path: str) -> Any:
-        return self.typed(node, path, (bool,), "a boolean (true or false)")
-
-    def plain(self, node: yaml.Node, path: str) -> Any:
-        """A JSON scalar: string, number, boolean or null (not a date)."""
-        expected = "a string, number, boolean or null"
-        v = self.scalar(node, path, expected)
-        if v is _BAD:
-            return v
-        if not _is_scalar_value(v):
-            return self.error(node, path, f"wrong type: got {_describe(v)}", expected)
-        if isinstance(v, float) and math.isnan(v):
-            return self.error(node, path, "NaN never equals anything", expected)
-        return v
-
-    def items(self, node: yaml.Node, path: str, expected: str, allow_scalar: bool = True) -> Any:
-        """[(node, path)] of a list, or of a lone scalar when allowed."""
-        if id(node) in self.bad:
-            return _BAD
-        if isinstance(node, yaml.SequenceNode):
-            return [(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
-        if allow_scalar and isinstance(node, yaml.ScalarNode):
-            return [(node, path)]
-        return self.error(node, path, f"wrong type: got {self.what(node)}", expected)
 
     def duration(self, node: yaml.Node, path: str, *, minimum: float = 0.0, exclusive: bool = False,
                  maximum: float | None = None) -> Any:
@@ -504,7 +301,7 @@ class _Reader:
             bounds += f" and at most {_num(maximum)} seconds ({_human(maximum)})"
         expected = f"a duration ({DURATION_HELP}), {bounds}"
         v = self.scalar(node, path, expected)
-        if v is _BAD:
+        if v is BAD:
             return v
         if isinstance(v, str) and v.startswith("-") and parse_duration(v[1:]) is not None:
             return self.error(node, path, f"negative duration {_short(v)!r}", expected)
@@ -522,7 +319,7 @@ class _Reader:
 
     def name(self, node: yaml.Node, path: str, pattern: re.Pattern[str], expected: str) -> Any:
         v = self.string(node, path, expected)
-        if v is _BAD:
+        if v is BAD:
             return v
         if not pattern.fullmatch(v):
             return self.error(node, path, f"invalid name {_short(v)!r}", expected)
@@ -533,8 +330,8 @@ class _Reader:
     def kinds(self, node: yaml.Node, path: str, *, patterns: bool = True) -> Any:
         expected = "an event kind or a list of them" + (' (or prefix patterns like "fs.*")' if patterns else "")
         items = self.items(node, path, expected)
-        if items is _BAD:
-            return _BAD
+        if items is BAD:
+            return BAD
         if not items:
             return self.error(node, path, "empty list of kinds",
                               "at least one kind (omit 'kind' to match every kind)" if patterns else expected)
@@ -542,24 +339,24 @@ class _Reader:
         ok = True
         for n, p in items:
             k = self.kind(n, p, patterns=patterns)
-            if k is _BAD:
+            if k is BAD:
                 ok = False
             elif k not in out:
                 out.append(k)
-        return tuple(out) if ok else _BAD
+        return tuple(out) if ok else BAD
 
     def kind(self, node: yaml.Node, path: str, *, patterns: bool) -> Any:
         known = sorted(RULE_KINDS)
-        expected = _one_of(known) + (', or a prefix pattern like "fs.*"' if patterns else "")
+        expected = one_of(known) + (', or a prefix pattern like "fs.*"' if patterns else "")
         v = self.string(node, path, "an event kind: " + expected)
-        if v is _BAD:
+        if v is BAD:
             return v
         if v in RULE_KINDS:
             return v
         if "*" in v:
             if not patterns:
                 return self.error(node, path, f"a pattern is not allowed here: {_short(v)!r}",
-                                  "an exact event kind: " + _one_of(known))
+                                  "an exact event kind: " + one_of(known))
             if not _KIND_PATTERN.fullmatch(v):
                 return self.error(node, path, f"invalid kind pattern {_short(v)!r}",
                                   'a prefix pattern ending in ".*", like "fs.*"')
@@ -567,51 +364,51 @@ class _Reader:
                 return self.error(node, path, f"kind pattern {_short(v)!r} matches no known kind",
                                   'a pattern matching at least one kind, like "fs.*" or "dev.*"')
             return v
-        return self.error(node, path, f"unknown event kind {_short(v)!r}{_did_you_mean(v, known)}", expected)
+        return self.error(node, path, f"unknown event kind {_short(v)!r}{did_you_mean(v, known)}", expected)
 
     def where(self, node: yaml.Node, path: str, reg: _Registry) -> Any:
         fields = self.mapping(node, path, None, what="a mapping of event field -> condition")
-        if fields is _BAD:
-            return _BAD
+        if fields is BAD:
+            return BAD
         out: list[Condition] = []
         ok = True
         for fname, (knode, vnode) in fields.items():
             conds = self.conditions(fname, knode, vnode, f"{path}.{fname}", reg)
-            if conds is _BAD:
+            if conds is BAD:
                 ok = False
             else:
                 out.extend(conds)
-        return tuple(out) if ok else _BAD
+        return tuple(out) if ok else BAD
 
     def conditions(self, fname: str, knode: yaml.Node, vnode: yaml.Node, path: str, reg: _Registry) -> Any:
         if not _valid_field(fname):
             return self.error(knode, path, f"unknown event field {_short(fname)!r}"
-                                           f"{_did_you_mean(fname, EVENT_FIELDS)}", _one_of([_FIELDS_HELP]))
+                                           f"{did_you_mean(fname, EVENT_FIELDS)}", one_of([_FIELDS_HELP]))
         if id(vnode) in self.bad:
-            return _BAD
+            return BAD
         if isinstance(vnode, yaml.ScalarNode):  # a bare scalar: equals
             if fname in _OBJECT_FIELDS:
                 return self.error(vnode, path, f"{fname!r} is an object; only 'exists' applies to it",
                                   "{exists: true} or {exists: false}")
             v = self.plain(vnode, path)
-            return _BAD if v is _BAD else [Condition(fname, "equals", v, self.origin(knode))]
+            return BAD if v is BAD else [Condition(fname, "equals", v, self.origin(knode))]
         if isinstance(vnode, yaml.SequenceNode):
             return self.error(vnode, path, "a list is not a condition",
                               "a scalar (equals) or a mapping of operators, e.g. {in: [a, b]}")
         ops = self.mapping(vnode, path, sorted(OPERATORS), what="a mapping of operators")
-        if ops is _BAD:
-            return _BAD
+        if ops is BAD:
+            return BAD
         if not vnode.value:
             return self.error(vnode, path, "empty condition", "at least one operator: " + ", ".join(sorted(OPERATORS)))
         out: list[Condition] = []
         ok = True
         for op, (onode, xnode) in ops.items():
             c = self.condition(fname, op, onode, xnode, f"{path}.{op}", reg)
-            if c is _BAD:
+            if c is BAD:
                 ok = False
             else:
                 out.append(c)
-        return out if ok else _BAD
+        return out if ok else BAD
 
     def condition(self, fname: str, op: str, onode: yaml.Node, xnode: yaml.Node, path: str, reg: _Registry) -> Any:
         origin = self.origin(onode)
@@ -623,27 +420,27 @@ class _Reader:
         elif op in ("in", "not_in"):
             expected = "a non-empty list of strings, numbers, booleans or nulls"
             items = self.items(xnode, path, expected, allow_scalar=False)
-            if items is _BAD:
-                return _BAD
+            if items is BAD:
+                return BAD
             if not items:
                 return self.error(xnode, path, "empty list", expected)
             vals = [self.plain(n, p) for n, p in items]
-            if any(x is _BAD for x in vals):
-                return _BAD
+            if any(x is BAD for x in vals):
+                return BAD
             v = tuple(vals)
         elif op == "in_list":
             ref = self.string(xnode, path, "the name of a list defined under 'lists'")
-            if ref is _BAD:
-                return _BAD
+            if ref is BAD:
+                return BAD
             lst = reg.lists.get(ref)
             if lst is None:
-                return self.error(xnode, path, f"unknown list {_short(ref)!r}{_did_you_mean(ref, reg.lists)}",
-                                  "a list defined under 'lists': " + _one_of(sorted(reg.lists)))
+                return self.error(xnode, path, f"unknown list {_short(ref)!r}{did_you_mean(ref, reg.lists)}",
+                                  "a list defined under 'lists': " + one_of(sorted(reg.lists)))
             return Condition(fname, "in", lst.values, origin)
         elif op == "regex":
             v = self.string(xnode, path, "a regular expression (Python re syntax) as a string")
-            if v is _BAD:
-                return _BAD
+            if v is BAD:
+                return BAD
             try:
                 re.compile(v)
             except re.error as e:
@@ -655,15 +452,15 @@ class _Reader:
                                   "a regular expression in Python re syntax")
         elif op in ("gt", "ge", "lt", "le"):
             v = self.typed(xnode, path, (int, float), "a number")
-            if v is not _BAD and isinstance(v, float) and math.isnan(v):
+            if v is not BAD and isinstance(v, float) and math.isnan(v):
                 return self.error(xnode, path, "NaN compares false with everything", "a number")
         elif op == "exists":
             v = self.boolean(xnode, path)
         elif op in ("prefix", "suffix", "contains"):
             v = self.string(xnode, path)
         else:  # pragma: no cover - mapping() only lets OPERATORS through
-            return self.error(onode, path, f"unknown operator {op!r}", _one_of(sorted(OPERATORS)))
-        return _BAD if v is _BAD else Condition(fname, op, v, origin)
+            return self.error(onode, path, f"unknown operator {op!r}", one_of(sorted(OPERATORS)))
+        return BAD if v is BAD else Condition(fname, op, v, origin)
 
     def _column_in(self, node: yaml.Node, value: str, pos: int | None) -> int | None:
         """The column of character ``pos`` of a one-line scalar, when the source shows it verbatim."""
@@ -680,11 +477,11 @@ class _Reader:
     def ve(self, node: yaml.Node, path: str) -> Any:
         expected = 'a VE id, a list of VE ids, or a mapping {ids: [...], labels: {key: value}}'
         if id(node) in self.bad:
-            return _BAD
+            return BAD
         if isinstance(node, yaml.MappingNode):
             m = self.mapping(node, path, VE_KEYS)
-            if m is _BAD:
-                return _BAD
+            if m is BAD:
+                return BAD
             if not node.value:
                 return self.error(node, path, "empty VE selector", "'ids', 'labels' or both")
             ids: Any = ()
@@ -693,23 +490,23 @@ class _Reader:
                 ids = self.ve_ids(m["ids"][1], f"{path}.ids")
             if "labels" in m:
                 labels = self.labels(m["labels"][1], f"{path}.labels")
-            if ids is _BAD or labels is _BAD:
-                return _BAD
+            if ids is BAD or labels is BAD:
+                return BAD
             return VeSelector(ids=ids, labels=labels)
         ids = self.ve_ids(node, path, expected)
-        return _BAD if ids is _BAD else VeSelector(ids=ids)
+        return BAD if ids is BAD else VeSelector(ids=ids)
 
     def ve_ids(self, node: yaml.Node, path: str, expected: str = "a VE id or a list of VE ids") -> Any:
         items = self.items(node, path, expected)
-        if items is _BAD:
-            return _BAD
+        if items is BAD:
+            return BAD
         if not items:
             return self.error(node, path, "empty list of VE ids", "at least one VE id")
         out: list[str] = []
         for n, p in items:
             v = self.typed(n, p, (str, int), "a VE id (string)")
-            if v is _BAD:
-                return _BAD
+            if v is BAD:
+                return BAD
             try:
                 ve_id = validate_ve_id(str(v))
             except ConfigError:
@@ -722,13 +519,13 @@ class _Reader:
 
     def labels(self, node: yaml.Node, path: str) -> Any:
         m = self.mapping(node, path, None, what="a mapping of label -> value")
-        if m is _BAD:
-            return _BAD
+        if m is BAD:
+            return BAD
         out: list[tuple[str, str]] = []
         for key, (_, vnode) in m.items():
             v = self.typed(vnode, f"{path}.{key}", (str, int, float), "a label value (string or number)")
-            if v is _BAD:
-                return _BAD
+            if v is BAD:
+                return BAD
             out.append((key, str(v)))
         return tuple(out)
 
@@ -737,7 +534,7 @@ class _Reader:
     def lists(self, node: yaml.Node, reg: _Registry) -> None:
         m = self.mapping(node, "lists", None, what="a mapping of list name -> list of values",
                          allow_null=True)
-        if m is _BAD:
+        if m is BAD:
             return
         for key, (knode, vnode) in m.items():
             path = f"lists.{key}"
@@ -746,12 +543,12 @@ class _Reader:
             expected = "a non-empty list of strings, numbers, booleans or nulls"
             values: list[Any] = []
             items = self.items(vnode, path, expected, allow_scalar=False)
-            if items is not _BAD:
+            if items is not BAD:
                 if not items:
                     self.error(vnode, path, "empty list", expected)
                 for n, p in items:
                     v = self.plain(n, p)
-                    if v is not _BAD:
+                    if v is not BAD:
                         values.append(v)
             if key in reg.lists:
                 first = reg.lists[key].origin
@@ -763,7 +560,7 @@ class _Reader:
     def fragments(self, node: yaml.Node, reg: _Registry) -> None:
         m = self.mapping(node, "fragments", None, what="a mapping of fragment name -> match fragment",
                          allow_null=True)
-        if m is _BAD:
+        if m is BAD:
             return
         for key, (knode, vnode) in m.items():
             path = f"fragments.{key}"
@@ -772,7 +569,7 @@ class _Reader:
             kinds: Any = ()
             conds: Any = ()
             f = self.mapping(vnode, path, FRAGMENT_KEYS, what="a match fragment")
-            if f is not _BAD:
+            if f is not BAD:
                 if not vnode.value:
                     self.error(vnode, path, "empty fragment", "'kind', 'where' or both")
                 if "description" in f:
@@ -786,33 +583,33 @@ class _Reader:
                 self.error(knode, path, f"duplicate fragment name {_short(key)!r} (first defined at {first})",
                            "fragment names unique across all rules files")
                 continue
-            reg.fragments[key] = _Fragment(() if kinds is _BAD else kinds, () if conds is _BAD else conds,
+            reg.fragments[key] = _Fragment(() if kinds is BAD else kinds, () if conds is BAD else conds,
                                            self.origin(knode), len(self.errors) == before)
 
     # -- rules ------------------------------------------------------------------------------
 
     def rules(self, node: yaml.Node, reg: _Registry) -> None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "null" and id(node) not in self.bad:
+        if isinstance(node, yaml.ScalarNode) and node.tag == YAML_TAG + "null" and id(node) not in self.bad:
             return  # "rules:" with nothing under it
         items = self.items(node, "rules", "a list of rules", allow_scalar=False)
-        if items is _BAD:
+        if items is BAD:
             return
         for rnode, path in items:
             before = len(self.errors)
             rule = self.rule(rnode, path, reg)
-            if rule is not _BAD and len(self.errors) == before:
+            if rule is not BAD and len(self.errors) == before:
                 reg.rules.append(rule)
 
     def rule(self, node: yaml.Node, path: str, reg: _Registry) -> Any:
         m = self.mapping(node, path, RULE_KEYS, required=("name", "match", "actions"), what="a rule mapping")
-        if m is _BAD:
-            return _BAD
+        if m is BAD:
+            return BAD
         kw: dict[str, Any] = {"origin": self.origin(node)}
         ok = True
 
         def put(key: str, value: Any) -> None:
             nonlocal ok
-            if value is _BAD:
+            if value is BAD:
                 ok = False
             else:
                 kw[key] = value
@@ -821,7 +618,7 @@ class _Reader:
             nnode = m["name"][1]
             name = self.name(nnode, f"{path}.name", RULE_NAME,
                              "a rule name of 1-64 characters from a-z 0-9 _ . -, starting with a letter or digit")
-            if name is not _BAD:
+            if name is not BAD:
                 if name in reg.rule_names:
                     name = self.error(nnode, f"{path}.name", f"duplicate rule name {name!r} "
                                                              f"(first defined at {reg.rule_names[name]})",
@@ -845,7 +642,7 @@ class _Reader:
         if "window" in m:
             wnode = m["window"][1]
             text = self.string(wnode, f"{path}.window", WINDOW_HELP)
-            if text is not _BAD:
+            if text is not BAD:
                 try:
                     put("window", parse_window(text))
                     put("window_text", text)
@@ -853,40 +650,40 @@ class _Reader:
                     put("window", self.error(wnode, f"{path}.window", f"not a window: {_short(text)!r}",
                                              WINDOW_HELP))
             else:
-                put("window", _BAD)
+                put("window", BAD)
         if "actions" in m:
             put("actions", self.actions(m["actions"][1], f"{path}.actions"))
         if "reset_on" in m:
             put("reset_on", self.kinds(m["reset_on"][1], f"{path}.reset_on", patterns=False))
         if not ok or not all(k in kw for k in ("name", "match", "actions")):
-            return _BAD
+            return BAD
         return Rule(**kw)
 
     def match(self, node: yaml.Node, path: str, reg: _Registry) -> Any:
         m = self.mapping(node, path, MATCH_KEYS, what="a match mapping")
-        if m is _BAD:
-            return _BAD
+        if m is BAD:
+            return BAD
         ok = True
         kinds: Any = ()
         if "kind" in m:
             kinds = self.kinds(m["kind"][1], f"{path}.kind")
-            if kinds is _BAD:
+            if kinds is BAD:
                 ok, kinds = False, ()
         conditions: list[Condition] = []
         if "use" in m:
             items = self.items(m["use"][1], f"{path}.use", "a fragment name or a list of fragment names")
-            if items is _BAD:
+            if items is BAD:
                 ok = False
                 items = []
             for n, p in items:
                 ref = self.string(n, p, "the name of a fragment defined under 'fragments'")
-                if ref is _BAD:
+                if ref is BAD:
                     ok = False
                     continue
                 frag = reg.fragments.get(ref)
                 if frag is None:
-                    ok = self.error(n, p, f"unknown fragment {_short(ref)!r}{_did_you_mean(ref, reg.fragments)}",
-                                    "a fragment defined under 'fragments': " + _one_of(sorted(reg.fragments)))
+                    ok = self.error(n, p, f"unknown fragment {_short(ref)!r}{did_you_mean(ref, reg.fragments)}",
+                                    "a fragment defined under 'fragments': " + one_of(sorted(reg.fragments)))
                     continue
                 conditions.extend(frag.conditions)
                 if not frag.ok:
@@ -906,30 +703,30 @@ class _Reader:
                         kinds = both
         if "where" in m:
             conds = self.where(m["where"][1], f"{path}.where", reg)
-            if conds is _BAD:
+            if conds is BAD:
                 ok = False
             else:
                 conditions.extend(conds)
         ve = None
         if "ve" in m:
             ve = self.ve(m["ve"][1], f"{path}.ve")
-            if ve is _BAD:
+            if ve is BAD:
                 ok = False
         if ok is not True:
-            return _BAD
+            return BAD
         return Match(kinds=tuple(kinds), conditions=tuple(conditions), ve=ve)
 
     def threshold(self, node: yaml.Node, path: str) -> Any:
         m = self.mapping(node, path, THRESHOLD_KEYS, required=("count", "within"), what="a threshold mapping")
-        if m is _BAD:
-            return _BAD
-        count = within = _BAD
+        if m is BAD:
+            return BAD
+        count = within = BAD
         per: Any = "ve"
         if "count" in m:
             cnode = m["count"][1]
             expected = f"an integer from 1 to {MAX_COUNT}"
             count = self.typed(cnode, f"{path}.count", (int,), expected)
-            if count is not _BAD and not 1 <= count <= MAX_COUNT:
+            if count is not BAD and not 1 <= count <= MAX_COUNT:
                 count = self.error(cnode, f"{path}.count", f"impossible threshold count {_short(str(count))}",
                                    expected)
         if "within" in m:
@@ -937,22 +734,22 @@ class _Reader:
                                    maximum=MAX_WITHIN)
         if "per" in m:
             pnode = m["per"][1]
-            per = self.string(pnode, f"{path}.per", _one_of(PER_VALUES))
-            if per is not _BAD and per not in PER_VALUES:
-                per = self.error(pnode, f"{path}.per", f"unknown value {_short(per)!r}", _one_of(PER_VALUES))
-        if _BAD in (count, within, per):
-            return _BAD
+            per = self.string(pnode, f"{path}.per", one_of(PER_VALUES))
+            if per is not BAD and per not in PER_VALUES:
+                per = self.error(pnode, f"{path}.per", f"unknown value {_short(per)!r}", one_of(PER_VALUES))
+        if BAD in (count, within, per):
+            return BAD
         return Threshold(count=count, within=within, per=per)
 
     def sustained(self, node: yaml.Node, path: str, reg: _Registry) -> Any:
         m = self.mapping(node, path, SUSTAINED_KEYS, required=("where", "for"), what="a sustained mapping")
-        if m is _BAD:
-            return _BAD
-        conds: Any = _BAD
-        hold: Any = _BAD
+        if m is BAD:
+            return BAD
+        conds: Any = BAD
+        hold: Any = BAD
         if "where" in m:
             conds = self.where(m["where"][1], f"{path}.where", reg)
-            if conds is not _BAD and not conds:
+            if conds is not BAD and not conds:
                 conds = self.error(m["where"][1], f"{path}.where", "no condition to sustain",
                                    "at least one field condition, e.g. {details.figures.fragmentation: {gt: 1.2}}")
         if "for" in m:
@@ -961,8 +758,8 @@ class _Reader:
         if "max_gap" in m:
             gap = self.duration(m["max_gap"][1], f"{path}.max_gap", minimum=0.0, exclusive=True,
                                 maximum=MAX_WITHIN)
-        if _BAD in (conds, hold, gap):
-            return _BAD
+        if BAD in (conds, hold, gap):
+            return BAD
         return Sustained(conditions=tuple(conds), hold=hold, max_gap=gap)
 
     # -- actions ----------------------------------------------------------------------------
@@ -970,48 +767,48 @@ class _Reader:
     def actions(self, node: yaml.Node, path: str) -> Any:
         expected = "a non-empty list of actions (a name, or {name: {parameters}})"
         items = self.items(node, path, expected, allow_scalar=False)
-        if items is _BAD:
-            return _BAD
+        if items is BAD:
+            return BAD
         if not items:
             return self.error(node, path, "no actions", expected)
         out = [self.action(n, p) for n, p in items]
-        return _BAD if any(a is _BAD for a in out) else tuple(out)
+        return BAD if any(a is BAD for a in out) else tuple(out)
 
     def action(self, node: yaml.Node, path: str) -> Any:
         names = sorted(ACTIONS)
         shape = "an action name or a one-key mapping {name: {parameters}}; actions: " + ", ".join(names)
         if id(node) in self.bad:
-            return _BAD
+            return BAD
         if isinstance(node, yaml.ScalarNode):
             name_node, pnode = node, None
         elif isinstance(node, yaml.MappingNode):
             m = self.mapping(node, path, None)
-            if m is _BAD:
-                return _BAD
+            if m is BAD:
+                return BAD
             if len(m) != 1:
                 return self.error(node, path, f"an action mapping must have exactly one key, got {len(m)}", shape)
             ((name_node, pnode),) = m.values()
         else:
             return self.error(node, path, f"wrong type: got {self.what(node)}", shape)
         name = self.string(name_node, path, shape)
-        if name is _BAD:
-            return _BAD
+        if name is BAD:
+            return BAD
         if name not in ACTIONS:
-            return self.error(name_node, path, f"unknown action {_short(name)!r}{_did_you_mean(name, names)}",
-                              _one_of(names))
+            return self.error(name_node, path, f"unknown action {_short(name)!r}{did_you_mean(name, names)}",
+                              one_of(names))
         apath = f"{path}.{name}"
         spec = ACTIONS[name]
         params: Any = {}
         if pnode is not None:
             params = self.mapping(pnode, apath, sorted(spec), what=f"a mapping of {name} parameters",
                                   allow_null=True)
-            if params is _BAD:
-                return _BAD
+            if params is BAD:
+                return BAD
         ok = True
         values: list[tuple[str, Any]] = []
         for pname, (_, vnode) in params.items():
             v = self.param(name, pname, vnode, f"{apath}.{pname}")
-            if v is _BAD:
+            if v is BAD:
                 ok = False
             else:
                 values.append((pname, v))
@@ -1020,13 +817,13 @@ class _Reader:
                 ok = self.error(name_node, f"{apath}.{pname}", f"missing required parameter {pname!r} of {name!r}",
                                 self._param_expected(name, pname))
         if ok is not True:
-            return _BAD
+            return BAD
         return Action(name=name, params=tuple(values), origin=self.origin(name_node))
 
     def _param_expected(self, action: str, pname: str) -> str:
         types, allowed, _ = ACTIONS[action][pname]
         if allowed is not None:
-            return _one_of(str(a) for a in allowed)
+            return one_of(str(a) for a in allowed)
         if list in types:
             return "a non-empty list of strings"
         if action == "exec" and pname == "timeout":
@@ -1040,18 +837,18 @@ class _Reader:
         expected = self._param_expected(action, pname)
         if list in types:
             items = self.items(node, path, expected, allow_scalar=False)
-            if items is _BAD:
-                return _BAD
+            if items is BAD:
+                return BAD
             if not items:
                 return self.error(node, path, "empty list", expected)
             vals = [self.string(n, p, "a string") for n, p in items]
-            if any(v is _BAD for v in vals):
-                return _BAD
+            if any(v is BAD for v in vals):
+                return BAD
             if not vals[0]:
                 return self.error(items[0][0], items[0][1], "empty program name", "a program to run")
             return tuple(vals)
         v = self.typed(node, path, types, expected)
-        if v is _BAD:
+        if v is BAD:
             return v
         if isinstance(v, float) and not math.isfinite(v):
             return self.error(node, path, f"not a finite number: {_describe(v)}", expected)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..events import SEVERITIES
+
 # Condition operators on one event field. Values are checked by the loader:
 #   equals: scalar | ne: scalar | in: [scalars] | not_in: [scalars] | in_list: <name of a list>
 #   regex: <python re, full match> | prefix: str | suffix: str | contains: str
@@ -17,6 +19,10 @@ from typing import Any
 OPERATORS = frozenset({"equals", "ne", "in", "not_in", "in_list", "regex", "prefix", "suffix",
                        "contains", "gt", "ge", "lt", "le", "exists"})
 
+# A notification is for a person: every severity but debug.
+NOTIFY_SEVERITIES = tuple(s for s in SEVERITIES if s != "debug")
+
+# The one table of actions (actions/handlers.py has a handler for each name; a test checks it).
 # Action name -> {parameter: (python type(s), allowed values or None, required)}
 ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None, bool]]] = {
     "isolate": {"mode": ((str,), ("readonly", "freeze", "block", "detach"), False)},
@@ -25,7 +31,7 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None, boo
     "shrink": {"mode": ((str,), ("trim", "balloon", "resize", "repack"), True),
                "target": ((str, int), None, False), "margin": ((str, int), None, False),
                "budget_mib_s": ((int, float), None, False), "max_seconds": ((int, float), None, False)},
-    "notify": {"message": ((str,), None, False), "severity": ((str,), ("info", "warning", "error", "critical"), False),
+    "notify": {"message": ((str,), None, False), "severity": ((str,), NOTIFY_SEVERITIES, False),
                "channel": ((str,), None, False)},
     "exec": {"command": ((list,), None, True), "timeout": ((str, int, float), None, False)},
 }

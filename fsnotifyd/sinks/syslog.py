@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Mapping
 import structlog
 
 from ..config import SyslogConfig
-from ..events import SEVERITIES, Event, KindFilter, errno_name, rfc3339
+from ..events import SEVERITIES, SEVERITY_PRIORITY, Event, KindFilter, errno_name, rfc3339
 from ..metrics import Metrics
 from ..sinkvalues import FACILITIES, facility_code  # noqa: F401 - FACILITIES is part of this module's API
 
@@ -55,8 +55,9 @@ log = structlog.get_logger("fsnotifyd")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
 
-# syslog(3) levels; "notice" (5) has no event severity and is used only for unknown ones.
-PRIORITIES: Mapping[str, int] = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+# syslog(3) levels of the event severities (events.SEVERITY_PRIORITY); "notice" (5) has no
+# event severity and is used only for unknown ones.
+PRIORITIES: Mapping[str, int] = SEVERITY_PRIORITY
 UNKNOWN_PRIORITY = 5
 
 # 32473 is the enterprise number RFC 5612 reserves for documentation: fine until fsnotifyd

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import SourceConfig
+from ..config import SOURCES, SourceConfig
 from ..inventory import Inventory
 from ..typing import Source
 
@@ -81,3 +81,6 @@ REGISTRY: dict[str, Factory] = {
     "bpf_alloc": _bpf_alloc,
     "quota": _quota,
 }
+
+if tuple(REGISTRY) != SOURCES:  # a source added in one place only: fail at import, not in production
+    raise ImportError(f"sources/registry.py has {tuple(REGISTRY)} but config.SOURCES is {SOURCES}")

@@ -24,6 +24,7 @@ from ..image import attach as att_mod
 from ..image import e2fsck, ops, repack, resize
 from ..image.check import check
 from ..image.lock import exclusive
+from ..image.progress import ProgressFn
 from .registry import Registry, VeRecord
 
 log = structlog.get_logger("fsnotifyd.ve.lifecycle")
@@ -75,22 +76,23 @@ def _device_size(dev: str) -> int:
         os.close(fd)
 
 
-def start(state_dir: str, ve_id: str) -> VeRecord:
+def start(state_dir: str, ve_id: str, *, progress: ProgressFn | None = None) -> VeRecord:
     """Check the image, attach, e2fsck, fill a grown disk, mount. A start that fails leaves the
     VE detached and stopped with the reason in its record (``ve list``, ``ve show``) and in a
-    ``ve.start_refused`` log event; the error raised says the same."""
+    ``ve.start_refused`` log event; the error raised says the same. ``progress`` hears the
+    image check and e2fsck's passes (the CLI draws them on a terminal)."""
     paths, reg = Paths(state_dir), Registry(state_dir)
     with reg.ve_locked(ve_id):
         rec = reg.get(ve_id)
         try:
-            a = _start(paths, rec)
+            a = _start(paths, rec, progress)
         except FsnotifydError as e:
             _refused(paths, reg, rec, e)
             raise
         return reg.update(ve_id, running=True, loop=a.loop, disk=a.disk, reason=None)
 
 
-def _start(paths: Paths, rec: VeRecord) -> att_mod.Attached:
+def _start(paths: Paths, rec: VeRecord, progress: ProgressFn | None = None) -> att_mod.Attached:
     # The VE's own attachment, by name: a snapshot view of its image is another one.
     a = att_mod.attachment(paths.run_dir, rec.image)
     if a is not None and _healthy(a) and a.mountpoint and os.path.ismount(a.mountpoint):
@@ -98,18 +100,18 @@ def _start(paths: Paths, rec: VeRecord) -> att_mod.Attached:
     if a is not None:  # left by a crash: take it apart before starting afresh
         att_mod.detach(a, run_dir=paths.run_dir)
     with exclusive(rec.image, "repair"):
-        report = check(rec.image, repair=True)
+        report = check(rec.image, repair=True, progress=progress)
     if not check(rec.image).clean:
         raise ImageError(f"image still has problems after repair: {report}", file=rec.image)
     a = att_mod.attach(rec.image, run_dir=paths.run_dir)
     try:
         # A filesystem the kernel marked with errors is repaired before it is mounted.
-        _e2fsck(rec, a, "-p")
+        _e2fsck(rec, a, "-p", progress=progress)
         # A disk grown while the filesystem could not follow (no CAP_SYS_RESOURCE for an
         # online resize, or grown detached): the filesystem fills it now, unmounted, after
         # a full check (resize2fs wants one, and must not move a broken filesystem).
         if resize.fs_size(a.loop) + (1 << 20) <= _device_size(a.loop):
-            _e2fsck(rec, a, "-fy")
+            _e2fsck(rec, a, "-fy", progress=progress)
             r = subprocess.run(["resize2fs", a.loop], capture_output=True, text=True)
             if r.returncode != 0:
                 raise ImageError(f"resize2fs {a.loop} failed: {r.stderr.strip()[:300]}", file=rec.image)
@@ -127,9 +129,9 @@ def mount_options(rec: VeRecord) -> tuple[str, ...]:
     return ("discard",) if rec.discard else ()
 
 
-def _e2fsck(rec: VeRecord, a: att_mod.Attached, *options: str) -> None:
+def _e2fsck(rec: VeRecord, a: att_mod.Attached, *options: str, progress: ProgressFn | None = None) -> None:
     """A repair run on the VE's unmounted disk; a filesystem it could not repair stops the start."""
-    r = e2fsck.run(a.loop, *options)
+    r = e2fsck.run(a.loop, *options, progress=progress)
     if not r.repaired:
         raise FsckFailed(f"VE {rec.id} not started: {' '.join(r.command)} exited {r.exit_code} "
                          f"({', '.join(r.decoded)}): {r.tail()}. The filesystem was neither resized nor mounted "

@@ -8,7 +8,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsnotifyd.sources.fanotify import (
+from fsnotifyd.kernel.fanotify import (
     FAN_EVENT_INFO_TYPE_ERROR,
     FAN_EVENT_INFO_TYPE_FID,
     FAN_FS_ERROR,

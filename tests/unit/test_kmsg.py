@@ -19,14 +19,10 @@ from hypothesis import strategies as st
 
 from fsnotifyd.errors import SourceFailed, SourceUnavailable
 from fsnotifyd.events import KINDS, Observation
-from fsnotifyd.sources.kmsg import (
-    KmsgRecord,
-    KmsgSource,
-    boot_wallclock,
-    classify,
-    journal_device,
-    parse_record,
-)
+from fsnotifyd.kernel.classify import classify
+from fsnotifyd.kernel.jbd2 import journal_device
+from fsnotifyd.kernel.kmsg import KmsgRecord, parse_record
+from fsnotifyd.sources.kmsg import KmsgSource, boot_wallclock
 
 BOOT = 1_700_000_000.0
 

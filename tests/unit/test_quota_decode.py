@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fsnotifyd.events import Device
-from fsnotifyd.sources.quota import QuotaSource, decode
+from fsnotifyd.kernel.quota import decode
+from fsnotifyd.sources.quota import QuotaSource
 
 FAMILY_ID = 0x11  # what this kernel allocated; any id works as long as both sides agree
 NOW = 1700000000.5

@@ -25,7 +25,7 @@ from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.inventory import VE
 from fsnotifyd.replay import ReadReport, detect_format, load_ve_map, parse_entry, parse_line, read_events
-from fsnotifyd.replay.kerneltext import observe
+from fsnotifyd.kernel.logtext import observe
 
 LOGS = Path(__file__).resolve().parents[1] / "fixtures" / "logs"
 BOOT = 1795636547.250536  # boot wall clock of the fixture incident

@@ -14,7 +14,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fsnotifyd.replay.kerneltext import ReadReport
+from fsnotifyd.replay.report import ReadReport
 from fsnotifyd.replay.reader import _native_scanner, read_items
 
 SCANNER = _native_scanner()

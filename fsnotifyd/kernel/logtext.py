@@ -1,5 +1,8 @@
 """Plain kernel log text (``dmesg``, ``journalctl -k``) → kmsg records → observations. Pure.
 
+The replay (:mod:`fsnotifyd.replay`) reads logs with it; the formats are the ones the tools print,
+not fsnotifyd's, so they live with the other kernel text parsers.
+
 Formats recognised, one line each (what the tools print on Debian 12, util-linux 2.38,
 systemd 252):
 
@@ -32,7 +35,7 @@ Things about these formats that matter:
 * Only ``dmesg -x`` carries the level and facility; otherwise the level is taken as 3 (error)
   and the facility as 0 (kernel). In journal output, a line whose identifier is not
   ``kernel`` is a user-space message (``journalctl`` without ``-k``, or a program that wrote
-  into ``/dev/kmsg``): it gets facility 1 (user), which :func:`~fsnotifyd.sources.kmsg.classify`
+  into ``/dev/kmsg``): it gets facility 1 (user), which :func:`~fsnotifyd.kernel.classify.classify`
   ignores, just as the daemon ignores such records.
 * Nothing here raises on any input: :func:`parse_entry` returns ``None`` for a line it does not
   understand, and the reader counts it.
@@ -43,16 +46,16 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Iterable
 
 from ..events import Observation
-from ..sources.kmsg import KmsgRecord, classify
+from .classify import classify
+from .kmsg import KmsgRecord
 
 __all__ = [
     "KernelLine",
-    "ReadReport",
     "detect_format",
     "is_marker",
     "is_continuation",
@@ -306,41 +309,3 @@ def observe(entry: KernelLine, seq: int, *, boot_time: float | None = None,
     """Classify one parsed line with the daemon's own kmsg classifier."""
     base = (boot_time or 0.0) if entry.monotonic else 0.0
     return classify(to_record(entry, seq), base, kernel_only=kernel_only)
-
-
-@dataclass
-class ReadReport:
-    """What reading logs skipped and why; filled in while :func:`read_events` is iterated."""
-
-    max_examples: int = 5
-    files: dict[str, str] = field(default_factory=dict)  # path → detected format
-    lines: int = 0
-    entries: int = 0  # kernel text lines understood
-    ignored: int = 0  # blank lines, journalctl markers, continuation lines
-    observations: int = 0  # entries the kmsg classifier recognised
-    jsonl_events: int = 0
-    events: int = 0  # events produced (both kinds of input)
-    skipped: int = 0  # lines that were neither: garbage, bad JSON, not an event
-    examples: list[str] = field(default_factory=list)  # "path:line: reason: text"
-    monotonic_without_boot_time: bool = False
-
-    def skip(self, path: str, lineno: int, reason: str, text: str) -> None:
-        self.skipped += 1
-        if len(self.examples) < self.max_examples:
-            shown = text if len(text) <= 80 else text[:77] + "..."
-            self.examples.append(f"{path}:{lineno}: {reason}: {shown!r}")
-
-    def summary(self) -> list[str]:
-        out = []
-        for path, fmt in self.files.items():
-            out.append(f"{path}: read as {fmt}")
-        out.append(f"{self.lines} lines: {self.entries} kernel log entries ({self.observations} recognised), "
-                   f"{self.jsonl_events} JSONL events, {self.ignored} ignored, {self.skipped} skipped; "
-                   f"{self.events} events")
-        if self.skipped:
-            out.append("skipped lines (first %d): %s" % (len(self.examples), "; ".join(self.examples)))
-        if self.monotonic_without_boot_time:
-            out.append("dmesg stamps are seconds since boot and no boot time was given: event times "
-                       "are relative (1970-01-01 + uptime)")
-        return out
-
