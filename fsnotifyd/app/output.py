@@ -1,0 +1,39 @@
+"""What every CLI verb shares: its exit codes and how it prints its result.
+
+Exit codes (docs/cli.md has the table): 0 ok; 1 failed (a check found problems, an operation
+failed, the daemon could not be reached); 2 usage or configuration error (argparse's own code).
+With ``--json`` the result is one JSON document on stdout and nothing else is printed there;
+messages and errors stay on stderr, so ``fsnotifyd ... --json | jq`` never sees prose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Iterable
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+def as_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def emit(args: argparse.Namespace, result: Any, text: str | Iterable[str] | None = None) -> None:
+    """The result as JSON with ``--json``, else ``text`` (a line, or lines) when there is any."""
+    if as_json(args):
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    elif isinstance(text, str):
+        print(text)
+    elif text is not None:
+        for line in text:
+            print(line)
+
+
+def error(message: str) -> None:
+    print(f"fsnotifyd: {message}", file=sys.stderr)
+
+
+def json_flag(sp: argparse.ArgumentParser, help: str = "print the result as one JSON document") -> None:  # noqa: A002
+    sp.add_argument("--json", action="store_true", help=help)
