@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 # the image I/O benchmark (bench/image_io.py); systemd gives systemd-analyze, openssl the TLS tools.
 DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
               systemd openssl)
+DEB_PACKAGES+=(zsh)  # the test that loads the generated zsh completion (tests/unit/test_shelldocs.py)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

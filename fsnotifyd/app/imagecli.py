@@ -565,7 +565,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--config", help="YAML config to take state_dir from")
 
     im = sub.add_parser("image", help="ploop-style thin images: create, attach, snapshot, compact, check")
-    isub = im.add_subparsers(dest="image_command", required=True)
+    isub = im.add_subparsers(dest="image_command", required=True, metavar="VERB")
 
     def cmd(name: str, func, help: str, image: bool = True) -> argparse.ArgumentParser:
         sp = isub.add_parser(name, help=help)
@@ -622,7 +622,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--repair", action="store_true")
 
     ve = sub.add_parser("ve", help="VEs: an id paired with an image and a mount point")
-    vsub = ve.add_subparsers(dest="ve_command", required=True)
+    vsub = ve.add_subparsers(dest="ve_command", required=True, metavar="VERB")
 
     def vcmd(name: str, func, help: str) -> argparse.ArgumentParser:
         sp = vsub.add_parser(name, help=help)

@@ -15,6 +15,16 @@ from typing import Any, Iterable
 
 OK, FAILED, USAGE = 0, 1, 2
 
+# What each code means, for the man page's EXIT STATUS (docs/cli.md has the same table, with
+# the per-verb notes).
+EXIT_STATUS = (
+    (OK, "ok: the command did what it was asked, or the check found nothing wrong"),
+    (FAILED, "failed: the check found problems, the operation failed (a bad image, a VE that is not "
+             "running), or the daemon could not be reached"),
+    (USAGE, "usage or configuration error: a bad option or value, a config or rules file that is not "
+            "valid, an input file that cannot be read; nothing was done"),
+)
+
 
 def as_json(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "json", False))
