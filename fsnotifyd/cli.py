@@ -26,7 +26,7 @@ import time
 from datetime import datetime
 from typing import Any, Sequence
 
-from .app.output import FAILED, OK, USAGE, emit, error, json_flag
+from .app.output import FAILED, OK, USAGE, emit, error, json_flag, logs_to_stderr
 from .config import Config, default_config_text, load_config
 from .errors import ConfigError, RuleError, RuleErrors, UsageError
 from .version import __version__
@@ -470,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":  # the daemon sets up its own logging (--log-level)
+        logs_to_stderr()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from ..errors import ConfigError, FsnotifydError, ImageError, UsageError
+from ..errors import FsnotifydError, ImageError, UsageError
 from ..image import ops
 from ..image.info import human, image_info, parse_size
 from ..image.lock import exclusive
@@ -672,14 +672,18 @@ def _ve(r: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Image and VE errors (a bad image, a missing VE, a failed mkfs) are one line and exit 1
-    (with --json also ``{"ok": false, "error": ...}`` on stdout); usage and config errors go
-    on to ``cli.main``, which exits 2."""
+    """Image and VE errors (a bad image, a missing or existing VE, a failed mkfs) are one line
+    and exit 1 (with --json also ``{"ok": false, "error": ...}`` on stdout); a usage error or a
+    bad --config goes on to ``cli.main``, which exits 2."""
+    if getattr(args, "config", None):
+        from ..config import load_config
+
+        load_config(args.config)  # a bad config is 2 whatever the verb, before anything is touched
     try:
         return args.image_func(args)
-    except (ConfigError, UsageError):
+    except UsageError:
         raise
-    except FsnotifydError as e:
+    except FsnotifydError as e:  # the VE registry's ConfigErrors too: "no VE '999'" is a failed lookup
         print(f"fsnotifyd: {e}", file=sys.stderr)
         emit(args, {"ok": False, "error": str(e)})
         return FAILED

@@ -47,3 +47,22 @@ def error(message: str) -> None:
 
 def json_flag(sp: argparse.ArgumentParser, help: str = "print the result as one JSON document") -> None:  # noqa: A002
     sp.add_argument("--json", action="store_true", help=help)
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written (pytest's capture swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def logs_to_stderr() -> None:
+    """structlog's default prints to stdout, where a verb's log events (``image.attached``, ...)
+    would land in the middle of its result, and in its --json. Only the logger factory is set:
+    the rest of the set-up is structlog's default, or ``configure_logging``'s where that ran."""
+    import structlog
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]
