@@ -225,12 +225,18 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from .app import rulestest
 
-    boot = None
-    if args.boot_time:
-        boot = float(args.boot_time) if args.boot_time.replace(".", "", 1).isdigit() else \
-            datetime.fromisoformat(args.boot_time.replace("Z", "+00:00")).timestamp()
     return rulestest.run(args.rules, args.events, expect=args.expect, fmt=args.format,
-                         ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired)
+                         ve_map=args.ve_map, year=args.year, boot_time=args.boot_time, only_fired=args.only_fired)
+
+
+def _boot_time(text: str) -> float:
+    """argparse type: epoch seconds or RFC 3339; anything else is a usage error (2)."""
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not epoch seconds or RFC 3339: {text!r}") from None
 
 
 RELOAD_TIMEOUT_S = 60.0  # loading rules takes well under a second; past this the daemon is stuck
@@ -435,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list fired decisions only (suppressed ones are still counted): for long logs")
     rt.add_argument("--ve-map", metavar="FILE", help="device names to VEs for kernel text (YAML or JSON)")
     rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
-    rt.add_argument("--boot-time", help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
+    rt.add_argument("--boot-time", type=_boot_time, help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
     rt.set_defaults(func=cmd_rules_test)
     rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)",
                          description="Returns once the daemon has reloaded. Exit 0: the new rules are in "
@@ -487,11 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "as a member of the control group (config: control.group)")
         raise
     except (FileNotFoundError, ConnectionRefusedError) as e:
+        if e.filename is not None:  # a file named on the command line (connect() errors name none)
+            return _failed(args, USAGE, f"{e.filename}: {e.strerror}")
         if args.command in ("status", "events", "record"):
             return _failed(args, FAILED, f"cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
                                          "Is it running (fsnotifyd run)?")
-        if e.filename is not None:  # an input file named on the command line
-            return _failed(args, USAGE, f"{e.filename}: {e.strerror}")
         raise
 
 
