@@ -266,8 +266,8 @@ def cmd_rules_reload(args: argparse.Namespace) -> int:
         emit(args, {"asked": False, **reply})
         return USAGE
     if not args.json:
-        for e in reply["errors"]:
-            print(e, file=sys.stderr)
+        for line in reply["errors"]:
+            print(line, file=sys.stderr)
     emit(args, {"asked": True, **reply})
     return FAILED
 
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list fired decisions only (suppressed ones are still counted): for long logs")
     rt.add_argument("--ve-map", metavar="FILE", help="device names to VEs for kernel text (YAML or JSON)")
     rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
-    rt.add_argument("--boot-time", type=_boot_time, help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
+    rt.add_argument("--boot-time", type=_boot_time,
+                    help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
     rt.set_defaults(func=cmd_rules_test)
     rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)",
                          description="Returns once the daemon has reloaded. Exit 0: the new rules are in "

@@ -98,9 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = image_info(args.image)
     a = _attached(args, args.image)
     if args.json:
-        d = info.to_dict() | {"attached": None if a is None else {"loop": a.loop, "mountpoint": a.mountpoint,
-                                                                  "pid": a.pid, "readonly": a.readonly}}
-        _print(d | getattr(args, "ve_fields", {}), True)
+        doc = info.to_dict() | {"attached": None if a is None else {"loop": a.loop, "mountpoint": a.mountpoint,
+                                                                    "pid": a.pid, "readonly": a.readonly}}
+        _print(doc | getattr(args, "ve_fields", {}), True)
         return 0
     print(f"image      {info.directory}")
     print(f"virtual    {human(info.size)} ({info.size} bytes), clusters of {human(info.cluster)}")
