@@ -489,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _failed(args, USAGE, f"rules not valid, not starting:\n{e}",
                        errors=[_rule_error(x) for x in e.errors])
     except PermissionError as e:
+        if e.filename is not None:  # a file named on the command line (connect() errors name none)
+            return _failed(args, USAGE, f"{e.filename}: {e.strerror}")
         if args.command in ("status", "events", "record", "ve"):
             return _failed(args, FAILED, f"not allowed to use the daemon's socket ({e.strerror}): run as root or "
                                          "as a member of the control group (config: control.group)")

@@ -683,7 +683,9 @@ def run(args: argparse.Namespace) -> int:
         return args.image_func(args)
     except UsageError:
         raise
-    except FsnotifydError as e:  # the VE registry's ConfigErrors too: "no VE '999'" is a failed lookup
-        print(f"fsnotifyd: {e}", file=sys.stderr)
-        emit(args, {"ok": False, "error": str(e)})
+    except (FsnotifydError, OSError) as e:  # the registry's ConfigErrors too: "no VE '999'" is a failed lookup
+        # An OSError here is the operation failing on the host (permission, a full disk), not a traceback.
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"fsnotifyd: {message}", file=sys.stderr)
+        emit(args, {"ok": False, "error": message})
         return FAILED

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,29 @@ def test_rules_config_and_bpf_verbs(daemon, tmp_path: Path, bpf_ready) -> None:
     programs = ok_json("bpf", "check")["programs"]
     assert set(programs) == {"ext4_error", "space", "alloc"} and all(p["ok"] for p in programs.values())
     assert "invalid choice" in usage("bpf", "nonsense")
+
+
+def test_refusals_by_the_host_are_one_line_not_a_traceback(kernel) -> None:
+    """As nobody: an image verb the filesystem refuses fails (1); an --out it cannot open is a
+    usage error (2), not "cannot reach the daemon"."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not installed")
+    tmp_path = Path(tempfile.mkdtemp(prefix="fsnd-nobody-", dir="/tmp"))  # pytest's basetemp is 0700
+    tmp_path.chmod(0o755)
+    (tmp_path / "ro").mkdir(mode=0o755)
+    try:
+        _as_nobody(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _as_nobody(tmp_path: Path) -> None:
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+              "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "fsnotifyd"]
+    r = subprocess.run([*nobody, "image", "create", str(tmp_path / "ro/img"), "--size", "64M", "--state-dir",
+                        str(tmp_path / "ro/s"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout) == {"ok": False, "error": f"{tmp_path / 'ro/img'}: Permission denied"}
+    r = subprocess.run([*nobody, "record", "--out", str(tmp_path / "ro/x.jsonl"), "--socket",
+                        str(tmp_path / "none.sock")], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, f"fsnotifyd: {tmp_path / 'ro/x.jsonl'}: Permission denied\n")
