@@ -15,14 +15,16 @@ from typing import Any, Iterable
 
 OK, FAILED, USAGE = 0, 1, 2
 
-# What each code means, for the man page's EXIT STATUS (docs/cli.md has the same table, with
-# the per-verb notes).
+# What each code means: the man page's EXIT STATUS, and docs/cli.md's table (with the per-verb
+# notes there); tests/unit/test_shelldocs.py keeps the two the same.
 EXIT_STATUS = (
     (OK, "ok: the command did what it was asked, or the check found nothing wrong"),
-    (FAILED, "failed: the check found problems, the operation failed (a bad image, a VE that is not "
-             "running), or the daemon could not be reached"),
-    (USAGE, "usage or configuration error: a bad option or value, a config or rules file that is not "
-            "valid, an input file that cannot be read; nothing was done"),
+    (FAILED, "failed: the check found problems, the operation failed (a bad image, a VE that does not exist "
+             "or is not running, mkfs or e2fsck failing, the host refusing a file), or the daemon could not "
+             "be reached"),
+    (USAGE, "usage or configuration error: a bad option or value (a size, a budget, a label, a boot time), "
+            "a config or rules file that is not valid or is refused, a file named on the command line that "
+            "cannot be opened; nothing was done"),
 )
 
 

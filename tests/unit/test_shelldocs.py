@@ -87,4 +87,13 @@ def test_man_page_renders_and_names_every_verb(out: Path) -> None:
     assert rendered.startswith("FSNOTIFYD(8)")
     for verb in VERBS:
         assert f"COMMAND 'fsnotifyd {verb}'" in rendered, verb
-    assert "EXIT STATUS" in rendered and "usage or configuration error" in rendered
+    assert "EXIT STATUS" in rendered and "usage or configuration error" in rendered and "nothing was done" in rendered
+
+
+def test_the_exit_code_table_of_docs_cli_md_is_the_man_pages() -> None:
+    """One table: the man page renders output.EXIT_STATUS, docs/cli.md shows the same rows."""
+    from fsnotifyd.app.output import EXIT_STATUS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/cli.md").read_text()
+    for code, text in EXIT_STATUS:
+        assert f"\n| {code} | {text} |\n" in doc, code
