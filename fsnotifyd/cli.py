@@ -102,7 +102,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not st.get("ok"):
         print(f"fsnotifyd: {st.get('error', 'no answer from the daemon')}", file=sys.stderr)
         return FAILED
-    print(f"fsnotifyd {st.get('version', '(version unknown)')} pid {st['pid']}, up {st['uptime_s']} s")
+    version = st.get("version", "(version unknown)")
+    # After an upgrade without a restart the daemon still runs the old code: say so.
+    other = f" (this command is {__version__}: restart the daemon to run it)" if version != __version__ else ""
+    print(f"fsnotifyd {version} pid {st['pid']}, up {st['uptime_s']} s{other}")
     print("sources:")
     for name, s in st["sources"].items():
         state = "up" if s["up"] else "DOWN"
