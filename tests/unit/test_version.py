@@ -35,3 +35,29 @@ def test_build_info_and_the_standard_collectors() -> None:
                  "python_info", "python_gc_objects_collected_total"):
         assert f"\n{name}" in text, name
     Metrics()  # a second registry in the same process takes its own collectors (tests, replay)
+
+
+def test_status_says_when_the_daemon_runs_another_version(tmp_path, capsys, monkeypatch) -> None:
+    """A real control socket (SocketSink on its own loop) answers; the command is "newer"."""
+    import asyncio
+    import threading
+
+    from fsnotifyd import cli
+    from fsnotifyd.sinks.socket import SocketSink
+
+    loop = asyncio.new_event_loop()
+    sink = SocketSink(str(tmp_path / "s.sock"), status=lambda: {
+        "pid": 1, "uptime_s": 2.0, "sources": {}, "ves": [], "events": {}})
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(sink.start(), loop).result(5)
+        monkeypatch.setattr(cli, "__version__", "9.9.9")
+        assert cli.main(["status", "--socket", sink.path]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == f"fsnotifyd {__version__} pid 1, up 2.0 s (this command is 9.9.9: restart the daemon to run it)"
+    finally:
+        loop.call_soon_threadsafe(sink.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
