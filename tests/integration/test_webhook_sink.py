@@ -35,6 +35,7 @@ from fsnotifyd.events import Device, Event, Kernel, rfc3339
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.webhook import REJECTED, Backoff, RateLimit, WebhookSink, retryable
 from fsnotifyd.testing import free_port
+from fsnotifyd.version import __version__
 
 HOST = "vm7"
 FAST = dict(retry_initial_s=0.05, retry_max_s=0.2, timeout_s=5.0)
@@ -254,7 +255,7 @@ def event(i: int, kind: str = "fs.error", ve: str | None = "101", device: str | 
 
 def check_cloudevent(req: Request, ev: Event) -> None:
     assert req.headers["Content-Type"] == "application/cloudevents+json; charset=utf-8"
-    assert req.headers["User-Agent"] == "fsnotifyd"
+    assert req.headers["User-Agent"] == f"fsnotifyd/{__version__}"
     body = req.json
     expected = {
         "specversion": "1.0",
