@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap run test bench clean
+.PHONY: bootstrap run test bench shelldocs clean
 bootstrap:
 	@scripts/bootstrap.sh
 
@@ -11,6 +11,10 @@ run: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# Shell completion (bash, zsh) and the man page, from the CLI's parser (docs/cli.md).
+shelldocs: bootstrap
+	$(PY) -m fsnotifyd.app.shelldocs --out build/shelldocs
 
 bench: bootstrap
 	$(PY) bench/latency.py

@@ -10,6 +10,9 @@
   fsnotifyd rules reload                                 reload the running daemon's rules (or SIGHUP);
                                                          exit 1 when they are refused, 2 when not asked
   fsnotifyd config check|show [--config FILE]            validate / print the effective config
+
+Every verb that prints a result takes --json; exit codes are 0 ok, 1 failed, 2 usage or
+config error (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from datetime import datetime
 from typing import Any, Sequence, TextIO
 
 from .app import controlclient
+from .app.output import FAILED, OK, USAGE, emit, error, json_flag, logs_to_stderr
 from .config import Config, default_config_text, load_config
-from .errors import ConfigError, RuleErrors
+from .errors import ConfigError, RuleError, RuleErrors, UsageError
+from .version import __version__
 
 EXAMPLES = """examples:
   fsnotifyd run                                   # embedded default config
@@ -81,11 +86,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = _ask(args, "status")
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0 if st.get("ok") else 1
+        return OK if st.get("ok") else FAILED
     if not st.get("ok"):
         print(f"fsnotifyd: {st.get('error', 'no answer from the daemon')}", file=sys.stderr)
-        return 1
-    print(f"fsnotifyd pid {st['pid']}, up {st['uptime_s']} s")
+        return FAILED
+    version = st.get("version", "(version unknown)")
+    # After an upgrade without a restart the daemon still runs the old code: say so.
+    other = f" (this command is {__version__}: restart the daemon to run it)" if version != __version__ else ""
+    print(f"fsnotifyd {version} pid {st['pid']}, up {st['uptime_s']} s{other}")
     print("sources:")
     for name, s in st["sources"].items():
         state = "up" if s["up"] else "DOWN"
@@ -162,29 +170,41 @@ def cmd_record(args: argparse.Namespace) -> int:
             return 0
 
 
+def _rule_error(e: RuleError) -> dict[str, Any]:
+    return {"file": e.file, "line": e.line, "column": e.column, "field": e.field, "message": e.message,
+            "expected": e.expected, "text": str(e)}
+
+
 def cmd_rules_check(args: argparse.Namespace) -> int:
     from .rules.loader import check_paths
 
     errors = check_paths(args.paths)
-    for e in errors:
-        print(e, file=sys.stderr)
+    if not args.json:
+        for e in errors:
+            print(e, file=sys.stderr)
     if errors:
         print(f"fsnotifyd: {len(errors)} error(s) in {len(args.paths)} file(s)", file=sys.stderr)
-        return 1
-    print(f"{', '.join(args.paths)}: ok")
-    return 0
+    emit(args, {"ok": not errors, "files": args.paths, "errors": [_rule_error(e) for e in errors]},
+         None if errors else f"{', '.join(args.paths)}: ok")
+    return FAILED if errors else OK
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from .app import rulestest
 
-    boot = None
-    if args.boot_time:
-        boot = float(args.boot_time) if args.boot_time.replace(".", "", 1).isdigit() else \
-            datetime.fromisoformat(args.boot_time.replace("Z", "+00:00")).timestamp()
     return rulestest.run(args.rules, args.events, expect=args.expect, fmt=args.format,
-                         ve_map=args.ve_map, year=args.year, boot_time=boot, only_fired=args.only_fired,
+                         ve_map=args.ve_map, year=args.year, boot_time=args.boot_time, only_fired=args.only_fired,
                          show_progress=True)
+
+
+def _boot_time(text: str) -> float:
+    """argparse type: epoch seconds or RFC 3339; anything else is a usage error (2)."""
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not epoch seconds or RFC 3339: {text!r}") from None
 
 
 RELOAD_TIMEOUT_S = 60.0  # loading rules takes well under a second; past this the daemon is stuck
@@ -198,45 +218,62 @@ def cmd_rules_reload(args: argparse.Namespace) -> int:
     try:
         reply = asyncio.run(asyncio.wait_for(controlclient.ask(path, "reload"), RELOAD_TIMEOUT_S))
     except PermissionError as e:
-        print(f"fsnotifyd: not allowed to use the daemon's socket {path} ({e.strerror}): run as root or as a "
-              "member of the control group (config: control.group)", file=sys.stderr)
-        return 2
+        return _not_asked(args, f"not allowed to use the daemon's socket {path} ({e.strerror}): run as root or "
+                                "as a member of the control group (config: control.group)")
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        print(f"fsnotifyd: cannot reach the daemon at {path}: {e.strerror}. Is it running (fsnotifyd run)?",
-              file=sys.stderr)
-        return 2
+        return _not_asked(args, f"cannot reach the daemon at {path}: {e.strerror}. Is it running (fsnotifyd run)?")
     except TimeoutError:
-        print(f"fsnotifyd: the daemon at {path} did not answer within {RELOAD_TIMEOUT_S:.0f} s", file=sys.stderr)
-        return 2
+        return _not_asked(args, f"the daemon at {path} did not answer within {RELOAD_TIMEOUT_S:.0f} s")
     except (OSError, ValueError) as e:  # reset, or no JSON line: the daemon went away mid-request
-        print(f"fsnotifyd: no answer from the daemon at {path}: {e}", file=sys.stderr)
-        return 2
+        return _not_asked(args, f"no answer from the daemon at {path}: {e}")
     if reply.get("ok"):
-        print(f"rules reloaded: {reply['rules']} rules in force")
-        return 0
-    print(f"fsnotifyd: {reply.get('error')}", file=sys.stderr)
-    if "errors" not in reply:
-        return 2  # refused as a peer (permission), or the request failed: nothing was tried
-    for e in reply["errors"]:
-        print(e, file=sys.stderr)
-    return 1
+        emit(args, reply, f"rules reloaded: {reply['rules']} rules in force")
+        return OK
+    error(str(reply.get("error")))
+    if "errors" not in reply:  # refused as a peer (permission), or the request failed: nothing was tried
+        emit(args, {"asked": False, **reply})
+        return USAGE
+    if not args.json:
+        for line in reply["errors"]:
+            print(line, file=sys.stderr)
+    emit(args, {"asked": True, **reply})
+    return FAILED
+
+
+def _not_asked(args: argparse.Namespace, message: str) -> int:
+    error(message)
+    emit(args, {"ok": False, "asked": False, "error": message})
+    return USAGE
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = _config(args)
     if args.action == "show":
+        if args.json:
+            raise UsageError("config show prints the YAML itself; --json is for config check")
+        cfg = _config(args)
         if args.config is None:
             print(default_config_text(), end="")
         else:
             print(open(args.config, encoding="utf-8").read(), end="")
-    else:
-        problems = _host_problems(cfg, args.config)
-        for line in problems:
-            print(f"fsnotifyd: {line}", file=sys.stderr)
-        if problems:
-            return 2
-        print(f"{cfg.file}: ok ({len(cfg.ves)} VEs)")
-    return 0
+        return OK
+    try:
+        cfg = _config(args)
+    except ConfigError as e:
+        # A config error is 2 here as for every verb (it is what `run` would exit with).
+        error(f"config error: {e}")
+        emit(args, {"ok": False, "file": e.file or args.config, "errors": [_config_error(e)]})
+        return USAGE
+    problems = _host_problems(cfg, args.config)
+    for line in problems:
+        error(line)
+    emit(args, {"ok": not problems, "file": cfg.file, "ves": len(cfg.ves), "errors": [
+        {"file": cfg.file, "line": None, "field": None, "message": p, "text": p} for p in problems]},
+        None if problems else f"{cfg.file}: ok ({len(cfg.ves)} VEs)")
+    return USAGE if problems else OK
+
+
+def _config_error(e: ConfigError) -> dict[str, Any]:
+    return {"file": e.file, "line": e.line, "field": e.field, "message": str(e), "text": str(e)}
 
 
 def _host_problems(cfg: Config, path: str | None) -> list[str]:
@@ -255,6 +292,13 @@ def _host_problems(cfg: Config, path: str | None) -> list[str]:
             f = getattr(hook, key)
             if f is not None and not os.access(f, os.R_OK):
                 problems.append(f"{cfg.file}: sinks.webhooks[{i}].{key}: cannot read {f}")
+    if cfg.metrics_tls is not None and cfg.metrics_port is not None:
+        from .metrics_endpoint import tls_context
+
+        try:  # the context the daemon will build: a key that does not match its certificate shows here
+            tls_context(cfg.metrics_tls)
+        except OSError as e:
+            problems.append(f"{cfg.file}: {e}")
     return problems
 
 
@@ -289,23 +333,29 @@ def cmd_bpf_check(args: argparse.Namespace) -> int:
     from .sources import bpfload
 
     defs = _bpf_defines(args)
-    failed = 0
+    programs: dict[str, dict[str, Any]] = {}
     for name, prog in bpfload.PROGRAMS.items():
         try:
             loaded = bpfload.load(name, defs.get(name))
         except bpfload.ProbeUnavailable as e:
-            failed += 1
-            print(f"{name:<11} UNAVAILABLE  {e.reason}" + (f"\n{'':<13}hint: {e.hint}" if e.hint else ""))
+            programs[name] = {"ok": False, "about": prog.about, "reason": e.reason, "hint": e.hint}
+            if not args.json:
+                print(f"{name:<11} UNAVAILABLE  {e.reason}" + (f"\n{'':<13}hint: {e.hint}" if e.hint else ""))
             continue
-        print(f"{name:<11} ok  compile+attach {loaded.load_seconds * 1000:.0f} ms  ({prog.about})")
+        programs[name] = {"ok": True, "about": prog.about, "load_ms": round(loaded.load_seconds * 1000, 1)}
+        if not args.json:
+            print(f"{name:<11} ok  compile+attach {loaded.load_seconds * 1000:.0f} ms  ({prog.about})")
         loaded.close()
-    return 1 if failed else 0
+    ok = all(p["ok"] for p in programs.values())
+    emit(args, {"ok": ok, "programs": programs})
+    return OK if ok else FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fsnotifyd", description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"fsnotifyd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, socket: bool = True) -> None:
         sp.add_argument("--config", help="YAML config (default: the embedded one)")
@@ -320,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="sources, VEs and counts of the running daemon")
     common(s)
-    s.add_argument("--json", action="store_true")
+    json_flag(s)
     s.set_defaults(func=cmd_status)
 
     e = sub.add_parser("events", help="event streams")
@@ -346,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = ru.add_subparsers(dest="rules_command", required=True)
     rc = rsub.add_parser("check", help="validate rules files (exit 1 on any error)")
     rc.add_argument("paths", nargs="+", metavar="PATH")
+    json_flag(rc)
     rc.set_defaults(func=cmd_rules_check)
     rt = rsub.add_parser("test", help="replay recorded events or kernel logs through rules",
                          description="LOG is an fsnotifyd JSONL journal/recording or kernel text from dmesg, "
@@ -355,17 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--expect", metavar="FILE", help="expected decisions (JSON lines from --format json); "
                     "exit 1 with a diff when they differ")
     rt.add_argument("--format", choices=["table", "json"], default="table")
+    rt.add_argument("--json", dest="format", action="store_const", const="json",
+                    help="the same as --format json: one decision per line (JSON lines)")
     rt.add_argument("--only-fired", action="store_true",
                     help="list fired decisions only (suppressed ones are still counted): for long logs")
     rt.add_argument("--ve-map", metavar="FILE", help="device names to VEs for kernel text (YAML or JSON)")
     rt.add_argument("--year", type=int, help="year of journalctl lines (they carry none)")
-    rt.add_argument("--boot-time", help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
+    rt.add_argument("--boot-time", type=_boot_time,
+                    help="boot time (epoch seconds or RFC 3339) for plain dmesg timestamps")
     rt.set_defaults(func=cmd_rules_test)
     rr = rsub.add_parser("reload", help="ask the running daemon to reload its rules (like SIGHUP)",
                          description="Returns once the daemon has reloaded. Exit 0: the new rules are in "
                                      "force; 1: they were refused and the old rules stay (the errors, as "
                                      "file:line:column, on stderr); 2: the daemon could not be asked.")
     common(rr)
+    json_flag(rr)
     rr.set_defaults(func=cmd_rules_reload)
 
     bp = sub.add_parser("bpf", help="the BPF programs: print their C, or try loading them")
@@ -376,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(func=cmd_bpf_show)
     bc = bsub.add_parser("check", help="compile and attach each program once; exit 1 if any cannot load")
     common(bc, socket=False)
+    json_flag(bc)
     bc.set_defaults(func=cmd_bpf_check)
 
     from .app import imagecli
@@ -385,32 +441,46 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="check or show the configuration")
     c.add_argument("action", choices=["check", "show"])
     common(c, socket=False)
+    json_flag(c, "check: the result as one JSON document")
     c.set_defaults(func=cmd_config)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":  # the daemon sets up its own logging (--log-level)
+        logs_to_stderr()
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"fsnotifyd: config error: {e}", file=sys.stderr)
-        return 2
+        return _failed(args, USAGE, f"config error: {e}")
+    except UsageError as e:
+        return _failed(args, USAGE, str(e))
     except RuleErrors as e:
-        print(f"fsnotifyd: rules not valid, not starting:\n{e}", file=sys.stderr)
-        return 2
+        return _failed(args, USAGE, f"rules not valid, not starting:\n{e}",
+                       errors=[_rule_error(x) for x in e.errors])
     except PermissionError as e:
+        if e.filename is not None:  # a file named on the command line (connect() errors name none)
+            return _failed(args, USAGE, f"{e.filename}: {e.strerror}")
         if args.command in ("status", "events", "record", "ve"):
-            print(f"fsnotifyd: not allowed to use the daemon's socket ({e.strerror}): run as root or as a "
-                  "member of the control group (config: control.group)", file=sys.stderr)
-            return 1
+            return _failed(args, FAILED, f"not allowed to use the daemon's socket ({e.strerror}): run as root or "
+                                         "as a member of the control group (config: control.group)")
         raise
     except (FileNotFoundError, ConnectionRefusedError) as e:
+        if e.filename is not None:  # a file named on the command line (connect() errors name none)
+            return _failed(args, USAGE, f"{e.filename}: {e.strerror}")
         if args.command in ("status", "events", "record"):
-            print(f"fsnotifyd: cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
-                  "Is it running (fsnotifyd run)?", file=sys.stderr)
-            return 1
+            return _failed(args, FAILED, f"cannot reach the daemon at {_socket_path(args)}: {e.strerror}. "
+                                         "Is it running (fsnotifyd run)?")
         raise
+
+
+def _failed(args: argparse.Namespace, code: int, message: str, **fields: Any) -> int:
+    """The message on stderr; with --json also ``{"ok": false, "error": ...}`` on stdout, so a
+    script reading the JSON sees the failure rather than nothing."""
+    error(message)
+    emit(args, {"ok": False, "error": message, **fields})
+    return code
 
 
 if __name__ == "__main__":

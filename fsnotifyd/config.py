@@ -63,6 +63,21 @@ class SyslogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsTLSConfig:
+    """HTTPS for the metrics endpoint; with a client CA, scrapes must present a certificate it signed."""
+
+    certfile: str
+    keyfile: str
+    client_cafile: str | None = None
+    client_capath: str | None = None
+    min_version: str = "1.2"  # "1.2" or "1.3"
+
+    @property
+    def client_auth(self) -> bool:
+        return self.client_cafile is not None or self.client_capath is not None
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     """Who may use the control socket and how much they may send."""
 
@@ -81,6 +96,7 @@ class Config:
     stdout: bool = False
     metrics_address: str = "127.0.0.1"
     metrics_port: int | None = 9857
+    metrics_tls: MetricsTLSConfig | None = None  # None: plain HTTP
     window_ms: float = 20
     state_window_ms: float = 1000
     io_window_ms: float = 100
@@ -216,7 +232,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
             if "keep" in j:
                 kw["journal_keep"] = r.number(j["keep"], "journal.keep", minimum=1, integer=True)
     if "metrics" in top:
-        m = r.mapping(top["metrics"], "metrics", ("address", "port"))
+        m = r.mapping(top["metrics"], "metrics", ("address", "port", "tls"))
         if "address" in m:
             kw["metrics_address"] = r.scalar(m["address"], "metrics.address", str)
         if "port" in m:
@@ -224,6 +240,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
             if port is not None and not 0 <= port <= 65535:
                 raise r.error(m["port"], f"must be 0..65535 or null, got {port}", "metrics.port")
             kw["metrics_port"] = port
+        if "tls" in m:
+            kw["metrics_tls"] = _metrics_tls(r, m["tls"])
     if "correlator" in top:
         c = r.mapping(top["correlator"], "correlator", ("window_ms", "state_window_ms", "io_window_ms"))
         for k, v in c.items():
@@ -397,6 +415,31 @@ def _webhooks(r: _Reader, node: yaml.Node) -> tuple[WebhookConfig, ...]:
                               f"{p}.url")
         hooks.append(WebhookConfig(**k))
     return tuple(hooks)
+
+
+def _metrics_tls(r: _Reader, node: yaml.Node) -> MetricsTLSConfig | None:
+    if isinstance(node, yaml.ScalarNode) and node.value in ("null", "~", ""):
+        return None
+    t = r.mapping(node, "metrics.tls", ("certfile", "keyfile", "client_cafile", "client_capath", "min_version"))
+    # Both, or no TLS at all: prometheus-client serves plain HTTP when either is missing, and a
+    # half-written TLS block must not quietly become a clear-text endpoint.
+    for required in ("certfile", "keyfile"):
+        if required not in t:
+            raise r.error(node, "missing required key (TLS needs both certfile and keyfile)",
+                          f"metrics.tls.{required}")
+    k: dict[str, Any] = {}
+    for key in ("certfile", "keyfile", "client_cafile", "client_capath"):
+        if key in t:
+            k[key] = r.scalar(t[key], f"metrics.tls.{key}", str)
+            if not k[key]:
+                raise r.error(t[key], "must be a path, not empty", f"metrics.tls.{key}")
+    if "min_version" in t:
+        # `min_version: 1.2` is a float to YAML; the quoted string means the same.
+        version = str(r.scalar(t["min_version"], "metrics.tls.min_version", (str, float)))
+        if version not in ("1.2", "1.3"):
+            raise r.error(t["min_version"], f"expected 1.2 or 1.3, got {version}", "metrics.tls.min_version")
+        k["min_version"] = version
+    return MetricsTLSConfig(**k)
 
 
 def _control(r: _Reader, node: yaml.Node) -> ControlConfig:

@@ -19,6 +19,11 @@ class ConfigError(FsnotifydError):
         super().__init__(f"{prefix}{message}{suffix}")
 
 
+class UsageError(FsnotifydError):
+    """The command line asks for something that cannot be (a bad size, a negative budget, an
+    option that does not fit the verb): exit 2, as argparse's own usage errors."""
+
+
 class SourceUnavailable(FsnotifydError):
     """A source cannot run on this host; the daemon degrades and says why."""
 

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .version import __version__
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The daemon's own registry has none of the default one's collectors: add what every
+        # exporter has (process_resident_memory_bytes, process_open_fds, process_start_time_seconds,
+        # python_info, python_gc_*), so the usual process dashboards and alerts work here too.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "fsnotifyd_build_info", "Always 1; the labels say which fsnotifyd runs, on which Python and kernel",
+            ["version", "python", "kernel"], registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version(), os.uname().release).set(1)
         # Once per event, not per source: a sum() over it is the number of events, however
         # many interfaces saw each. The per-source view has no VE label, to stay small.
         self.events = Counter(

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 # qemu-utils the qemu-img that `image import/export` uses for qcow2.
 DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
               systemd openssl qemu-utils)
+DEB_PACKAGES+=(zsh)  # the test that loads the generated zsh completion (tests/unit/test_shelldocs.py)
 install_missing() {
   local missing=() p
   for p in "$@"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install fsnotifyd the way operators run host daemons: a wheel in its own virtualenv under
 # /opt/fsnotifyd, the CLI on PATH, the systemd unit, the config and rules under /etc/fsnotifyd,
-# the docs and alerting assets under /usr/share/doc/fsnotifyd. Idempotent; an existing config
+# the docs and alerting assets under /usr/share/doc/fsnotifyd, shell completion and the man page
+# under /usr/local/share. Idempotent; an existing config
 # or rules file is never overwritten (the new one lands beside it as *.dist).
 #
 #   scripts/install.sh [--root DIR]
@@ -38,6 +39,16 @@ install -d -m 0755 "$ROOT/usr/local/sbin" "$ROOT/etc/systemd/system" "$ROOT/etc/
   "$ROOT/etc/fsnotifyd/rules" "$ROOT/usr/share/doc/fsnotifyd"
 ln -sfn /opt/fsnotifyd/bin/fsnotifyd "$ROOT/usr/local/sbin/fsnotifyd"
 install -m 0644 packaging/fsnotifyd.service "$ROOT/etc/systemd/system/fsnotifyd.service"
+
+# Shell completion (bash, zsh) and the man page, generated from the CLI's own parser by the
+# build venv (shtab and argparse-manpage are build tools: the /opt venv does not get them).
+# /usr/local/share beside /usr/local/sbin: bash-completion, zsh's fpath and man all look there.
+rm -rf build/shelldocs
+.venv/bin/python -m fsnotifyd.app.shelldocs --out build/shelldocs >/dev/null
+install -D -m 0644 build/shelldocs/bash-completion/completions/fsnotifyd \
+  "$ROOT/usr/local/share/bash-completion/completions/fsnotifyd"
+install -D -m 0644 build/shelldocs/zsh/site-functions/_fsnotifyd "$ROOT/usr/local/share/zsh/site-functions/_fsnotifyd"
+install -D -m 0644 build/shelldocs/man/man8/fsnotifyd.8 "$ROOT/usr/local/share/man/man8/fsnotifyd.8"
 
 # Config and rules: root-owned and not writable by others, or the daemon refuses them.
 keep_or_install() {  # SRC DEST

@@ -26,6 +26,8 @@ if [ "$ROOT" = "" ] && [ -d /run/systemd/system ]; then
 fi
 if [ -L "$ROOT/usr/local/sbin/fsnotifyd" ]; then rm -f "$ROOT/usr/local/sbin/fsnotifyd"; fi
 rm -rf "$ROOT/opt/fsnotifyd" "$ROOT/usr/share/doc/fsnotifyd"
+rm -f "$ROOT/usr/local/share/bash-completion/completions/fsnotifyd" "$ROOT/usr/local/share/zsh/site-functions/_fsnotifyd" \
+  "$ROOT/usr/local/share/man/man8/fsnotifyd.8"
 if [ "$PURGE" -eq 1 ]; then
   rm -rf "$ROOT/etc/fsnotifyd"
   if [ "$ROOT" = "" ] && getent group fsnotifyd >/dev/null; then groupdel fsnotifyd || true; fi

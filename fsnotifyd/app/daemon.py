@@ -26,6 +26,7 @@ from ..errors import RuleError, RuleErrors
 from ..events import Event, Observation
 from ..inventory import Inventory
 from ..metrics import Metrics
+from ..version import __version__
 from ..sinks.journal import JournalSink
 from ..sinks.prometheus import MetricsSink
 from ..sinks.socket import SocketSink
@@ -214,12 +215,11 @@ class Daemon:
     def start_metrics(self) -> None:
         if self.config.metrics_port is None:
             return
-        from prometheus_client import start_http_server
+        from ..metrics_endpoint import start
 
         try:
-            self.metrics_server, _ = start_http_server(
-                self.config.metrics_port, addr=self.config.metrics_address, registry=self.metrics.registry
-            )
+            self.metrics_server, _ = start(self.config.metrics_address, self.config.metrics_port,
+                                           self.metrics.registry, self.config.metrics_tls)
         except OSError as e:
             log.error("metrics.unavailable", address=self.config.metrics_address,
                       port=self.config.metrics_port, error=str(e))
@@ -315,7 +315,7 @@ class Daemon:
         self.start_image_watchdog()
         correlating = asyncio.create_task(self.correlate(), name="correlator")
         await self.supervisor.wait_ready()
-        log.info("daemon.ready", sources={n: s.up for n, s in self.statuses.items()})
+        log.info("daemon.ready", version=__version__, sources={n: s.up for n, s in self.statuses.items()})
         self.notifier.ready(self.control.status_line())
         self.announced_ready = True
         notifying = asyncio.create_task(self._notify_loop(), name="sd_notify") if self.notifier.enabled else None

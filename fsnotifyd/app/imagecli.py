@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Any, Callable, Iterator
 
-from ..errors import ConfigError, FsnotifydError
+from ..errors import FsnotifydError, ImageError, UsageError
 from ..image import ops
 from ..image.info import human, image_info, parse_size
 from ..image.lock import exclusive
 from .controlclient import ask_blocking
+from .output import FAILED, OK, emit, json_flag
 from .progress import Progress, reporter
 
 DEFAULT_STATE_DIR = "/var/lib/fsnotifyd"
@@ -57,27 +59,51 @@ def _print(obj: Any, as_json: bool) -> None:
         print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _size(text: str) -> int:
+    """argparse type for sizes: a bad one is a usage error (exit 2), before anything is touched."""
+    try:
+        return parse_size(text)
+    except ImageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return v
+
+
+def _attachment(a: Any) -> dict[str, Any]:
+    return {"image": a.image, "loop": a.loop, "mountpoint": a.mountpoint, "pid": a.pid, "readonly": a.readonly}
+
+
 # -- image commands ------------------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
     kw: dict[str, Any] = {"profile": args.profile, "fs": None if args.no_mkfs else "ext4"}
     if args.cluster:
-        kw["cluster"] = parse_size(args.cluster)
+        kw["cluster"] = args.cluster
     t0 = time.monotonic()
-    desc = ops.create(args.image, size, **kw)
-    print(f"{args.image}: {human(desc.size)} image, {human(desc.cluster)} clusters"
-          f"{'' if args.no_mkfs else ', ext4 (' + args.profile + ' profile)'} in {time.monotonic() - t0:.2f} s")
-    return 0
+    desc = ops.create(args.image, args.size, **kw)
+    seconds = time.monotonic() - t0
+    emit(args, {"image": args.image, "size": desc.size, "cluster": desc.cluster,
+                "fs": kw["fs"], "profile": args.profile, "seconds": round(seconds, 3)},
+         f"{args.image}: {human(desc.size)} image, {human(desc.cluster)} clusters"
+         f"{'' if args.no_mkfs else ', ext4 (' + args.profile + ' profile)'} in {seconds:.2f} s")
+    return OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = image_info(args.image)
     a = _attached(args, args.image)
     if args.json:
-        d = info.to_dict() | {"attached": None if a is None else {"loop": a.loop, "mountpoint": a.mountpoint,
-                                                                  "pid": a.pid, "readonly": a.readonly}}
-        _print(d, True)
+        doc = info.to_dict() | {"attached": None if a is None else {"loop": a.loop, "mountpoint": a.mountpoint,
+                                                                    "pid": a.pid, "readonly": a.readonly}}
+        _print(doc | getattr(args, "ve_fields", {}), True)
         return 0
     print(f"image      {info.directory}")
     print(f"virtual    {human(info.size)} ({info.size} bytes), clusters of {human(info.cluster)}")
@@ -100,8 +126,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     a = attach.attach(args.image, run_dir=_run_dir(args), readonly=args.readonly, upto=args.snapshot)
     if args.mount:
         attach.mount(a, args.mount, readonly=args.readonly or bool(args.snapshot))
-    print(a.loop)
-    return 0
+    emit(args, _attachment(a) | {"mountpoint": args.mount or a.mountpoint}, a.loop)
+    return OK
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -109,15 +135,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     a = _attached(args, args.image) or attach.attach(args.image, run_dir=_run_dir(args))
     attach.mount(a, args.mountpoint, readonly=args.readonly)
-    print(f"{args.image} on {a.loop} mounted at {args.mountpoint}")
-    return 0
+    emit(args, _attachment(a) | {"mountpoint": args.mountpoint, "readonly": args.readonly},
+         f"{args.image} on {a.loop} mounted at {args.mountpoint}")
+    return OK
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..image import attach
 
-    attach.umount(_need_attached(args, args.image))
-    return 0
+    a = _need_attached(args, args.image)
+    attach.umount(a)
+    emit(args, _attachment(a) | {"mountpoint": None})
+    return OK
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
@@ -128,11 +157,12 @@ def cmd_detach(args: argparse.Namespace) -> int:
     real = os.path.realpath(args.image)
     found = [a for a in attach.attached(_run_dir(args)) if os.path.realpath(a.image) == real]
     if not found:
-        print(f"{args.image}: not attached")
-        return 0
+        emit(args, {"image": args.image, "detached": []}, f"{args.image}: not attached")
+        return OK
     for a in found:  # the image and any of its snapshots mounted for checks
         attach.detach(a, run_dir=_run_dir(args))
-    return 0
+    emit(args, {"image": args.image, "detached": [_attachment(a) for a in found]})
+    return OK
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -146,8 +176,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     else:
         with exclusive(args.image, "snapshot"), Stack.open(args.image) as stack:
             guid = ops.snapshot(stack, args.image, name=args.name)
-    print(f"{guid} ({(time.monotonic() - t0) * 1000:.0f} ms)")
-    return 0
+    ms = (time.monotonic() - t0) * 1000
+    emit(args, {"image": args.image, "guid": guid, "name": args.name, "online": a is not None,
+                "milliseconds": round(ms, 1)}, f"{guid} ({ms:.0f} ms)")
+    return OK
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -168,8 +200,9 @@ def cmd_mount_snapshot(args: argparse.Namespace) -> int:
 
     a = attach.attach(args.image, run_dir=_run_dir(args), readonly=True, upto=args.guid)
     attach.mount(a, args.mountpoint, readonly=True)
-    print(f"snapshot {args.guid} on {a.loop} mounted read-only at {args.mountpoint}")
-    return 0
+    emit(args, _attachment(a) | {"guid": args.guid, "mountpoint": args.mountpoint, "readonly": True},
+         f"snapshot {args.guid} on {a.loop} mounted read-only at {args.mountpoint}")
+    return OK
 
 
 def _detach_view(args: argparse.Namespace, guid: str) -> int:
@@ -179,14 +212,15 @@ def _detach_view(args: argparse.Namespace, guid: str) -> int:
 
     a = attach.attachment(_run_dir(args), args.image, upto=guid)
     if a is None:
-        print(f"{args.image}: snapshot {guid} is not attached")
-        return 0
+        emit(args, {"image": args.image, "guid": guid, "detached": False},
+             f"{args.image}: snapshot {guid} is not attached")
+        return OK
     attach.detach(a, run_dir=_run_dir(args))
     left = attach.leftovers(args.image, run_dir=_run_dir(args), upto=guid)
     if left:
         raise FsnotifydError(f"snapshot {guid} of {args.image} is not detached; still up: {'; '.join(left)}")
-    print(f"snapshot {guid} unmounted and detached")
-    return 0
+    emit(args, {"image": args.image, "guid": guid, "detached": True}, f"snapshot {guid} unmounted and detached")
+    return OK
 
 
 def cmd_umount_snapshot(args: argparse.Namespace) -> int:
@@ -204,27 +238,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         with exclusive(args.image, "merge"), _line("merge", "clusters") as p:
             ops.merge(args.image, args.guid, progress=p)
-    print(f"snapshot {args.guid} merged into its child and deleted")
-    return 0
+    emit(args, {"image": args.image, "guid": args.guid, "merged": True, "online": a is not None},
+         f"snapshot {args.guid} merged into its child and deleted")
+    return OK
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
     from ..image import attach
     from ..image.stack import Stack
 
-    size = parse_size(args.size)
+    size = args.size
     a = _attached(args, args.image)
+    note = None
     if a is not None:
         online = attach.has_cap_sys_resource()
         attach.grow(a, size, resize_fs=online)
         if a.mountpoint and not online:
-            print("disk grown online; growing a mounted ext4 needs CAP_SYS_RESOURCE, which this process lacks: "
-                  "the filesystem grows at the next `fsnotifyd ve start` (or umount and resize2fs)")
+            note = ("disk grown online; growing a mounted ext4 needs CAP_SYS_RESOURCE, which this process lacks: "
+                    "the filesystem grows at the next `fsnotifyd ve start` (or umount and resize2fs)")
+        filesystem_grown = online and bool(a.mountpoint)
     else:
         with exclusive(args.image, "grow"), Stack.open(args.image) as stack:
             ops.grow_stack(stack, args.image, size)
-        print("disk grown; the filesystem grows at the next `fsnotifyd ve start` (or resize2fs on the device)")
-    return 0
+        note = "disk grown; the filesystem grows at the next `fsnotifyd ve start` (or resize2fs on the device)"
+        filesystem_grown = False
+    emit(args, {"image": args.image, "size": size, "online": a is not None, "filesystem_grown": filesystem_grown,
+                "note": note}, note)
+    return OK
 
 
 def cmd_shrink(args: argparse.Namespace) -> int:
@@ -234,26 +274,30 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         a = _need_attached(args, args.image)
         if not a.mountpoint:
             raise FsnotifydError("online shrink needs the image mounted")
-        if args.online == "0":
+        if args.online == 0:
             resize.deflate(a.mountpoint)
-            print("balloon deflated: the VE has its space back")
-            return 0
-        r = resize.inflate(a.mountpoint, a.loop, parse_size(args.online),
+            emit(args, {"image": args.image, "mode": "balloon", "balloon": 0},
+                 "balloon deflated: the VE has its space back")
+            return OK
+        r = resize.inflate(a.mountpoint, a.loop, args.online,
                            flush=lambda: attach.control(a, {"op": "flush"}, timeout=120))
-        print(f"balloon of {human(r.size)}: {human(r.discarded)} given back to the host in {r.extents} extents")
-        return 0
+        emit(args, {"image": args.image, "mode": "balloon", "balloon": r.size, "discarded": r.discarded,
+                    "extents": r.extents},
+             f"balloon of {human(r.size)}: {human(r.discarded)} given back to the host in {r.extents} extents")
+        return OK
     if _attached(args, args.image) is not None:
         raise FsnotifydError("offline shrink needs the image detached (or use --online SIZE, the balloon)")
     a = attach.attach(args.image, run_dir=_run_dir(args))
     try:
         with _line("e2fsck", "") as p:
-            new = resize.shrink_filesystem(a.loop, parse_size(args.size) if args.size else None, progress=p)
+            new = resize.shrink_filesystem(a.loop, args.size, progress=p)
     finally:
         attach.detach(a, run_dir=_run_dir(args))
     with exclusive(args.image, "shrink"), _line("shrink", "clusters") as p:
         result = resize.cut_and_compact(args.image, new, progress=p)
-    print(f"filesystem and image cut to {human(new)}; {human(result.released)} released")
-    return 0
+    emit(args, {"image": args.image, "mode": "offline", "size": new, "released": result.released},
+         f"filesystem and image cut to {human(new)}; {human(result.released)} released")
+    return OK
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -265,12 +309,16 @@ def cmd_compact(args: argparse.Namespace) -> int:
         from ..image import attach
 
         r = attach.compact(a)
-        print(f"moved {r['moved']} clusters, released {human(r['released'])} in {time.monotonic() - t0:.2f} s (online)")
-        return 0
-    with exclusive(args.image, "compact"), Stack.open(args.image) as stack, _line("compact", "clusters") as p:
-        r = ops.compact(stack.top, progress=p)
-    print(f"moved {r.moved} clusters, released {human(r.released)} in {time.monotonic() - t0:.2f} s")
-    return 0
+        moved, released, online = r["moved"], r["released"], True
+    else:
+        with exclusive(args.image, "compact"), Stack.open(args.image) as stack, _line("compact", "clusters") as p:
+            c = ops.compact(stack.top, progress=p)
+        moved, released, online = c.moved, c.released, False
+    seconds = time.monotonic() - t0
+    emit(args, {"image": args.image, "moved": moved, "released": released, "online": online,
+                "seconds": round(seconds, 3)},
+         f"moved {moved} clusters, released {human(released)} in {seconds:.2f} s{' (online)' if online else ''}")
+    return OK
 
 
 def _repack_options(args: argparse.Namespace):
@@ -278,11 +326,6 @@ def _repack_options(args: argparse.Namespace):
     from .logging import configure_logging
 
     configure_logging("info")  # log events to stderr: stdout is the result (--json)
-
-    for name in ("budget_mib_s", "max_seconds"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise FsnotifydError(f"--{name.replace('_', '-')} must be positive, not {v}")
     return repack.Options(dry_run=args.dry_run, budget_mib_s=args.budget_mib_s, max_seconds=args.max_seconds)
 
 
@@ -358,11 +401,11 @@ def cmd_ve_shrink(args: argparse.Namespace) -> int:
     from ..image import repack
 
     if not args.online:
-        raise FsnotifydError("ve shrink works online only (--online); offline: fsnotifyd ve stop ID, then "
-                             "fsnotifyd image shrink IMAGE SIZE")
+        raise UsageError("ve shrink works online only (--online); offline: fsnotifyd ve stop ID, then "
+                         "fsnotifyd image shrink IMAGE SIZE")
     rec, a = _running_ve(args, "an online shrink")
     with _repack_progress() as progress:
-        r = repack.shrink_online(a, parse_size(args.to), _repack_options(args), progress=progress,
+        r = repack.shrink_online(a, args.to, _repack_options(args), progress=progress,
                                  printer=None if args.json else print)
     _print_repack(r, args.json)
     return 0
@@ -379,8 +422,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         with _line("image") as p:
             report = check(args.image, progress=p)
-    print(report)
-    return 0 if report.clean or (args.repair and check(args.image).clean) else 1
+    clean_after = report.clean or (args.repair and check(args.image).clean)
+    emit(args, dataclasses.asdict(report) | {"clean": report.clean, "repair": args.repair, "ok": clean_after},
+         str(report))
+    return OK if clean_after else FAILED
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -390,19 +435,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise FsnotifydError(f"{args.image} is attached: detach it before replacing it")
     kw: dict[str, Any] = {"fmt": args.format, "force": args.force}
     if args.size:
-        kw["size"] = parse_size(args.size)
+        kw["size"] = args.size
     if args.cluster:
-        kw["cluster"] = parse_size(args.cluster)
+        kw["cluster"] = args.cluster
     t0 = time.monotonic()
     try:
         with _line("import") as p:
             r = transfer.import_disk(args.source, args.image, progress=p, **kw)
     except OSError as e:
         raise FsnotifydError(f"import of {args.source} into {args.image} failed: {e}") from e
-    print(f"{r.directory}: {human(r.size)} image ({human(r.cluster)} clusters) from {r.format} {r.source}: "
-          f"{human(r.data_bytes)} of data extents read, {r.clusters} clusters allocated, "
-          f"in {time.monotonic() - t0:.2f} s")
-    return 0
+    seconds = time.monotonic() - t0
+    emit(args, dataclasses.asdict(r) | {"seconds": round(seconds, 3)},
+         f"{r.directory}: {human(r.size)} image ({human(r.cluster)} clusters) from {r.format} {r.source}: "
+         f"{human(r.data_bytes)} of data extents read, {r.clusters} clusters allocated, in {seconds:.2f} s")
+    return OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -419,9 +465,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                                      force=args.force, progress=p)
     except OSError as e:
         raise FsnotifydError(f"export of {args.image} to {args.target} failed: {e}") from e
-    print(f"{r.target}: {r.format}, {human(r.size)} disk; {r.clusters} clusters read, "
-          f"{human(r.written_bytes)} of data written (the rest holes), in {time.monotonic() - t0:.2f} s")
-    return 0
+    seconds = time.monotonic() - t0
+    emit(args, dataclasses.asdict(r) | {"seconds": round(seconds, 3)},
+         f"{r.target}: {r.format}, {human(r.size)} disk; {r.clusters} clusters read, "
+         f"{human(r.written_bytes)} of data written (the rest holes), in {seconds:.2f} s")
+    return OK
 
 
 # -- VE commands ---------------------------------------------------------------------------------
@@ -431,7 +479,7 @@ def _labels(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            raise ConfigError(f"label {item!r}: expected KEY=VALUE", field="label")
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
         out[k] = v
     return out
 
@@ -439,13 +487,15 @@ def _labels(items: list[str] | None) -> dict[str, str]:
 def cmd_ve_create(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
-    rec = lifecycle.create(_state_dir(args), args.id, parse_size(args.size), mountpoint=args.mountpoint,
+    rec = lifecycle.create(_state_dir(args), args.id, args.size, mountpoint=args.mountpoint,
                            image=args.image, labels=_labels(args.label), profile=args.profile,
                            discard=not args.no_discard)
-    print(f"VE {rec.id}: image {rec.image}, mount point {rec.mountpoint}")
+    if not args.json:
+        print(f"VE {rec.id}: image {rec.image}, mount point {rec.mountpoint}")
     if args.start:
-        lifecycle.start(_state_dir(args), rec.id)
-    return 0
+        rec = lifecycle.start(_state_dir(args), rec.id)
+    emit(args, _ve(rec))
+    return OK
 
 
 def cmd_ve_list(args: argparse.Namespace) -> int:
@@ -453,8 +503,7 @@ def cmd_ve_list(args: argparse.Namespace) -> int:
 
     recs = Registry(_state_dir(args)).all()
     if args.json:
-        _print([{"id": r.id, "image": r.image, "mountpoint": r.mountpoint, "running": r.running, "loop": r.loop,
-                 "labels": r.labels, "created": r.created, "reason": r.reason} for r in recs], True)
+        _print([_ve(r) for r in recs], True)
         return 0
     for r in recs:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
@@ -467,12 +516,15 @@ def cmd_ve_show(args: argparse.Namespace) -> int:
     from ..ve.registry import Registry
 
     rec = Registry(_state_dir(args)).get(args.id)
+    args.image = rec.image
+    if args.json:  # its image's info, as `image info --json`, with the VE's record under "ve"
+        args.ve_fields = {"ve": _ve(rec)}
+        return cmd_info(args)
     print(f"VE {rec.id}: {'running on ' + str(rec.loop) if rec.running else 'stopped'}")
     if rec.reason:
         print(f"reason      {rec.reason}")
     print(f"mount point {rec.mountpoint}; labels {rec.labels or '-'}; "
           f"online discard {'on' if rec.discard else 'off'}")
-    args.image, args.json = rec.image, False
     return cmd_info(args)
 
 
@@ -484,9 +536,9 @@ def cmd_ve_set(args: argparse.Namespace) -> int:
         rec = reg.get(args.id)
         if args.discard is not None:
             rec = reg.update(args.id, discard=args.discard == "on")
-    print(f"VE {rec.id}: online discard {'on' if rec.discard else 'off'}"
-          + (" (from the next start)" if rec.running else ""))
-    return 0
+    emit(args, _ve(rec), f"VE {rec.id}: online discard {'on' if rec.discard else 'off'}"
+         + (" (from the next start)" if rec.running else ""))
+    return OK
 
 
 def cmd_ve_start(args: argparse.Namespace) -> int:
@@ -494,16 +546,16 @@ def cmd_ve_start(args: argparse.Namespace) -> int:
 
     with _line("ve start", "") as p:  # the image check and e2fsck: percentages
         rec = lifecycle.start(_state_dir(args), args.id, progress=p)
-    print(f"VE {rec.id} running: {rec.loop} mounted at {rec.mountpoint}")
-    return 0
+    emit(args, _ve(rec), f"VE {rec.id} running: {rec.loop} mounted at {rec.mountpoint}")
+    return OK
 
 
 def cmd_ve_stop(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
     lifecycle.stop(_state_dir(args), args.id)
-    print(f"VE {args.id} stopped")
-    return 0
+    emit(args, {"id": args.id, "running": False}, f"VE {args.id} stopped")
+    return OK
 
 
 def cmd_ve_release(args: argparse.Namespace) -> int:
@@ -522,22 +574,26 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
         if reply is not None:
             if not reply.get("ok"):
                 raise FsnotifydError(str(reply.get("error")))
-            print(f"VE {args.id} released from isolation ({reply.get('mode')}: {reply.get('how')}) by the daemon")
-            return 0
+            emit(args, {"id": args.id, "released": True, "mode": reply.get("mode"), "how": reply.get("how"),
+                        "by_daemon": True},
+                 f"VE {args.id} released from isolation ({reply.get('mode')}: {reply.get('how')}) by the daemon")
+            return OK
     try:
         rec = isolate.release(Targets(_state_dir(args), cfg.ves), args.id)
     except ActionError as e:
         raise FsnotifydError(str(e)) from e
-    print(f"VE {args.id} released from isolation ({rec.get('mode')}: {rec.get('how')})")
-    return 0
+    emit(args, {"id": args.id, "released": True, "mode": rec.get("mode"), "how": rec.get("how"), "by_daemon": False},
+         f"VE {args.id} released from isolation ({rec.get('mode')}: {rec.get('how')})")
+    return OK
 
 
 def cmd_ve_destroy(args: argparse.Namespace) -> int:
     from ..ve import lifecycle
 
     lifecycle.destroy(_state_dir(args), args.id, keep_image=args.keep_image)
-    print(f"VE {args.id} destroyed{' (image kept)' if args.keep_image else ''}")
-    return 0
+    emit(args, {"id": args.id, "destroyed": True, "image_kept": args.keep_image},
+         f"VE {args.id} destroyed{' (image kept)' if args.keep_image else ''}")
+    return OK
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -547,24 +603,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--config", help="YAML config to take state_dir from")
 
     im = sub.add_parser("image", help="ploop-style thin images: create, attach, snapshot, compact, check")
-    isub = im.add_subparsers(dest="image_command", required=True)
+    isub = im.add_subparsers(dest="image_command", required=True, metavar="VERB")
 
     def cmd(name: str, func, help: str, image: bool = True) -> argparse.ArgumentParser:
         sp = isub.add_parser(name, help=help)
         if image:
             sp.add_argument("image", help="image directory (holds DiskDescriptor.xml)")
         state(sp)
+        json_flag(sp)
         sp.set_defaults(func=run, image_func=func)
         return sp
 
     c = cmd("create", cmd_create, "a new image, formatted ext4")
-    c.add_argument("--size", required=True, help="virtual size: 10G, 512M, ...")
-    c.add_argument("--cluster", help="cluster size (default 1M)")
+    c.add_argument("--size", required=True, type=_size, help="virtual size: 10G, 512M, ...")
+    c.add_argument("--cluster", type=_size, help="cluster size (default 1M)")
     c.add_argument("--profile", default="thin", choices=sorted(ops.MKFS_PROFILES),
                    help="mkfs.ext4 options: 'thin' keeps allocations compact (default), 'default' is mkfs's own")
     c.add_argument("--no-mkfs", action="store_true", help="leave the disk blank")
-    i = cmd("info", cmd_info, "sizes, allocation and deltas")
-    i.add_argument("--json", action="store_true")
+    cmd("info", cmd_info, "sizes, allocation and deltas")
     a = cmd("attach", cmd_attach, "start the exporter and a loop device (prints the device)")
     a.add_argument("--readonly", action="store_true")
     a.add_argument("--snapshot", metavar="GUID", help="attach a snapshot (read-only)")
@@ -577,8 +633,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dt.add_argument("--snapshot", metavar="GUID", help="only this snapshot view (the image and its VE stay up)")
     s = cmd("snapshot", cmd_snapshot, "freeze, stack a new delta, thaw: O(1) in the image size")
     s.add_argument("--name")
-    sl = cmd("snapshots", cmd_snapshots, "list snapshots")
-    sl.add_argument("--json", action="store_true")
+    cmd("snapshots", cmd_snapshots, "list snapshots")
     ms = cmd("mount-snapshot", cmd_mount_snapshot, "mount a snapshot read-only (for checks)")
     ms.add_argument("guid")
     ms.add_argument("mountpoint")
@@ -588,17 +643,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     mg = cmd("merge", cmd_merge, "delete a snapshot, merging its data into the delta above")
     mg.add_argument("guid")
     g = cmd("grow", cmd_grow, "grow the disk (online: the filesystem too)")
-    g.add_argument("size")
+    g.add_argument("size", type=_size)
     sh = cmd("shrink", cmd_shrink, "shrink: offline (resize2fs, cut, compact) or online with --online (balloon)")
-    sh.add_argument("size", nargs="?", help="offline: new filesystem size (default: as small as it goes)")
-    sh.add_argument("--online", metavar="SIZE", help="inflate the balloon to SIZE (0 deflates it)")
+    sh.add_argument("size", nargs="?", type=_size, help="offline: new filesystem size (default: as small as it goes)")
+    sh.add_argument("--online", metavar="SIZE", type=_size, help="inflate the balloon to SIZE (0 deflates it)")
     cmd("compact", cmd_compact, "move clusters into holes and cut the file (detached)")
 
     def repack_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
-        sp.add_argument("--budget-mib-s", type=float, metavar="N", help="move at most N MiB/s")
-        sp.add_argument("--max-seconds", type=float, metavar="S", help="start no move after S seconds")
-        sp.add_argument("--json", action="store_true")
+        sp.add_argument("--budget-mib-s", type=_positive, metavar="N", help="move at most N MiB/s")
+        sp.add_argument("--max-seconds", type=_positive, metavar="S", help="start no move after S seconds")
 
     rp_ = cmd("repack", cmd_repack, "move live data out of partly used clusters (attached and mounted)")
     repack_options(rp_)
@@ -609,8 +663,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     im_.add_argument("source", metavar="RAW|QCOW2", help="disk file (or block device) to bring in")
     im_.add_argument("image", metavar="DIR", help="image directory to create")
     im_.add_argument("--format", choices=("raw", "qcow2"), help="the source's format (default: from its header)")
-    im_.add_argument("--size", help="virtual size of the image (default: the disk's; never smaller)")
-    im_.add_argument("--cluster", help="cluster size (default 1M)")
+    im_.add_argument("--size", type=_size, help="virtual size of the image (default: the disk's; never smaller)")
+    im_.add_argument("--cluster", type=_size, help="cluster size (default 1M)")
     im_.add_argument("--force", action="store_true", help="replace an image already in DIR")
     ex = cmd("export", cmd_export, "write the image's disk to a sparse raw file or a qcow2")
     ex.add_argument("target", metavar="RAW|QCOW2", help="file to write")
@@ -620,17 +674,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--force", action="store_true", help="replace an existing file")
 
     ve = sub.add_parser("ve", help="VEs: an id paired with an image and a mount point")
-    vsub = ve.add_subparsers(dest="ve_command", required=True)
+    vsub = ve.add_subparsers(dest="ve_command", required=True, metavar="VERB")
 
     def vcmd(name: str, func, help: str) -> argparse.ArgumentParser:
         sp = vsub.add_parser(name, help=help)
         state(sp)
+        json_flag(sp)
         sp.set_defaults(func=run, image_func=func)
         return sp
 
     vc = vcmd("create", cmd_ve_create, "create a VE with a new image")
     vc.add_argument("id")
-    vc.add_argument("--size", required=True)
+    vc.add_argument("--size", required=True, type=_size)
     vc.add_argument("--mountpoint", help="default <state-dir>/root/ID")
     vc.add_argument("--image", help="image directory (default <state-dir>/images/ID)")
     vc.add_argument("--label", action="append", metavar="KEY=VALUE")
@@ -641,8 +696,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vse = vcmd("set", cmd_ve_set, "change a VE's settings (taking effect at its next start)")
     vse.add_argument("id")
     vse.add_argument("--discard", choices=("on", "off"), help="mount with online discard (default on)")
-    vl = vcmd("list", cmd_ve_list, "list VEs")
-    vl.add_argument("--json", action="store_true")
+    vcmd("list", cmd_ve_list, "list VEs")
     vs = vcmd("show", cmd_ve_show, "one VE and its image")
     vs.add_argument("id")
     vst = vcmd("start", cmd_ve_start, "check, attach and mount (also after a crash or reboot)")
@@ -656,7 +710,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     repack_options(vrp)
     vsh = vcmd("shrink", cmd_ve_shrink, "shrink a running VE to SIZE and give the space back (--online)")
     vsh.add_argument("id")
-    vsh.add_argument("--to", required=True, metavar="SIZE", help="new usable size: 1G, 512M, ...")
+    vsh.add_argument("--to", required=True, metavar="SIZE", type=_size, help="new usable size: 1G, 512M, ...")
     vsh.add_argument("--online", action="store_true", help="repack the data above SIZE away, lay the balloon there")
     repack_options(vsh)
     vd = vcmd("destroy", cmd_ve_destroy, "stop and remove a VE (and its image)")
@@ -664,10 +718,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vd.add_argument("--keep-image", action="store_true")
 
 
+def _ve(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "image": r.image, "mountpoint": r.mountpoint, "running": r.running, "loop": r.loop,
+            "labels": r.labels, "created": r.created, "reason": r.reason, "discard": r.discard}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Image and VE errors (a bad image, a missing VE, a failed mkfs) are one line and exit 1."""
+    """Image and VE errors (a bad image, a missing or existing VE, a failed mkfs) are one line
+    and exit 1 (with --json also ``{"ok": false, "error": ...}`` on stdout); a usage error or a
+    bad --config goes on to ``cli.main``, which exits 2."""
+    if getattr(args, "config", None):
+        from ..config import load_config
+
+        load_config(args.config)  # a bad config is 2 whatever the verb, before anything is touched
     try:
         return args.image_func(args)
-    except FsnotifydError as e:
-        print(f"fsnotifyd: {e}", file=sys.stderr)
-        return 1
+    except UsageError:
+        raise
+    except (FsnotifydError, OSError) as e:  # the registry's ConfigErrors too: "no VE '999'" is a failed lookup
+        # An OSError here is the operation failing on the host (permission, a full disk), not a traceback.
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"fsnotifyd: {message}", file=sys.stderr)
+        emit(args, {"ok": False, "error": message})
+        return FAILED

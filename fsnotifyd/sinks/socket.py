@@ -1,7 +1,8 @@
 """The control socket: live event streams for subscribers, status, and a few operator requests.
 
 Protocol: the client sends one JSON object on one line, the server answers with JSON lines.
-``{"op": "tail", "kinds": [...], "ves": [...]}`` is acknowledged with ``{"ok": true}`` once the
+``{"op": "tail", "kinds": [...], "ves": [...]}`` is acknowledged with ``{"ok": true, "version": V}``
+(the daemon's version: the one line where the stream says who sends it) once the
 subscription is in place (so a client knows that nothing published from then on is missed),
 then every matching event follows, one per line. ``{"op": "status"}`` answers one line, and so
 do the operations the daemon adds (``reload``, ``release``).
@@ -31,6 +32,7 @@ from typing import Any, Awaitable, Callable
 import structlog
 
 from ..events import Event, KindFilter
+from ..version import __version__
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -114,6 +116,9 @@ def validate(req: Any, known_ops: tuple[str, ...]) -> dict[str, Any]:
         if key not in req:
             raise BadRequest(f"op {op!r} needs {key!r}")
     return req
+
+
+_TAIL_ACK = (json.dumps({"ok": True, "version": __version__}) + "\n").encode()
 
 
 @dataclass
@@ -241,12 +246,12 @@ class SocketSink:
         op = req["op"]
         if op == "status":
             self.count(op, "ok")
-            await self._reply(writer, {"ok": True, **self.status()})
+            await self._reply(writer, {"ok": True, "version": __version__, **self.status()})
         elif op == "tail":
             sub = _Subscriber(writer, req.get("kinds") or KindFilter(), frozenset(req.get("ves") or []))
             self._subs.append(sub)
             self.count(op, "ok")
-            writer.write(b'{"ok":true}\n')
+            writer.write(_TAIL_ACK)
             try:
                 await reader.read()  # the client closing its end ends the subscription
             finally:

@@ -72,12 +72,13 @@ from ..events import Event, KindFilter, hostname, rfc3339
 from ..metrics import Metrics
 from ..sinkvalues import webhook_url
 from ..statefile import FileHealth, FileState
+from ..version import __version__
 from .backlog import Backlog, Item
 
 log = structlog.get_logger("fsnotifyd")
 
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
-USER_AGENT = "fsnotifyd"
+USER_AGENT = f"fsnotifyd/{__version__}"  # product/version (RFC 9110), so the endpoint sees which daemon posts
 REJECTED = "rejected.jsonl"
 LOG_INTERVAL_S = 60.0
 MAX_RESPONSE_BYTES = 64 << 10  # more than this and the connection is dropped rather than drained

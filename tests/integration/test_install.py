@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fsnotifyd.version import __version__
 from tests.conftest import kernel_missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +63,18 @@ def test_install_puts_everything_in_its_place(staged: Path) -> None:
                         "from fsnotifyd.image import fastio\nassert fastio.load() is not None"],
                        capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
+    # The wheel's version is fsnotifyd/version.py's (pyproject reads it there), seen from a shell.
+    r = subprocess.run(f"{fsnotifyd} --version", shell=True, capture_output=True, text=True, cwd="/")
+    assert (r.returncode, r.stdout) == (0, f"fsnotifyd {__version__}\n"), r.stderr
+    # Completion and the man page, generated from the installed CLI's parser, where bash, zsh and man look.
+    share = staged / "usr/local/share"
+    bash = share / "bash-completion/completions/fsnotifyd"
+    r = subprocess.run(["bash", "-c", f"source {bash}; complete -p fsnotifyd"], capture_output=True, text=True)
+    assert r.returncode == 0 and "_shtab_fsnotifyd" in r.stdout, r.stderr
+    assert (share / "zsh/site-functions/_fsnotifyd").read_text().startswith("#compdef fsnotifyd")
+    r = subprocess.run(["man", "-l", str(share / "man/man8/fsnotifyd.8")], capture_output=True, text=True,
+                       env={**os.environ, "MANPAGER": "cat"})
+    assert r.returncode == 0 and "COMMAND 'fsnotifyd image check'" in r.stdout and f"fsnotifyd {__version__}" in r.stdout
 
 
 def test_staged_daemon_runs_from_its_own_venv(staged: Path, bpf_ready, tmp_path: Path) -> None:
@@ -118,7 +131,8 @@ def test_reinstall_keeps_the_operators_config_and_uninstall_removes_the_rest(sta
     r = subprocess.run([str(REPO / "scripts/uninstall.sh"), "--root", str(staged)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for gone in ("opt/fsnotifyd", "etc/systemd/system/fsnotifyd.service", "usr/local/sbin/fsnotifyd",
-                 "usr/share/doc/fsnotifyd"):
+                 "usr/share/doc/fsnotifyd", "usr/local/share/bash-completion/completions/fsnotifyd",
+                 "usr/local/share/zsh/site-functions/_fsnotifyd", "usr/local/share/man/man8/fsnotifyd.8"):
         assert not os.path.lexists(staged / gone), gone
     assert cfg.exists()  # kept without --purge
     r = subprocess.run([str(REPO / "scripts/uninstall.sh"), "--root", str(staged), "--purge"], capture_output=True,

@@ -34,6 +34,7 @@ from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel, rfc3339
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.webhook import REJECTED, Backoff, RateLimit, WebhookSink, retryable
+from fsnotifyd.version import __version__
 from tests.rigs.net import free_port
 
 HOST = "vm7"
@@ -254,7 +255,7 @@ def event(i: int, kind: str = "fs.error", ve: str | None = "101", device: str | 
 
 def check_cloudevent(req: Request, ev: Event) -> None:
     assert req.headers["Content-Type"] == "application/cloudevents+json; charset=utf-8"
-    assert req.headers["User-Agent"] == "fsnotifyd"
+    assert req.headers["User-Agent"] == f"fsnotifyd/{__version__}"
     body = req.json
     expected = {
         "specversion": "1.0",

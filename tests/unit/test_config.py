@@ -70,6 +70,16 @@ class TestErrors:
             ("sinks:\n  smtp: {}\n", 2, "sinks.smtp", "unknown key"),
             ("control:\n  group: no-such-group-here\n", 2, "control.group", "no such group"),
             ("control:\n  max_request_bytes: 10\n", 2, "control.max_request_bytes", "at least"),
+            # Half a TLS block would be served as plain HTTP by prometheus-client: refused.
+            ("metrics:\n  tls:\n    certfile: /c.pem\n", 3, "metrics.tls.keyfile", "needs both certfile and keyfile"),
+            ("metrics:\n  tls:\n    keyfile: /k.pem\n", 3, "metrics.tls.certfile", "missing required key"),
+            ("metrics:\n  tls:\n    certfile: /c\n    keyfile: /k\n    cafile: /ca\n", 5, "metrics.tls.cafile",
+             "unknown key; expected one of: certfile, keyfile, client_cafile, client_capath, min_version"),
+            ("metrics:\n  tls:\n    certfile: /c\n    keyfile: /k\n    min_version: 1.1\n", 5,
+             "metrics.tls.min_version", "expected 1.2 or 1.3, got 1.1"),
+            ("metrics:\n  tls:\n    certfile: 42\n    keyfile: /k\n", 3, "metrics.tls.certfile", "expected a string"),
+            ("metrics:\n  tls:\n    certfile: ''\n    keyfile: /k\n", 3, "metrics.tls.certfile", "must be a path"),
+            ("metrics:\n  tls: [a]\n", 2, "metrics.tls", "expected a mapping"),
         ],
     )
     def test_error_names_line_and_field(self, text, line, field, words):
@@ -231,3 +241,16 @@ class TestSinkValuesCheckedOnce:
         with pytest.raises(ValueError) as by_sink:
             syslog.SyslogSink(SyslogConfig(facility="daemons"))
         assert str(by_config.value) == f"c.yaml:2: {by_sink.value} (field 'sinks.syslog.facility')"
+
+
+class TestMetricsTLS:
+    def test_parsed(self):
+        """A TLS block with a client CA; min_version may be written as a YAML number."""
+        cfg = parse_config("metrics:\n  port: 9857\n  tls:\n    certfile: /etc/t/c.pem\n    keyfile: /etc/t/k.pem\n"
+                           "    client_cafile: /etc/t/ca.pem\n    min_version: 1.3\n", "c.yaml")
+        tls = cfg.metrics_tls
+        assert tls is not None and (tls.certfile, tls.keyfile, tls.client_cafile, tls.min_version) == (
+            "/etc/t/c.pem", "/etc/t/k.pem", "/etc/t/ca.pem", "1.3")
+        assert tls.client_auth
+        assert load_config(None).metrics_tls is None  # plain HTTP unless asked
+        assert parse_config("metrics: {tls: null}\n").metrics_tls is None

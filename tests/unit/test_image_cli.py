@@ -83,5 +83,8 @@ def test_compact_after_discards_cuts_the_file(image, tmp_path, capsys):
 def test_errors_are_one_line_naming_the_file(tmp_path, capsys):
     rc, _, err = cli(capsys, "image", "info", str(tmp_path / "nope"), "--state-dir", str(tmp_path))
     assert rc == 1 and "DiskDescriptor.xml" in err and "Traceback" not in err
-    rc, _, err = cli(capsys, "image", "create", str(tmp_path / "x"), "--size", "lots", "--state-dir", str(tmp_path))
-    assert rc == 1 and "not a size" in err
+    # A bad size is a usage error (2, as argparse's own), caught before anything is made.
+    with pytest.raises(SystemExit) as exited:
+        main(["image", "create", str(tmp_path / "x"), "--size", "lots", "--state-dir", str(tmp_path)])
+    assert exited.value.code == 2 and "not a size: 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

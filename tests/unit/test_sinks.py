@@ -18,6 +18,7 @@ from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.journal import JournalSink
 from fsnotifyd.sinks.prometheus import MetricsSink
 from fsnotifyd.sinks.socket import SocketSink
+from fsnotifyd.version import __version__
 
 
 def ev(kind="fs.error", ve=None) -> Event:
@@ -131,7 +132,7 @@ class TestSocket:
             await sink.start()
             r, w = await asyncio.open_unix_connection(sink.path)
             w.write(b'{"op":"tail","kinds":["fs.*"],"ves":["101"]}\n')
-            assert json.loads(await r.readline()) == {"ok": True}
+            assert json.loads(await r.readline()) == {"ok": True, "version": __version__}
             for e in (ev("fs.error", "101"), ev("dev.add", "101"), ev("fs.readonly", "102"), ev("fs.readonly", "101")):
                 sink.publish(e)
             got = [json.loads(await r.readline())["kind"] for _ in range(2)]
