@@ -238,7 +238,7 @@ def build_tools(work: Path) -> tuple[list[str], list[str], str]:
 @contextlib.contextmanager
 def loop_fs(work: Path, name: str, size_mb: int, mkfs_args: tuple[str, ...] = ()):
     """A loop-mounted ext4 of our own; unmounted and its loop detached (by name) on exit."""
-    from fsnotifyd.testing import loop_ext4
+    from tests.rigs.loop import loop_ext4
 
     d = work / f"fs-{name}"
     d.mkdir()
@@ -460,7 +460,8 @@ def enospc_events(path: Path, ve: str) -> list[dict]:
 
 
 def storm(args, work: Path, writer: list[str]) -> dict:
-    from fsnotifyd.testing import RunningDaemon, scratch_cgroup
+    from tests.rigs.cgroup import scratch_cgroup
+    from tests.rigs.daemon import RunningDaemon
 
     tck = os.sysconf("SC_CLK_TCK")
     ve = "ve-bench-space"

@@ -67,7 +67,7 @@ def main() -> int:
     from fsnotifyd.actions import isolate
     from fsnotifyd.actions.target import Targets
     from fsnotifyd.image import attach
-    from fsnotifyd.testing import RunningDaemon
+    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
 
     work = Path(tempfile.mkdtemp(prefix="fsnd-bench-iso-", dir=args.dir))

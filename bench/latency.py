@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsnotifyd.testing import RunningDaemon, loop_ext4  # noqa: E402
+from tests.rigs.daemon import RunningDaemon  # noqa: E402
+from tests.rigs.loop import loop_ext4  # noqa: E402
 
 # Each bare reader prints "ready" once its kernel handle is open, then one line per record it
 # read: "<CLOCK_MONOTONIC ns> <trigger index or -1>". Only the standard library: no daemon code.

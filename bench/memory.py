@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsnotifyd.testing import RunningDaemon  # noqa: E402
+from tests.rigs.daemon import RunningDaemon  # noqa: E402
 
 
 def proc_status(pid: int) -> dict[str, int]:

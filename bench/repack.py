@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchutil import machine_facts  # noqa: E402
-from fsnotifyd.testing import churn, tree_digests  # noqa: E402
+from tests.rigs.files import churn, tree_digests  # noqa: E402
 
 
 def fsnd(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -25,8 +25,9 @@ import signal
 import sys
 import time
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
+from .app import controlclient
 from .app.output import FAILED, OK, USAGE, emit, error, json_flag, logs_to_stderr
 from .config import Config, default_config_text, load_config
 from .errors import ConfigError, RuleError, RuleErrors, UsageError
@@ -69,30 +70,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(cfg, events_out=args.events_out, notifier=notifier)
-        loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
+        loop.add_signal_handler(signal.SIGHUP, daemon.control.reload_rules)
         await daemon.run(stop)
 
     asyncio.run(main())
     return 0
 
 
-async def _request(path: str, req: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_unix_connection(path, limit=16 << 20)
-    writer.write((json.dumps(req) + "\n").encode())
-    await writer.drain()
-    return reader, writer
-
-
-async def _ask_async(path: str, op: str) -> dict[str, Any]:
-    reader, writer = await _request(path, {"op": op})
-    line = await reader.readline()
-    writer.close()
-    return json.loads(line)
-
-
 def _ask(args: argparse.Namespace, op: str) -> dict[str, Any]:
     """One request to the daemon, one reply."""
-    return asyncio.run(_ask_async(_socket_path(args), op))
+    return asyncio.run(controlclient.ask(_socket_path(args), op))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -163,33 +150,9 @@ def _print_files(files: dict[str, dict[str, Any]]) -> None:
         print(f"  {path}: {f.get('errno')} ({f.get('error')}){since}, {f.get('refused', 0)} writes refused")
 
 
-async def _stream(args: argparse.Namespace, out, duration: float | None) -> int:
-    reader, writer = await _request(
-        _socket_path(args), {"op": "tail", "kinds": args.kind or [], "ves": args.ve or []}
-    )
-    ack = json.loads(await reader.readline() or b"{}")
-    if not ack.get("ok"):
-        print(f"fsnotifyd: {ack.get('error', 'no answer from daemon')}", file=sys.stderr)
-        return 1
-    deadline = None if duration is None else time.monotonic() + duration
-    n = 0
-    try:
-        while True:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                break
-            try:
-                line = await asyncio.wait_for(reader.readline(), timeout)
-            except TimeoutError:
-                break
-            if not line:
-                break
-            out.write(line.decode())
-            out.flush()
-            n += 1
-    finally:
-        writer.close()
-    return 0
+async def _stream(args: argparse.Namespace, out: TextIO, duration: float | None) -> int:
+    req = {"op": "tail", "kinds": args.kind or [], "ves": args.ve or []}
+    return await controlclient.stream(_socket_path(args), req, out, duration)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -253,7 +216,7 @@ def cmd_rules_reload(args: argparse.Namespace) -> int:
     so it returns only once the daemon has finished the reload."""
     path = _socket_path(args)
     try:
-        reply = asyncio.run(asyncio.wait_for(_ask_async(path, "reload"), RELOAD_TIMEOUT_S))
+        reply = asyncio.run(asyncio.wait_for(controlclient.ask(path, "reload"), RELOAD_TIMEOUT_S))
     except PermissionError as e:
         return _not_asked(args, f"not allowed to use the daemon's socket {path} ({e.strerror}): run as root or "
                                 "as a member of the control group (config: control.group)")

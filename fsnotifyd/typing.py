@@ -1,9 +1,12 @@
-"""The small interfaces the daemon's parts meet at (documented aliases and Protocols)."""
+"""The small interfaces the daemon's parts meet at (documented aliases and Protocols).
+
+The Protocols are runtime-checkable so tests can hold the fakes of :mod:`fsnotifyd.testing`
+to them (``isinstance`` sees the names; tests/unit/test_fakes.py also compares signatures)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 from .events import Event, Kernel, Observation
 
@@ -14,6 +17,7 @@ Ready = Callable[[], None]
 """A source calls this once its kernel handle is open, so start-up can report readiness."""
 
 
+@runtime_checkable
 class Source(Protocol):
     name: str
 
@@ -24,6 +28,7 @@ class Source(Protocol):
         """
 
 
+@runtime_checkable
 class Sink(Protocol):
     name: str
 
@@ -43,14 +48,17 @@ class ErrorCounter:
     last_error_time: float | None
 
 
+@runtime_checkable
 class ErrorCounters(Protocol):
     def read(self, device_name: str) -> ErrorCounter | None:
         """Read the counter of the filesystem on ``device_name`` now, or None if it has none."""
 
 
+@runtime_checkable
 class StateStore(Protocol):
     def get(self, key: str) -> int | None: ...
 
     def set(self, key: str, value: int) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> bool:
+        """Write what changed; False when the disk refused it (kept, tried again next time)."""

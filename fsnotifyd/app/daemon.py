@@ -1,9 +1,11 @@
 """Start-up, the main loop and teardown of the daemon.
 
 Start-up order: state and rules first (invalid rules stop the daemon before it touches
-anything), sinks (so the first event has somewhere to go), then the sources, each supervised on its own: a source that cannot run on this host is reported down
-with its reason and the daemon goes on with the rest; one that fails is retried with backoff.
-The daemon reports itself ready once every source is either up or down with a reason.
+anything), sinks (so the first event has somewhere to go), then the sources, each supervised on
+its own (:mod:`.supervisor`). The daemon reports itself ready once every source is either up or
+down with a reason. What the control socket asks is answered in :mod:`.control`; the image
+exporters' watchdog is :mod:`.imagewatch`. Every piece of runtime state is a field of
+:class:`Daemon`, set by the start-up step named beside it.
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
-from ..config import Config, SourceConfig, parse_window, resolve_group
+from ..config import Config, parse_window, resolve_group
 from ..correlator import Correlator, CorrelatorSettings
-from ..errors import RuleError, RuleErrors, SourceUnavailable
+from ..errors import RuleError, RuleErrors
 from ..events import Event, Observation
-from ..inventory import Inventory, Placement
+from ..inventory import Inventory
 from ..metrics import Metrics
 from ..version import __version__
 from ..sinks.journal import JournalSink
@@ -38,15 +39,19 @@ from ..actions.journal import JobJournal
 from ..actions.target import Targets
 from ..rules.engine import FIRED, Engine, decision_event
 from ..rules.loader import load_rules
+from ..rules.schema import RuleSet
 from ..statefile import FileHealth, JsonStateStore, StateFile, read_json
 from ..trust import untrusted_reason
 from ..typing import Sink, Source
-from ..image.attach import attached, control, run_watchdog
+from ..image.attach import attached
 from ..ve.registry import Registry
+from .control import Control
+from .imagewatch import ImageWatchdog
 from .sdnotify import Notifier
+from .supervisor import SourceStatus, Supervisor
 
-WATCHDOG_INTERVAL = 2.0  # seconds between checks of every attached image's exporter
-WATCHDOG_TIMEOUT = 5.0  # an exporter that does not answer its status in this long is hung
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = structlog.get_logger("fsnotifyd")
 
@@ -55,48 +60,6 @@ def default_rules_path() -> str:
     from importlib import resources
 
     return str(resources.files("fsnotifyd").joinpath("rules", "default.yaml"))
-
-
-@dataclass
-class SourceStatus:
-    up: bool = False
-    reason: str | None = None
-    hint: str | None = None
-    observations: int = 0
-    restarts: int = 0
-
-
-class Bus:
-    """The bounded queue between sources and the correlator; overflow is counted, not hidden."""
-
-    def __init__(self, size: int, metrics: Metrics, statuses: dict[str, SourceStatus]) -> None:
-        # None is a wake-up at shutdown, not an observation.
-        self.queue: asyncio.Queue[Observation | None] = asyncio.Queue(maxsize=size)
-        self.metrics = metrics
-        self.statuses = statuses
-        self.dropped = 0
-
-    def sender(self, name: str) -> Callable[[Observation], None]:
-        status = self.statuses[name]
-        counter = self.metrics.observations.labels(name)
-        debug = log.is_enabled_for(10) if hasattr(log, "is_enabled_for") else False
-
-        def send(obs: Observation) -> None:
-            if debug:
-                log.debug("observation", source=obs.source, kind=obs.kind,
-                          device=obs.device and obs.device.name, function=obs.kernel.function,
-                          errno=obs.kernel.errno, count=obs.count, errors_total=obs.errors_total)
-            status.observations += 1
-            counter.inc()
-            if obs.kind == "events.lost":
-                self.metrics.lost.labels(obs.source, str(obs.details.get("reason", "unknown"))).inc(obs.count)
-            try:
-                self.queue.put_nowait(obs)
-            except asyncio.QueueFull:
-                self.dropped += 1
-                self.metrics.lost.labels(name, "queue_full").inc()
-
-        return send
 
 
 @dataclass
@@ -112,10 +75,38 @@ class Daemon:
     counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     registry: dict[str, Any] = field(default_factory=lambda: dict(REGISTRY))
-    _closing: bool = False
-    _announced_ready: bool = False  # READY=1 sent: from then on a reload is told to systemd
     # The daemon's own files (state, journals) the disk refuses now: kept in memory, retried.
     files: FileHealth = field(default_factory=FileHealth)
+
+    # -- runtime state -----------------------------------------------------------------------
+    # Set by the start-up steps of ``run`` in this order; a field without a default is read
+    # only after its step. None where the step may leave it unset (no metrics port, actions
+    # off) or where it is read before its step (a SIGHUP, the rules' labels).
+    closing: bool = field(default=False, init=False)
+    announced_ready: bool = field(default=False, init=False)  # READY=1 sent: reloads are told to systemd
+    control: Control = field(init=False, repr=False)  # __post_init__
+    supervisor: Supervisor = field(init=False, repr=False)  # __post_init__; its tasks: open_sources
+    image_watchdog: ImageWatchdog = field(init=False, repr=False)  # __post_init__; runs: start_image_watchdog
+    ledger: JsonStateStore = field(init=False, repr=False)  # open_state
+    rule_paths: list[str] = field(init=False, repr=False)  # load_rules
+    engine: Engine = field(init=False, repr=False)  # load_rules; replaced by a reload
+    rules_state_path: str = field(init=False, repr=False)  # load_rules
+    rules_state_file: StateFile = field(init=False, repr=False)  # load_rules
+    rules_status: dict[str, Any] | None = field(default=None, init=False, repr=False)  # load_rules
+    inventory: Inventory | None = field(default=None, init=False, repr=False)  # build_inventory
+    socket: SocketSink = field(init=False, repr=False)  # open_sinks
+    metrics_server: WSGIServer | None = field(default=None, init=False, repr=False)  # start_metrics
+    executor: Executor | None = field(default=None, init=False, repr=False)  # start_actions
+    action_journal: JobJournal | None = field(default=None, init=False, repr=False)  # start_actions
+    counters: Ext4Counters = field(init=False, repr=False)  # build_correlator
+    correlator: Correlator = field(init=False, repr=False)  # build_correlator
+    loop_tick: float = field(default=0.0, init=False, repr=False)  # correlate: its loop's last turn
+
+    def __post_init__(self) -> None:
+        self.control = Control(self)
+        self.supervisor = Supervisor(self.metrics, self.statuses, self.sources, self.config.queue_size)
+        self.image_watchdog = ImageWatchdog(self.config.state_dir, self.metrics,
+                                            ves=lambda: self.inventory.ves if self.inventory is not None else [])
 
     # -- steps -------------------------------------------------------------------------------
     def open_state(self) -> None:
@@ -136,18 +127,18 @@ class Daemon:
     def load_rules(self) -> None:
         """Refuses to start on rules with errors (RuleErrors propagate to the CLI)."""
         self.rule_paths = list(self.config.rules) if self.config.rules is not None else [default_rules_path()]
-        self.engine = self._new_engine(self._load_trusted_rules())
+        self.engine = self.new_engine(self.load_trusted_rules())
         self.rules_state_path = os.path.join(self.config.state_dir, "rules-state.json")
         self.rules_state_file = StateFile(self.rules_state_path, self.files)
         saved, error = read_json(self.rules_state_path)
         if error:
             log.warning("state.corrupt", detail=error)
         restored = self.engine.restore(saved) if isinstance(saved, dict) else 0
-        self.rules_status: dict[str, Any] = {"files": self.rule_paths, "rules": len(self.engine.compiled.rules),
-                                             "restored_state": restored, "last_reload_error": None}
+        self.rules_status = {"files": self.rule_paths, "rules": len(self.engine.compiled.rules),
+                             "restored_state": restored, "last_reload_error": None}
         log.info("rules.loaded", files=self.rule_paths, rules=len(self.engine.compiled.rules), restored_state=restored)
 
-    def _load_trusted_rules(self):
+    def load_trusted_rules(self) -> RuleSet:
         """Rules decide what root does to VEs: a rules file others can write is refused."""
         if os.geteuid() == 0:
             errors = [RuleError(f"refusing rules file: {reason}; only root may be able to write it "
@@ -157,57 +148,16 @@ class Daemon:
                 raise RuleErrors(errors)
         return load_rules(self.rule_paths)
 
-    def _new_engine(self, ruleset) -> Engine:
+    def new_engine(self, ruleset: RuleSet) -> Engine:
         return Engine(ruleset, labels_of=self._labels_of)
 
     def _labels_of(self, ve_id: str) -> dict[str, str]:
         # The inventory's VEs, not only the config's: VEs created with `fsnotifyd ve` come and
         # go while the daemon runs.
-        inventory = getattr(self, "inventory", None)
-        for ve in (inventory.ves if inventory is not None else self.config.ves):
+        for ve in (self.inventory.ves if self.inventory is not None else self.config.ves):
             if ve.id == ve_id:
                 return dict(ve.labels)
         return {}
-
-    def reload_rules(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
-        """SIGHUP or ``fsnotifyd rules reload``: new rules, or the old ones kept and why.
-
-        Told to systemd as RELOADING=1 ... READY=1 (READY also after a refused reload: the
-        daemon runs on with the old rules), so ``systemctl reload`` covers the whole reload."""
-        if getattr(self, "rules_status", None) is None:
-            # SIGHUP before the first rules were loaded: those are read from the files anyway.
-            return {"ok": False, "error": "the daemon is still starting; its rules are being loaded"}
-        announce = self._announced_ready
-        if announce:
-            self.notifier.reloading()
-        try:
-            return self._reload_rules()
-        finally:
-            if announce:
-                self.notifier.ready(self.status_line())
-
-    def _reload_rules(self) -> dict[str, Any]:
-        kept = len(self.engine.compiled.rules)
-        try:
-            engine = self._new_engine(self._load_trusted_rules())
-        except RuleErrors as e:
-            errors = [str(x) for x in e.errors]
-        except Exception as e:  # noqa: BLE001 - a reload must not cost the daemon its rules
-            log.exception("rules.reload_crashed")
-            errors = [f"internal error while loading the rules: {e!r}"]
-        else:
-            engine.restore(self.engine.state())  # windows and cooldowns of rules that remain
-            self.engine = engine
-            self.rules_status.update(rules=len(engine.compiled.rules), last_reload_error=None)
-            self.metrics.rules_reloads.labels("ok").inc()
-            log.info("rules.reloaded", rules=len(engine.compiled.rules))
-            return {"ok": True, "rules": len(engine.compiled.rules)}
-        self.rules_status["last_reload_error"] = errors
-        self.metrics.rules_reloads.labels("failed").inc()
-        log.error("rules.reload_failed", errors=errors, kept=kept)
-        # "errors" marks a refusal: the CLI exits 1 on it, 2 on any other failed request.
-        return {"ok": False, "error": "rules not reloaded; the old rules stay in force", "errors": errors,
-                "rules": kept}
 
     def save_rules_state(self) -> bool:
         if self.engine.dirty and self.rules_state_file.write(self.engine.state()):
@@ -219,7 +169,7 @@ class Daemon:
         raises for a refused write: the values stay in memory until it lands."""
         self.ledger.flush()
         self.save_rules_state()
-        if getattr(self, "executor", None) is not None:
+        if self.action_journal is not None:
             self.action_journal.flush()
 
     def build_inventory(self) -> None:
@@ -227,9 +177,8 @@ class Daemon:
         run_dir = os.path.join(self.config.state_dir, "run")
         # Which image a loop device serves (the attachment records): the thinness figures of
         # fs.alloc read that image's BAT.
-        self.inventory = Inventory(ves=list(self.config.ves), provider=registry.ves,
-                                   images=lambda: [(a.disk, a.image) for a in attached(run_dir)])
-        inventory = self.inventory
+        self.inventory = inventory = Inventory(ves=list(self.config.ves), provider=registry.ves,
+                                               images=lambda: [(a.disk, a.image) for a in attached(run_dir)])
         self.metrics.bind_mounted(lambda: [(p.device.name or "", p.ve or "") for p in inventory.mounts()])
 
     async def open_sinks(self) -> None:
@@ -254,29 +203,14 @@ class Daemon:
                                self.metrics, host=os.uname().nodename, health=self.files)
             sink.start()
             self.sinks.append(sink)
-        self.socket = SocketSink(cfg.socket, status=self.status,
-                                 ops={"reload": self.reload_rules, "release": self.release_ve},
+        self.socket = SocketSink(cfg.socket, status=self.control.status,
+                                 ops={"reload": self.control.reload_rules, "release": self.control.release_ve},
                                  gid=resolve_group(cfg.control.group), max_request=cfg.control.max_request_bytes,
                                  max_clients=cfg.control.max_clients,
                                  count=lambda op, result: self.metrics.control_requests.labels(op, result).inc())
         await self.socket.start()
         self.sinks.append(self.socket)
         self.sinks.append(MetricsSink(self.metrics))
-
-    async def release_ve(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``fsnotifyd ve release``: undo an isolation, in a thread (it may stop/start a VE)."""
-        from ..actions import isolate
-        from ..actions.executor import ActionError
-
-        try:
-            rec = await asyncio.to_thread(isolate.release, Targets(self.config.state_dir, self.inventory.ves),
-                                          request["ve"])
-        except ActionError as e:
-            return {"ok": False, "error": str(e)}
-        log.info("ve.released", ve=request["ve"], mode=rec.get("mode"))
-        # In the journal too: it ends the incident the isolation was part of (`events log`).
-        self.publish(isolate.released_event(request["ve"], rec, os.uname().nodename), depth=1)
-        return {"ok": True, "ve": request["ve"], "mode": rec.get("mode"), "how": rec.get("how")}
 
     def start_metrics(self) -> None:
         if self.config.metrics_port is None:
@@ -292,94 +226,21 @@ class Daemon:
 
     def build_correlator(self) -> None:
         cfg = self.config
+        assert self.inventory is not None, "build_inventory comes first"
         self.counters = Ext4Counters()
         self.correlator = Correlator(
             inventory=self.inventory,
             publish=self.publish,
             counters=self.counters,
             ledger=self.ledger,
-            expected=self.expected_sources,
+            expected=self.supervisor.expected_sources,
             settings=CorrelatorSettings(cfg.window_ms / 1000, cfg.state_window_ms / 1000, cfg.io_window_ms / 1000),
         )
         self.metrics.bind_correlator(lambda: dataclasses.asdict(self.correlator.stats))
 
     def open_sources(self) -> None:
-        for name, factory in self.registry.items():
-            scfg = self.config.sources.get(name)
-            if scfg is not None and not scfg.enabled:
-                continue
-            self.statuses[name] = SourceStatus(reason="starting")
-            try:
-                self.sources[name] = factory(scfg or SourceConfig(), self.inventory)
-            except (ImportError, SourceUnavailable) as e:
-                self.statuses[name].reason = f"cannot load: {e}"
-        self.bus = Bus(self.config.queue_size, self.metrics, self.statuses)
-        self._ready_waiters = {name: asyncio.Event() for name in self.statuses}
-        for name, status in self.statuses.items():
-            if name not in self.sources:
-                self._source_down(name, status.reason or "unavailable")
-        self.tasks = [asyncio.create_task(self._supervise(n, s), name=f"source:{n}")
-                      for n, s in self.sources.items()]
-
-    # -- sources -----------------------------------------------------------------------------
-    async def _supervise(self, name: str, source: Source) -> None:
-        status = self.statuses[name]
-        send = self.bus.sender(name)
-        backoff = 1.0
-        while True:
-            def ready() -> None:
-                status.up, status.reason, status.hint = True, None, None
-                self.metrics.source_up.labels(name).set(1)
-                log.info("source.up", source=name)
-                send(Observation(source=name, kind="source.up", time=time.time(), details={"source": name}))
-                self._ready_waiters[name].set()
-
-            try:
-                await source.run(send, ready)
-                reason = "source ended"
-            except SourceUnavailable as e:
-                self._source_down(name, e.reason, e.hint)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure of one source must not stop the rest
-                reason = f"failed: {e!r}"
-                log.exception("source.failed", source=name)
-            self._source_down(name, reason)
-            status.restarts += 1
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-
-    def _source_down(self, name: str, reason: str, hint: str | None = None) -> None:
-        status = self.statuses[name]
-        status.up, status.reason, status.hint = False, reason, hint
-        self.metrics.source_up.labels(name).set(0)
-        log.warning("source.down", source=name, reason=reason, hint=hint)
-        self.bus.sender(name)(Observation(
-            source=name, kind="source.down", time=time.time(),
-            details={"source": name, "reason": reason, **({"hint": hint} if hint else {})},
-        ))
-        self._ready_waiters[name].set()
-
-    def expected_sources(self, kind: str, placement: Placement | None) -> frozenset[str]:
-        """Which running sources will report this kind of fact on this device."""
-        up = {n for n, s in self.statuses.items() if s.up}
-        if "bpf_errors" in up:
-            up.add("bpf")  # the source's observations carry the interface's name
-        want: set[str] = set()
-        if kind == "fs.error" and (placement is None or placement.fs in (None, "ext4")):
-            want.add("bpf")  # the tracepoint fires for every ext4 error, unthrottled
-        if kind in ("fs.error", "fs.warning", "fs.shutdown"):
-            want.add("kmsg")
-        if kind == "fs.error" and placement is not None and placement.device.devnum is not None:
-            fan = self.sources.get("fanotify")
-            if fan is not None and placement.device.devnum in getattr(fan, "marked", {}):
-                want.add("fanotify")
-        if kind == "fs.readonly":
-            want |= {"kmsg", "mountinfo"}
-        if kind == "fs.writable":
-            want.add("mountinfo")
-        return frozenset(want & up)
+        assert self.inventory is not None, "build_inventory comes first"
+        self.supervisor.start(self.registry, self.config.sources, self.inventory)
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, event: Event, *, depth: int = 0) -> None:
@@ -391,7 +252,7 @@ class Daemon:
                 self.metrics.sink_failures.labels(sink.name).inc()
                 log.exception("sink.failed", sink=sink.name, event_id=event.id)
         as_dict = event.to_dict()
-        if event.kind == "rule.matched" and getattr(self, "executor", None) is not None:
+        if event.kind == "rule.matched" and self.executor is not None:
             self.executor.submit(as_dict)
         if depth > 1:
             return  # rule.matched events may trigger rules once, never in a loop
@@ -400,47 +261,10 @@ class Daemon:
             if decision.outcome == FIRED:
                 self.publish(decision_event(decision, as_dict, event.host), depth=depth + 1)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
-            "sources": {n: {"up": s.up, "reason": s.reason, "hint": s.hint,
-                            "observations": s.observations, "restarts": s.restarts,
-                            **self._source_detail(n)}
-                        for n, s in self.statuses.items()},
-            "ves": [{"id": v.id, "mounts": list(v.mounts), "devices": list(v.devices),
-                     "images": list(v.images), "cgroup": v.cgroup} for v in self.inventory.ves],
-            "mounts": [{"device": p.device.name, "devnum": "%d:%d" % p.device.devnum if p.device.devnum else None,
-                        "mount": p.mount, "fs": p.fs, "ve": p.ve, "readonly": p.readonly,
-                        "backing_file": p.backing_file} for p in self.inventory.mounts()],
-            "events": dict(self.counts),
-            "correlator": dataclasses.asdict(self.correlator.stats),
-            "rules": {**self.rules_status, **dataclasses.asdict(self.engine.stats)},
-            "images": {"exporters_aborted": getattr(self, "exporters_aborted", 0), "attached": self._images()},
-            "lost": {"queue_full": self.bus.dropped},
-            "sinks": {s.name: s.status() for s in self.sinks
-                      if s is not self.socket and callable(getattr(s, "status", None))},
-            "control": {"group": self.config.control.group, "refused": self.socket.refused,
-                        "busy": self.socket.busy, "dropped_subscribers": self.socket.dropped_subscribers},
-            "actions": self._actions(),
-            "files": {f.path: f.as_dict() for f in self.files.files()},
-        }
-
-    def _actions(self) -> dict[str, Any]:
-        if getattr(self, "executor", None) is None:
-            return {"enabled": False}
-        jobs = self.action_journal.recent(20)
-        return {"enabled": True, "unfinished": len(self.action_journal.unfinished()),
-                "recent": [{"id": j.id, "action": j.action, "ve": j.ve, "state": j.state, "error": j.error,
-                            "steps": j.steps, "dry_run": j.dry_run} for j in jobs]}
-
-    def _source_detail(self, name: str) -> dict[str, Any]:
-        status = getattr(self.sources.get(name), "status", None)
-        return {"detail": status()} if callable(status) else {}
-
     # -- main loop ---------------------------------------------------------------------------
     async def correlate(self) -> None:
-        q, corr = self.bus.queue, self.correlator
+        bus, corr = self.supervisor.bus, self.correlator
+        q = bus.queue
         reported_drops = 0
         last_flush = time.monotonic()
         # kmsg readers are woken up to a tick after the record is stored; when a group waits
@@ -453,9 +277,9 @@ class Daemon:
                 if item is not None:
                     corr.observe(item)
 
-        # Ends on the _closing flag, not on cancellation: Python 3.11's wait_for can swallow a
+        # Ends on the closing flag, not on cancellation: Python 3.11's wait_for can swallow a
         # cancel that lands as the queue hands over an item, which under a storm it always is.
-        while not self._closing:
+        while not self.closing:
             self.loop_tick = time.monotonic()
             deadline = corr.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, deadline - corr.clock())
@@ -470,11 +294,11 @@ class Daemon:
             except TimeoutError:
                 pass
             corr.expire()
-            if self.bus.dropped > reported_drops:
+            if bus.dropped > reported_drops:
                 corr.observe(Observation(source="daemon", kind="events.lost", time=time.time(),
-                                         count=self.bus.dropped - reported_drops,
+                                         count=bus.dropped - reported_drops,
                                          details={"reason": "queue_full"}))
-                reported_drops = self.bus.dropped
+                reported_drops = bus.dropped
             if time.monotonic() - last_flush >= 1.0:
                 self.flush_state()
                 last_flush = time.monotonic()
@@ -490,13 +314,10 @@ class Daemon:
         self.open_sources()
         self.start_image_watchdog()
         correlating = asyncio.create_task(self.correlate(), name="correlator")
-        try:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready_waiters.values())), 10)
-        except TimeoutError:
-            log.warning("daemon.slow_start", waiting=[n for n, e in self._ready_waiters.items() if not e.is_set()])
+        await self.supervisor.wait_ready()
         log.info("daemon.ready", version=__version__, sources={n: s.up for n, s in self.statuses.items()})
-        self.notifier.ready(self.status_line())
-        self._announced_ready = True
+        self.notifier.ready(self.control.status_line())
+        self.announced_ready = True
         notifying = asyncio.create_task(self._notify_loop(), name="sd_notify") if self.notifier.enabled else None
         if self.on_ready:
             self.on_ready()
@@ -516,23 +337,6 @@ class Daemon:
             await self.teardown(correlating)
             self.notifier.close()
 
-    def status_line(self) -> str:
-        """One line for ``systemctl status``: what is up, what flowed, what was lost."""
-        up = [n for n, s in self.statuses.items() if s.up]
-        down = [n for n, s in self.statuses.items() if not s.up]
-        lost = sum(int(m.value) for m in self._lost_samples())
-        text = f"{len(up)}/{len(self.statuses)} sources up; {sum(self.counts.values())} events; {lost} lost"
-        text += f"; down: {', '.join(down)}" if down else ""
-        if failing := self.files.failing():
-            text += f"; cannot write {len(failing)} own file(s): {', '.join(sorted({f.errno or '' for f in failing}))}"
-        if (getattr(self, "rules_status", None) or {}).get("last_reload_error"):
-            text += "; rules reload failed, old rules kept"
-        return text
-
-    def _lost_samples(self):
-        for family in self.metrics.lost.collect():
-            yield from (x for x in family.samples if x.name.endswith("_total"))
-
     async def _notify_loop(self) -> None:
         """WATCHDOG=1 only while the correlator loop turns: a wedged daemon stops pinging and
         systemd restarts it. STATUS= whenever the status line changes."""
@@ -542,12 +346,12 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             if self.notifier.watchdog_s:
-                if time.monotonic() - getattr(self, "loop_tick", 0.0) < stale_after:
+                if time.monotonic() - self.loop_tick < stale_after:
                     self.notifier.watchdog()
                 else:
                     log.error("daemon.watchdog_withheld",
-                              since_s=round(time.monotonic() - getattr(self, "loop_tick", 0.0), 1))
-            line = self.status_line()
+                              since_s=round(time.monotonic() - self.loop_tick, 1))
+            line = self.control.status_line()
             if line != last_status:
                 self.notifier.status(line)
                 last_status = line
@@ -555,69 +359,25 @@ class Daemon:
     def start_actions(self) -> None:
         """The executor carries out fired decisions; unfinished jobs of the last run resume."""
         a = self.config.actions
-        self.executor: Executor | None = None
         if not a.enabled:
             log.info("actions.disabled")
             return
         targets = Targets(self.config.state_dir, self.config.ves)
         table = handlers(targets)
         timeouts = {name: a.timeout_s for name in table} | {"fsck": a.fsck_timeout_s}
-        self.action_journal = JobJournal(os.path.join(self.config.state_dir, "actions", "journal.jsonl"),
-                                         health=self.files)
+        self.action_journal = journal = JobJournal(os.path.join(self.config.state_dir, "actions", "journal.jsonl"),
+                                                   health=self.files)
         # Action events go through the rules once (an fsck.result may escalate to a repair).
-        self.executor = Executor(self.action_journal, table, lambda e: self.publish(e, depth=1),
+        self.executor = Executor(journal, table, lambda e: self.publish(e, depth=1),
                                  heavy_limit=a.concurrency, timeouts=timeouts, metrics=self.metrics,
                                  dry_run=a.dry_run,
                                  repair_window=parse_window(a.repair_window) if a.repair_window else None)
         resumed = self.executor.resume()
         log.info("actions.ready", resumed=len(resumed), concurrency=a.concurrency, dry_run=a.dry_run,
-                 journal_problems=self.action_journal.problems[:5])
+                 journal_problems=journal.problems[:5])
 
     def start_image_watchdog(self) -> None:
-        """A hung image exporter must not hang its VE's writers forever: the watchdog aborts its
-        FUSE connection; the VE's writers then get I/O errors, which the sources report."""
-        self.exporters_aborted = 0
-        self._exporters_seen: list[tuple[Any, dict[str, Any] | None]] = []
-        self.metrics.bind_images(self._exporter_figures)
-        self._watchdog_stop = threading.Event()
-        run_dir = os.path.join(self.config.state_dir, "run")
-        self._watchdog = threading.Thread(
-            target=run_watchdog, args=(run_dir, WATCHDOG_INTERVAL, self._watchdog_stop),
-            kwargs={"timeout": WATCHDOG_TIMEOUT, "on_abort": self._exporter_aborted,
-                    "on_pass": self._exporters_checked},
-            name="image-watchdog", daemon=True)
-        self._watchdog.start()
-
-    def _exporters_checked(self, seen: list[tuple[Any, dict[str, Any] | None]]) -> None:
-        self._exporters_seen = seen  # replaced whole: a scrape reads one round or the next
-
-    def _exporter_figures(self) -> list[tuple[str, str, dict[str, Any] | None]]:
-        """(image, VE id or "", status) per exporter the watchdog checked last, for metrics."""
-        inventory = getattr(self, "inventory", None)
-        out = []
-        for att, st in self._exporters_seen:
-            ve = next((v.id for v in (inventory.ves if inventory else []) if att.disk in v.images), "")
-            out.append((att.image, ve, st))
-        return out
-
-    def _images(self) -> list[dict[str, Any]]:
-        """Every attached image with what its exporter reports (I/O counts, errors, health)."""
-        out = []
-        for att in attached(os.path.join(self.config.state_dir, "run")):
-            try:
-                st = control(att, {"op": "status"}, timeout=1.0)
-            except Exception as e:  # a hung or dead exporter is exactly what status must show
-                st = {"ok": False, "healthy": False, "error": str(e)}
-            out.append({"image": att.image, "loop": att.loop, "mountpoint": att.mountpoint, "pid": att.pid,
-                        "healthy": bool(st.get("healthy")), "readonly": st.get("readonly", att.readonly),
-                        "errors": st.get("errors"), "stats": st.get("stats"), "error": st.get("error"),
-                        "data_path": ("python" if st.get("fast_path") is None else "c") if st.get("ok") else None})
-        return out
-
-    def _exporter_aborted(self, att: Any) -> None:
-        self.exporters_aborted += 1
-        log.error("image.exporter_aborted", image=att.image, loop=att.loop, pid=att.pid,
-                  reason=f"no answer within {WATCHDOG_TIMEOUT}s")
+        self.image_watchdog.start()
 
     def _stop_action_children(self, grace: float = 5.0) -> None:
         """Stop what running jobs started (e2fsck, resize2fs, exec programs). Under systemd's
@@ -642,23 +402,21 @@ class Daemon:
             log.warning("actions.children_killed", pids=children)
 
     async def teardown(self, correlating: asyncio.Task) -> None:
-        if getattr(self, "_watchdog_stop", None) is not None:
-            self._watchdog_stop.set()
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.image_watchdog.stop()
+        await self.supervisor.stop()
         # Observations already queued are facts the kernel reported: publish them before exit.
-        self._closing = True
+        self.closing = True
+        queue = self.supervisor.bus.queue
         with contextlib.suppress(asyncio.QueueFull):
-            self.bus.queue.put_nowait(None)  # wake the correlator up
+            queue.put_nowait(None)  # wake the correlator up
         with contextlib.suppress(Exception):
             await correlating
-        while not self.bus.queue.empty():
-            item = self.bus.queue.get_nowait()
+        while not queue.empty():
+            item = queue.get_nowait()
             if item is not None:
                 self.correlator.observe(item)
         self.correlator.flush()
-        if getattr(self, "executor", None) is not None:
+        if self.executor is not None and self.action_journal is not None:
             await self.executor.close()  # running jobs stay "running" in the journal: resumed at the next start
             # Closed first, so a handler thread that sees its program die below records nothing:
             # the job is left as it was, and resumed from its last finished step.
@@ -675,9 +433,8 @@ class Daemon:
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 sink.close()
-        server = getattr(self, "metrics_server", None)
-        if server is not None:
-            server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         log.info("daemon.stopped")
 
 

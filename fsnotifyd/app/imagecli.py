@@ -20,6 +20,7 @@ from ..errors import FsnotifydError, ImageError, UsageError
 from ..image import ops
 from ..image.info import human, image_info, parse_size
 from ..image.lock import exclusive
+from .controlclient import ask_blocking
 from .output import FAILED, OK, emit, json_flag
 from .progress import Progress, reporter
 
@@ -569,7 +570,7 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
     # group can release a VE without root, and the daemon's own view stays in step.
     socket_path = getattr(args, "socket", None) or cfg.socket
     if not args.state_dir and os.path.exists(socket_path):
-        reply = _ask_daemon(socket_path, {"op": "release", "ve": args.id})
+        reply = ask_blocking(socket_path, {"op": "release", "ve": args.id})
         if reply is not None:
             if not reply.get("ok"):
                 raise FsnotifydError(str(reply.get("error")))
@@ -584,27 +585,6 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
     emit(args, {"id": args.id, "released": True, "mode": rec.get("mode"), "how": rec.get("how"), "by_daemon": False},
          f"VE {args.id} released from isolation ({rec.get('mode')}: {rec.get('how')})")
     return OK
-
-
-def _ask_daemon(path: str, request: dict) -> dict | None:
-    """One request to the daemon's control socket; None when no daemon answers there."""
-    import json
-    import socket
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(600)  # a release may stop and start a VE (fsck included)
-            s.connect(path)
-            s.sendall((json.dumps(request) + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None
-    return json.loads(data) if data.strip() else {"ok": False, "error": "the daemon closed the connection"}
 
 
 def cmd_ve_destroy(args: argparse.Namespace) -> int:

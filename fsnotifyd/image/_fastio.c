@@ -492,13 +492,18 @@ int fio_write(const char *path, const char *buf, size_t size, off_t off, void *f
 }
 
 /* An importable module, so setup.py builds it like the others; Python reaches the functions
- * above through ctypes on this file (fastio.py). */
+ * above through ctypes on this file (fastio.py). The ABI is that interface (the functions'
+ * signatures, struct fio_stats): fsnotifyd.native refuses a module whose ABI is not
+ * fastio.ABI. Raise both together when it changes. */
+#define FSNOTIFYD_ABI 1
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "_fastio", .m_doc = "The exporter's C data path.", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__fastio(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && (PyModule_AddIntConstant(m, "DIRECT_ALIGN", DIRECT_ALIGN) < 0 ||
+    if (m != NULL && (PyModule_AddIntConstant(m, "ABI", FSNOTIFYD_ABI) < 0 ||
+                      PyModule_AddIntConstant(m, "DIRECT_ALIGN", DIRECT_ALIGN) < 0 ||
                       PyModule_AddIntConstant(m, "DIRECT_MIN", DIRECT_MIN) < 0)) {
         Py_DECREF(m);
         return NULL;

@@ -57,7 +57,10 @@ from . import descriptor as desc_mod
 
 log = structlog.get_logger("fsnotifyd.image.attach")
 
-EXPORTER_MODULE = "fsnotifyd.image.exporter"
+EXPORTER_MODULE = "fsnotifyd.app.exporter"  # the process's entry point (it sets up logging)
+# What exporters started by an earlier version run: still ours after an upgrade (they serve
+# running VEs' disks across daemon restarts).
+EXPORTER_MODULES = (EXPORTER_MODULE, "fsnotifyd.image.exporter")
 FUSECTL = "/sys/fs/fuse/connections"
 REQUEST_TIMEOUT_SYSCTL = "/proc/sys/fs/fuse/default_request_timeout"
 
@@ -243,7 +246,7 @@ def _is_our_exporter(pid: int, control: str) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return EXPORTER_MODULE.encode() in argv and control.encode() in argv
+    return any(m.encode() in argv for m in EXPORTER_MODULES) and control.encode() in argv
 
 
 def _exporters_for(control: str) -> list[int]:

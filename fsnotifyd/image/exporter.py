@@ -1,7 +1,9 @@
 """The exporter: one process per attached image, serving its virtual disk as a FUSE file.
 
-    python -m fsnotifyd.image.exporter --image DIR --fuse-dir MOUNTDIR --control SOCKET
-                                       [--readonly] [--upto GUID]
+    python -m fsnotifyd.app.exporter --image DIR --fuse-dir MOUNTDIR --control SOCKET
+                                     [--readonly] [--upto GUID]
+
+(the process's entry point, :mod:`fsnotifyd.app.exporter`, sets up logging and calls :func:`serve`)
 
 It opens the image's :class:`~.stack.Stack` and mounts a FUSE filesystem (libfuse3 through
 mfusepy, single-threaded, 1 MiB requests) at ``MOUNTDIR`` holding one regular file, ``disk``,
@@ -35,7 +37,6 @@ two cannot write one image.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -46,7 +47,6 @@ import os
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -593,26 +593,3 @@ def serve(image: str, fuse_dir: str, control: str, *, readonly: bool = False, up
             rc = rc or 1
     log.info("exporter.exit", image=exporter.image, rc=rc, errors=exporter.errors)
     return rc
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fsnotifyd.image.exporter", description=__doc__.split("\n")[0])
-    p.add_argument("--image", required=True, help="image directory (holds DiskDescriptor.xml)")
-    p.add_argument("--fuse-dir", required=True, help="where to mount the FUSE filesystem holding 'disk'")
-    p.add_argument("--control", required=True, help="unix socket path for control requests")
-    p.add_argument("--readonly", action="store_true")
-    p.add_argument("--upto", default=None, help="serve the image as of this snapshot GUID (read-only)")
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    from ..app.logging import configure_logging
-
-    configure_logging(args.log_level)
-    try:
-        return serve(args.image, args.fuse_dir, args.control, readonly=args.readonly, upto=args.upto)
-    except (FsnotifydError, OSError) as e:
-        log.error("exporter.failed", error=str(e), image=args.image)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

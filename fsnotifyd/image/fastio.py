@@ -9,7 +9,8 @@ Python access to the stack holds :attr:`FastIO.lock`, the C side's mutex, so C n
 beside a change.
 
 Without the built module (``setup.py build_ext``) :func:`load` returns None and the exporter
-runs all in Python, as before; ``FSNOTIFYD_FASTIO=0`` asks for that too.
+runs all in Python, as before; ``FSNOTIFYD_FASTIO=0`` or ``FSNOTIFYD_NO_C=1`` asks for that
+too (see :mod:`fsnotifyd.native`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
 
 import structlog
 
+from .. import native
 from .format import ZERO_CLUSTER
 
 log = structlog.get_logger("fsnotifyd.image.fastio")
+
+ABI = 1  # _fastio.c's FSNOTIFYD_ABI: the functions' signatures and struct fio_stats below
 
 
 class Stats(ctypes.Structure):
@@ -141,11 +145,6 @@ class FastIO:
 
 
 def load() -> FastIO | None:
-    """The C data path, or None (not built, or turned off by ``FSNOTIFYD_FASTIO=0``)."""
-    if os.environ.get("FSNOTIFYD_FASTIO", "1") == "0":
-        return None
-    try:
-        from . import _fastio  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return FastIO(ctypes.CDLL(_fastio.__file__))
+    """The C data path, or None (not built, another ABI, or switched off: see fsnotifyd.native)."""
+    module = native.load("fsnotifyd.image._fastio", ABI).module
+    return None if module is None or module.__file__ is None else FastIO(ctypes.CDLL(module.__file__))

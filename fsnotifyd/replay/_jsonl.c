@@ -384,6 +384,11 @@ static PyTypeObject ScannerType = {
     .tp_members = Scanner_members,
 };
 
+/* The interface with replay/reader.py (the Scanner's arguments, callbacks and items):
+ * fsnotifyd.native refuses a module whose ABI is not reader.py's JSONL_ABI. Raise both
+ * together when that interface changes. */
+#define FSNOTIFYD_ABI 1
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_jsonl",
     "Reading fsnotifyd JSONL journals in C (reference implementation: fsnotifyd.replay.reader._jsonl).", -1,
@@ -409,7 +414,8 @@ PyInit__jsonl(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0
+        || PyModule_AddIntConstant(m, "ABI", FSNOTIFYD_ABI) < 0) {
         Py_DECREF(m);
         return NULL;
     }

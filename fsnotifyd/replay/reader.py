@@ -49,6 +49,7 @@ import msgspec
 from ..correlator import Correlator, CorrelatorSettings
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
+from .. import native as native_modules
 from ..kernel.classify import KMSG_KINDS, classify
 from ..kernel.kmsg import KmsgRecord
 from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
@@ -423,15 +424,13 @@ def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float
                        report=report, settings=settings).run(everything)
 
 
+JSONL_ABI = 1  # _jsonl.c's FSNOTIFYD_ABI
+
+
 def _native_scanner() -> Any:
-    """The C journal scanner, or None (then :func:`_jsonl` reads journals); see rules.native."""
-    if os.environ.get("FSNOTIFYD_PURE_PYTHON"):
-        return None
-    try:
-        from ._jsonl import Scanner  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return Scanner
+    """The C journal scanner, or None (then :func:`_jsonl` reads journals); see fsnotifyd.native."""
+    module = native_modules.load("fsnotifyd.replay._jsonl", JSONL_ABI).module
+    return None if module is None else module.Scanner
 
 
 def _as_ves(ves: Iterable[VE] | Mapping[str, str]) -> list[VE]:

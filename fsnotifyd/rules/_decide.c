@@ -25,6 +25,11 @@ static const char *OP_NAMES[] = {
     "gt", "ge", "lt", "le", "exists", "missing", "ve_in",
 };
 
+/* The interface with rules/compiler.py and rules/engine.py (the program layout, the state
+ * tuples, the methods): fsnotifyd.native refuses a module whose ABI is not rules/native.py's.
+ * Raise both together when that interface changes. */
+#define FSNOTIFYD_ABI 1
+
 #define MAX_FACTS (1LL << 40) /* decide.MAX_FACTS: a count beyond this is taken as this */
 
 static PyObject *s_kind, *s_ve, *s_device, *s_name, *s_id, *s_count, *s_fullmatch;
@@ -915,6 +920,7 @@ PyInit__decide(void)
         goto error;
     }
     if (PyModule_AddObject(m, "MAX_FACTS", PyLong_FromLongLong(MAX_FACTS)) < 0
+        || PyModule_AddIntConstant(m, "ABI", FSNOTIFYD_ABI) < 0
         || PyModule_AddObjectRef(m, "CompiledRule", (PyObject *)&CRuleType) < 0
         || PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0)
         goto error;

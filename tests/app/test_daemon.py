@@ -25,7 +25,7 @@ def run_daemon(tmp_path, registry, *, seconds: float = 1.5) -> tuple[list[dict],
 
         async def grab():
             await asyncio.sleep(seconds - 0.2)
-            status.update(d.status())
+            status.update(d.control.status())
 
         grabber = asyncio.create_task(grab())
         await d.run(stop)

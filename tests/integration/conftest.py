@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon
+from tests.rigs.daemon import RunningDaemon
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def bpf_ready() -> None:
 @pytest.fixture
 def make_cgroup():
     """``make_cgroup(name)``: a scratch cgroup v2 context (missing v2: skip, or fail in CI)."""
-    from fsnotifyd.testing import cgroup2_root, scratch_cgroup
+    from tests.rigs.cgroup import cgroup2_root, scratch_cgroup
     from tests.conftest import kernel_missing
 
     if cgroup2_root() is None:

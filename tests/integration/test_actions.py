@@ -286,7 +286,7 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
     check's errors isolate and repair; afterwards the VE is clean and running, and the
     snapshot taken before the repair still holds the corrupted filesystem."""
     from fsnotifyd.image import attach
-    from fsnotifyd.testing import RunningDaemon
+    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
 
     workdir = tmp_path / "d"
@@ -402,7 +402,7 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
 
     from fsnotifyd.image import attach, ops
     from fsnotifyd.image.stack import Stack
-    from fsnotifyd.testing import RunningDaemon
+    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
     from fsnotifyd.ve.registry import Registry, VeRecord
 
@@ -549,7 +549,7 @@ def test_shrink_repack_action_runs_a_pass_and_publishes_it(state):
     is deleted first), its result the repack dict, published as image.repacked; on a stopped
     VE it fails with the reason."""
     from fsnotifyd.image.repack import DONOR_DIR
-    from fsnotifyd.testing import churn, tree_digests
+    from tests.rigs.files import churn, tree_digests
     from fsnotifyd.ve import lifecycle
 
     rec = new_ve(state, "702", size=256 * MiB)

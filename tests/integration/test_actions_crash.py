@@ -178,7 +178,7 @@ def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, cap
     from fsnotifyd.image import attach
     from fsnotifyd.image.check import check
     from fsnotifyd.image.repack import DONOR_DIR
-    from fsnotifyd.testing import churn, tree_digests
+    from tests.rigs.files import churn, tree_digests
     from fsnotifyd.ve import lifecycle
 
     rng = random.Random()
@@ -253,7 +253,7 @@ def test_sigkill_the_daemon_during_its_actions_then_restart(tmp_path, kernel, ca
     from fsnotifyd.actions.target import Targets
     from fsnotifyd.image import attach
     from fsnotifyd.image import descriptor as dd
-    from fsnotifyd.testing import RunningDaemon
+    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
 
     rules = tmp_path / "rules.yaml"

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from fsnotifyd.rules.engine import event_time
-from fsnotifyd.testing import RunningDaemon
+from tests.rigs.daemon import RunningDaemon
 from tests.conftest import kernel_missing
 
 pytestmark = pytest.mark.kernel

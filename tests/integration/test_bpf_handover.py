@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fsnotifyd.sources import bpfload
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 COMPILER_LIBS = ("libbcc", "libLLVM", "libclang")
 

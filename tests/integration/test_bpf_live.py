@@ -22,7 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from fsnotifyd.testing import RunningDaemon, free_port, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
+from tests.rigs.net import free_port
 from tests.conftest import _check_kernel, kernel_missing
 
 NOBODY = 65534

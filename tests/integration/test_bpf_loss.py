@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fsnotifyd.testing import loop_ext4
+from tests.rigs.loop import loop_ext4
 from tests.integration.sourcekit import running, wait_until
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import loop_ext4
+from tests.rigs.loop import loop_ext4
 
 pytestmark = pytest.mark.kernel
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon
+from tests.rigs.daemon import RunningDaemon
 from fsnotifyd.trust import untrusted_reason
 from tests.conftest import kernel_missing
 

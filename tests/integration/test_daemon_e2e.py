@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import loop_device, loop_ext4, run
+from tests.rigs.loop import loop_device, loop_ext4, run
 
 pytestmark = pytest.mark.kernel
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import LoopFs, loop_device
+from tests.rigs.loop import LoopFs, loop_device
 
 from ..conftest import FIXTURES
 

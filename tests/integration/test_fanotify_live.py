@@ -17,7 +17,7 @@ import pytest
 
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.fanotify import FanotifySource
-from fsnotifyd.testing import LoopFs, loop_ext4
+from tests.rigs.loop import LoopFs, loop_ext4
 
 from tests.conftest import kernel_missing
 

@@ -26,7 +26,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, WebhookReceiver, free_port, loop_ext4, run
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4, run
+from tests.rigs.net import WebhookReceiver, free_port
 
 pytestmark = pytest.mark.kernel
 

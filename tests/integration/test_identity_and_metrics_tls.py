@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, free_port
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.net import free_port
 from fsnotifyd.version import __version__
 
 pytestmark = pytest.mark.kernel

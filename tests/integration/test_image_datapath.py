@@ -22,7 +22,8 @@ import pytest
 
 from fsnotifyd.image import attach as A
 from fsnotifyd.image import ops
-from fsnotifyd.testing import discards_settled, run
+from tests.rigs.image import discards_settled
+from tests.rigs.loop import run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -135,8 +136,8 @@ class Kit:
                 print(f"cleanup: detach {att.name}: {e}", file=sys.stderr)
 
 
-from fsnotifyd.testing import sha256_of as sha  # noqa: E402
-from fsnotifyd.testing import write_synced as write_file  # noqa: E402
+from tests.rigs.files import sha256_of as sha  # noqa: E402
+from tests.rigs.files import write_synced as write_file  # noqa: E402
 
 
 def fsck(loop: str, *, repair: bool = False) -> subprocess.CompletedProcess[str]:
@@ -657,7 +658,7 @@ def test_exporter_stopped_watchdog_aborts(images):
 def test_host_full_is_an_io_error_counted_in_status(images):
     """The image's own file system fills up: the stack fails, the VE sees an I/O error, the
     exporter stays up and counts it."""
-    from fsnotifyd.testing import loop_ext4
+    from tests.rigs.loop import loop_ext4
 
     host_dir = images.root / "host"
     host_dir.mkdir()

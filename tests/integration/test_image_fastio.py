@@ -167,7 +167,7 @@ def test_failed_write_behind_write_fails_the_next_flush(images):
     to a cluster that is mapped but still a hole (a first 4 KiB write allocated it)."""
     if fastio.load() is None:
         pytest.fail("fsnotifyd.image._fastio is not built: run scripts/bootstrap.sh")
-    from fsnotifyd.testing import loop_ext4
+    from tests.rigs.loop import loop_ext4
 
     host_dir = images.root / "host"
     host_dir.mkdir()

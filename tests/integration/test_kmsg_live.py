@@ -20,7 +20,7 @@ import pytest
 
 from fsnotifyd.events import Observation
 from fsnotifyd.sources.kmsg import KmsgSource
-from fsnotifyd.testing import LoopFs, loop_ext4, run
+from tests.rigs.loop import LoopFs, loop_ext4, run
 
 from tests.conftest import kernel_missing
 

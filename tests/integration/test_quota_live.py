@@ -39,7 +39,7 @@ import pytest
 from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.quota import QuotaSource
-from fsnotifyd.testing import loop_ext4
+from tests.rigs.loop import loop_ext4
 
 from tests.conftest import kernel_missing
 

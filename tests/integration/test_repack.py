@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import churn, tree_digests, write_synced
+from tests.rigs.files import churn, tree_digests, write_synced
 from tests.integration.test_ve_lifecycle import e2fsck_n, fsnd, fuse, record, state  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.kernel
@@ -131,7 +131,7 @@ def test_refused_on_bigalloc(state, tmp_path):
         r = fsnd("image", "repack", image, "--state-dir", str(state), check=False)
         assert r.returncode == 1 and "bigalloc" in r.stderr and "nothing moved" in r.stderr, r.stderr
         assert not (mnt / DONORS).exists()
-        from fsnotifyd.testing import sha256_of
+        from tests.rigs.files import sha256_of
 
         assert sha256_of(mnt / "data.bin") == digest
     finally:

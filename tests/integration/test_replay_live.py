@@ -21,7 +21,8 @@ from fsnotifyd.inventory import VE
 from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.kernel.kmsg import RECORD_MAX, parse_record
 from fsnotifyd.sources.kmsg import boot_wallclock
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 pytestmark = pytest.mark.kernel
 

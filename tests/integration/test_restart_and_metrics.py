@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, free_port, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
+from tests.rigs.net import free_port
 
 pytestmark = pytest.mark.kernel
 

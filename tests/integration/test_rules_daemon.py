@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 pytestmark = pytest.mark.kernel
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from fsnotifyd.app.daemon import _children
-from fsnotifyd.testing import RunningDaemon, loop_ext4
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 from tests.conftest import kernel_missing
 from tests.integration.test_ve_lifecycle import fuse, state  # noqa: F401 - fixtures, shared
 

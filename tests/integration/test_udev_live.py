@@ -20,7 +20,7 @@ import pytest
 
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.udev import UdevSource
-from fsnotifyd.testing import loop_device, run
+from tests.rigs.loop import loop_device, run
 
 
 from . import sourcekit

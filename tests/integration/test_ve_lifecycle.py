@@ -87,8 +87,8 @@ def short_state(fuse):
                 shutil.rmtree(top, ignore_errors=True)
 
 
-from fsnotifyd.testing import sha256_of as sha  # noqa: E402
-from fsnotifyd.testing import write_synced as write_file  # noqa: E402
+from tests.rigs.files import sha256_of as sha  # noqa: E402
+from tests.rigs.files import write_synced as write_file  # noqa: E402
 
 
 def record(sd: Path, ve: str) -> dict:
@@ -148,7 +148,8 @@ def test_start_after_the_exporter_was_killed(state, tmp_path):
 def test_events_on_a_ve_carry_its_id(state, tmp_path):
     """The daemon learns the VE from the registry when it is mounted: a real ext4 error on its
     filesystem is one fs.error with ve=103."""
-    from fsnotifyd.testing import RunningDaemon, free_port
+    from tests.rigs.daemon import RunningDaemon
+    from tests.rigs.net import free_port
 
     workdir = tmp_path / "d"
     workdir.mkdir()
@@ -276,7 +277,8 @@ def test_the_daemon_aborts_a_hung_exporter_and_reports_the_io_errors(state, tmp_
     the writer returns with an error instead of hanging in D state, and the I/O errors that
     follow on the VE's filesystem come out as events carrying the VE id."""
     from fsnotifyd.image import attach
-    from fsnotifyd.testing import RunningDaemon, free_port
+    from tests.rigs.daemon import RunningDaemon
+    from tests.rigs.net import free_port
 
     workdir = tmp_path / "d"
     workdir.mkdir()
@@ -604,7 +606,7 @@ def _mount_options(mnt: Path) -> list[str]:
 def _settled(image: str) -> int:
     """The image's allocation once online discards stopped arriving."""
     from fsnotifyd.image import attach
-    from fsnotifyd.testing import discards_settled
+    from tests.rigs.image import discards_settled
 
     a = attach.attachment(str(Path(image).parent.parent / "run"), image)
     assert a is not None

@@ -34,8 +34,8 @@ from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel, rfc3339
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.webhook import REJECTED, Backoff, RateLimit, WebhookSink, retryable
-from fsnotifyd.testing import free_port
 from fsnotifyd.version import __version__
+from tests.rigs.net import free_port
 
 HOST = "vm7"
 FAST = dict(retry_initial_s=0.05, retry_max_s=0.2, timeout_s=5.0)

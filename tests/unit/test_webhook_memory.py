@@ -4,7 +4,7 @@ back, bounded, and counted when a stop loses them.
 The disk is made to refuse the spool by an ``os.write`` (and, for a read-only start,
 ``os.open``) that fails for descriptors and paths under the spool directory only, as a full or
 read-only state disk would; everything else (the HTTP connection, the test's own files) is
-untouched. The endpoint is a real HTTP server on 127.0.0.1 (:class:`fsnotifyd.testing.
+untouched. The endpoint is a real HTTP server on 127.0.0.1 (:class:`tests.rigs.net.
 WebhookReceiver`). The sender's spill interval is cut to 50 ms so recovery is quick.
 """
 
@@ -30,7 +30,7 @@ from fsnotifyd.sinks import webhook
 from fsnotifyd.sinks.backlog import Backlog, Held
 from fsnotifyd.sinks.spool import Record
 from fsnotifyd.sinks.webhook import WebhookSink
-from fsnotifyd.testing import WebhookReceiver
+from tests.rigs.net import WebhookReceiver
 
 HOST = "vm7"
 FAST = dict(retry_initial_s=0.02, retry_max_s=0.1, timeout_s=5.0)
