@@ -39,9 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine_facts  # noqa: E402
-
 import image_swelling as sw  # noqa: E402
+from benchutil import machine_facts  # noqa: E402
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import format as fmt  # noqa: E402
 

@@ -325,7 +325,7 @@ class Probes:
         self.loaded: list = []
         self.load_seconds: dict[str, float] = {}
 
-    def __enter__(self) -> "Probes":
+    def __enter__(self) -> Probes:
         from fsnotifyd.sources import bpfload
         from fsnotifyd.sources.bpf_alloc import BpfAllocSource
         from fsnotifyd.sources.bpf_space import BpfSpaceSource

@@ -37,13 +37,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_facts, sh  # noqa: E402
-
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 from fsnotifyd.image.delta import Delta  # noqa: E402

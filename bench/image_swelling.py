@@ -57,14 +57,13 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_facts, sh  # noqa: E402
-
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import fsmap, ops, thinness  # noqa: E402
 from fsnotifyd.image.format import DEFAULT_CLUSTER  # noqa: E402
@@ -146,7 +145,7 @@ class VE:
         self.img, self.run, self.mnt = work / tag, work / f"{tag}.run", work / f"{tag}.mnt"
         self.size, self.setup, self.mode, self.att = size, setup, mode, None
 
-    def __enter__(self) -> "VE":
+    def __enter__(self) -> VE:
         from fsnotifyd.image import attach as at
 
         ops.create(str(self.img), self.size, cluster=self.setup.cluster, profile=self.setup.profile,
@@ -184,7 +183,7 @@ class VE:
         st = os.statvfs(self.mnt)
         return st.f_blocks * st.f_frsize
 
-    def figures(self) -> "Measured":
+    def figures(self) -> Measured:
         """The figures after a syncfs and an exporter flush (the BAT on disk is then current).
         Mounted with ``discard``, once more after the discards settled (:meth:`settle`); the
         figure before is kept as ``transient``."""
@@ -216,7 +215,7 @@ class VE:
             time.sleep(0.1)
         return time.perf_counter() - t0
 
-    def _measure(self) -> "Measured":
+    def _measure(self) -> Measured:
         from fsnotifyd.image import attach as at
         from fsnotifyd.image.stack import Stack
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,

@@ -7,7 +7,7 @@ sinks import the config, so the config cannot import the sinks.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import SplitResult, urlsplit
 
 FACILITIES: Mapping[str, int] = {

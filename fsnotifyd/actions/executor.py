@@ -17,7 +17,8 @@ import heapq
 import itertools
 import subprocess
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -226,7 +227,7 @@ class Executor:
             else:
                 job.result = await asyncio.wait_for(asyncio.to_thread(handler, job, step), timeout) or {}
             job.state, job.error = SUCCEEDED, None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.state, job.error = FAILED, f"timed out after {timeout:g} s"
         except (ActionError, FsnotifydError, OSError, ValueError, subprocess.SubprocessError) as e:
             job.state, job.error = FAILED, str(e)

@@ -10,12 +10,13 @@ import asyncio
 import dataclasses
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ..errors import RuleErrors
 from ..actions.target import Targets
+from ..errors import RuleErrors
 
 if TYPE_CHECKING:
     from prometheus_client.samples import Sample

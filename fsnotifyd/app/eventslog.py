@@ -13,7 +13,8 @@ import os
 import re
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from ..config import load_config
 from ..replay.reader import ReadReport, read_items

@@ -14,7 +14,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import FsnotifydError, ImageError, UsageError
 from ..image import ops
@@ -562,7 +563,6 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
     from ..actions import isolate
     from ..actions.executor import ActionError
     from ..actions.target import Targets
-
     from ..config import load_config
 
     cfg = load_config(getattr(args, "config", None))

@@ -15,9 +15,10 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 from ..inventory import VE
 from ..replay.reader import ReadReport, read_items
@@ -28,7 +29,7 @@ from .progress import Clearing, reporter
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def canonical(d: Decision) -> dict[str, Any]:

@@ -31,8 +31,9 @@ How facts are told apart:
 from __future__ import annotations
 
 import time as _time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..events import DEFAULT_SEVERITY, STATE_KINDS, Device, Event, Kernel, Observation, fact_id, hostname
 from ..inventory import Inventory, Placement

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from xml.parsers import expat
 from dataclasses import dataclass, replace
+from xml.parsers import expat
 
 from ..errors import ImageError
 from .delta import fsync_dir
@@ -81,7 +81,7 @@ class Descriptor:
     def children(self, guid: str) -> list[Shot]:
         return [s for s in self.shots if s.parent == guid]
 
-    def with_shots(self, shots: list[Shot] | tuple[Shot, ...], top: str | None = None) -> "Descriptor":
+    def with_shots(self, shots: list[Shot] | tuple[Shot, ...], top: str | None = None) -> Descriptor:
         return replace(self, shots=tuple(shots), top=top or self.top)
 
 

@@ -49,7 +49,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import structlog
 

@@ -37,8 +37,9 @@ import struct
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import structlog
 

@@ -46,9 +46,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Iterable
 
 from ..events import Observation
 from .classify import classify

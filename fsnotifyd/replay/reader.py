@@ -40,16 +40,17 @@ import itertools
 import os
 import sys
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, tzinfo
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import msgspec
 
+from .. import native as native_modules
 from ..correlator import Correlator, CorrelatorSettings
 from ..events import Event, Observation
 from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
-from .. import native as native_modules
 from ..kernel.classify import KMSG_KINDS, classify
 from ..kernel.kmsg import KmsgRecord
 from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record

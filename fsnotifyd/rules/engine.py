@@ -20,16 +20,16 @@ the rest: compiling, recovery, persistence and the decision's event form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time as _time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from ..events import Device, Event, Kernel, fact_id
 from . import decide, native
-from .compiler import Compiled, LabelsOf, compile_rules
-from .compiler import match_predicate
+from .compiler import Compiled, LabelsOf, compile_rules, match_predicate
 from .decide import COOLDOWN, FIRED, MAX_FACTS, SUSTAINED, THRESHOLD, WINDOW, CompiledRule
 from .schema import RECOVERY, Action, Match, Rule, RuleSet
 

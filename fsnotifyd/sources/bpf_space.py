@@ -16,16 +16,17 @@ import errno as _errno
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import structlog
 
+from .. import syscalls
 from ..cgroups import CgroupResolver, Membership, describe
 from ..events import Device, Kernel, Observation
 from ..inventory import Inventory
 from ..typing import Ready, Send
-from .. import syscalls
 from . import bpfload
 from .bpf_errors import SOURCE, kernel_dev
 

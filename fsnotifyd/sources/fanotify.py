@@ -34,8 +34,8 @@ import ctypes
 import errno as _errno
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import structlog
 

@@ -18,7 +18,8 @@ import asyncio
 import errno as _errno
 import os
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import SourceFailed, SourceUnavailable
 from ..events import Kernel, Observation

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from . import text
 from .model import ERROR_KINDS, HOST_LANE, Line, Span, Timeline

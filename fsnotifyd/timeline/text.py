@@ -4,8 +4,8 @@ same lines as JSON (``--json``)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from ..events import rfc3339
 from .model import Incident, Line, Timeline
@@ -15,7 +15,7 @@ HEADER = ("time", "VE", "incident", "step", "event", "+prev", "+start", "what")
 
 def clock(t: float) -> str:
     """RFC 3339 UTC to the millisecond: the journal's own zone, short enough to scan."""
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def duration(seconds: float | None) -> str:

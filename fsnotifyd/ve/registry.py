@@ -18,8 +18,8 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
 
 from ..errors import ConfigError
 from ..inventory import VE, validate_ve_id

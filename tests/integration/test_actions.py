@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -286,8 +285,8 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
     check's errors isolate and repair; afterwards the VE is clean and running, and the
     snapshot taken before the repair still holds the corrupted filesystem."""
     from fsnotifyd.image import attach
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.daemon import RunningDaemon
 
     workdir = tmp_path / "d"
     workdir.mkdir()
@@ -402,9 +401,9 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
 
     from fsnotifyd.image import attach, ops
     from fsnotifyd.image.stack import Stack
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
     from fsnotifyd.ve.registry import Registry, VeRecord
+    from tests.rigs.daemon import RunningDaemon
 
     src = e2fsprogs_fixtures / f"{case}.img.gz"
     raw = tmp_path / "raw.img"
@@ -549,8 +548,8 @@ def test_shrink_repack_action_runs_a_pass_and_publishes_it(state):
     is deleted first), its result the repack dict, published as image.repacked; on a stopped
     VE it fails with the reason."""
     from fsnotifyd.image.repack import DONOR_DIR
-    from tests.rigs.files import churn, tree_digests
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.files import churn, tree_digests
 
     rec = new_ve(state, "702", size=256 * MiB)
     churn(rec.mountpoint, rounds=2, fill=0.5, delete=0.65)

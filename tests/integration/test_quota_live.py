@@ -31,17 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.quota import QuotaSource
-from tests.rigs.loop import loop_ext4
-
 from tests.conftest import kernel_missing
+from tests.rigs.loop import loop_ext4
 
 from . import sourcekit
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs.files import churn, tree_digests, write_synced
 from tests.integration.test_ve_lifecycle import e2fsck_n, fsnd, fuse, record, state  # noqa: F401  (fixtures)
+from tests.rigs.files import churn, tree_digests, write_synced
 
 pytestmark = pytest.mark.kernel
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fsnotifyd.inventory import VE
-from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.kernel.kmsg import RECORD_MAX, parse_record
+from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.sources.kmsg import boot_wallclock
 from tests.rigs.daemon import RunningDaemon
 from tests.rigs.loop import loop_ext4

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from fsnotifyd.app.daemon import _children
-from tests.rigs.daemon import RunningDaemon
-from tests.rigs.loop import loop_ext4
 from tests.conftest import kernel_missing
 from tests.integration.test_ve_lifecycle import fuse, state  # noqa: F401 - fixtures, shared
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "fsnotifyd.service"

@@ -21,10 +21,10 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from structlog.testing import capture_logs

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.config import load_config, parse_config
 from fsnotifyd.errors import ConfigError

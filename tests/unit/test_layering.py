@@ -10,8 +10,8 @@ kernel text with the parsers the sources use, from their own home, not from a so
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

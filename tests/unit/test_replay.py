@@ -14,7 +14,7 @@ import errno
 import gzip
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.inventory import VE
-from fsnotifyd.replay import ReadReport, detect_format, load_ve_map, parse_entry, parse_line, read_events
 from fsnotifyd.kernel.logtext import observe
+from fsnotifyd.replay import ReadReport, detect_format, load_ve_map, parse_entry, parse_line, read_events
 
 LOGS = Path(__file__).resolve().parents[1] / "fixtures" / "logs"
 BOOT = 1795636547.250536  # boot wall clock of the fixture incident
-UTC = timezone.utc
+UTC = UTC
 FIXTURES = ["dmesg.txt", "dmesg-T.txt", "dmesg-x.txt", "journalctl-k.txt", "journalctl-short-precise.txt"]
 
 # Lines in the kernel's own words (the first from trigger_fs_error, the others from the format
@@ -529,7 +529,9 @@ class TestVeMap:
 
 
 class TestFastEventTime:
-    from hypothesis import given as _given, settings as _settings, strategies as _st
+    from hypothesis import given as _given
+    from hypothesis import settings as _settings
+    from hypothesis import strategies as _st
 
     @_settings(max_examples=300, deadline=None)
     @_given(_st.datetimes(min_value=__import__("datetime").datetime(1971, 1, 1),

@@ -10,7 +10,8 @@ import math
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.rules import decide, native
 from fsnotifyd.rules.engine import Engine

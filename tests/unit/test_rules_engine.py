@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.rules.compiler import condition, getter
 from fsnotifyd.rules.engine import COOLDOWN, FIRED, THRESHOLD, Engine
@@ -222,7 +223,9 @@ class TestState:
 
 
 class TestGeneratedPredicates:
-    from hypothesis import given as _given, settings as _settings, strategies as _st
+    from hypothesis import given as _given
+    from hypothesis import settings as _settings
+    from hypothesis import strategies as _st
 
     _values = _st.one_of(_st.none(), _st.booleans(), _st.integers(-3, 3), _st.floats(-3, 3, allow_nan=False),
                          _st.sampled_from(["ext4_lookup", "loop3", "EIO", "", "1789", "a.b"]),

@@ -8,13 +8,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.errors import FsnotifydError, RuleError, RuleErrors
 from fsnotifyd.rules.compiler import compile_rules
 from fsnotifyd.rules.loader import (
-    EVENT_FIELDS, MATCH_KEYS, RULE_KEYS, RULE_KINDS, THRESHOLD_KEYS, TOP_KEYS, check_paths, check_text, load_rules,
-    parse_duration, parse_rules,
+    EVENT_FIELDS,
+    MATCH_KEYS,
+    RULE_KEYS,
+    RULE_KINDS,
+    THRESHOLD_KEYS,
+    TOP_KEYS,
+    check_paths,
+    check_text,
+    load_rules,
+    parse_duration,
+    parse_rules,
 )
 from fsnotifyd.rules.schema import ACTIONS, OPERATORS, Action, Condition, Origin, RuleSet, Threshold, VeSelector
 

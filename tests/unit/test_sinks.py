@@ -12,7 +12,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from fsnotifyd import statefile
-
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.journal import JournalSink
