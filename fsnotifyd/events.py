@@ -135,7 +135,7 @@ class Kernel:
         return Kernel(
             *(
                 mine if mine is not None else theirs
-                for mine, theirs in zip(_kernel_values(self), _kernel_values(other))
+                for mine, theirs in zip(_kernel_values(self), _kernel_values(other), strict=True)
             )
         )
 

@@ -126,7 +126,7 @@ def print_table(decisions: Iterable[Decision], out: TextIO) -> tuple[int, int]:
     n, fired = len(head), sum(d.outcome == "fired" for d in head)
 
     def write(r: tuple[str, ...]) -> None:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] + "\n")
 
     for r in rows:
         write(r)

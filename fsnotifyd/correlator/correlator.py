@@ -302,8 +302,8 @@ class Correlator:
         if dev is not None and dev.name:
             return dev.name
         if dev is not None and dev.devnum:
-            return "%d:%d" % dev.devnum
-        return "fsid:%s" % obs.details.get("fsid", "?")
+            return f"{dev.devnum[0]}:{dev.devnum[1]}"
+        return f"fsid:{obs.details.get('fsid', '?')}"
 
     def _is_new_fact(self, group: _Group, obs: Observation) -> bool:
         if obs.kind in STATE_KINDS or obs.kind == "blk.io_error":

@@ -507,7 +507,7 @@ def detach(image_dir_or_attached: str | Attached, *, run_dir: str, upto: str | N
     for loop in loops:
         _run("losetup", "-d", loop, check=False)
     deadline = time.monotonic() + 10
-    while any(_same_file(_loop_backing(l), att.disk) for l in loops):
+    while any(_same_file(_loop_backing(lo), att.disk) for lo in loops):
         if time.monotonic() > deadline:
             raise ImageError(f"loop device still on {att.disk} after losetup -d", file=att.image)
         time.sleep(0.05)

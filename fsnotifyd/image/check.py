@@ -49,7 +49,8 @@ from .progress import ProgressFn
 
 TMP_SUFFIX = ".tmp"
 MKFS_TMP_PREFIX = "fsnd-mkfs-"
-SNAPSHOT_NAME = re.compile(r"root\.hds\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # ops._delta_name
+# ops._delta_name
+SNAPSHOT_NAME = re.compile(r"root\.hds\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass

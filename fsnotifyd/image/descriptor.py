@@ -195,7 +195,8 @@ def load(path: str) -> Descriptor:
         try:
             when = float(created) if created is not None else None
         except ValueError:
-            raise ImageError(f"<Created> is not a time: {created[:40]!r}", file=path, field=f"Shot[{i}].Created") from None
+            raise ImageError(f"<Created> is not a time: {created[:40]!r}", file=path,
+                             field=f"Shot[{i}].Created") from None
         shots.append(Shot(guid, parent, files[guid], _text(el, "Name", path, required=False), when))
     known = {s.guid for s in shots}
     if set(files) != known:

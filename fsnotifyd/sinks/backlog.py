@@ -33,7 +33,8 @@ not have taken from memory), so :meth:`ack` and :meth:`is_head` recognise it the
 (which carry the CloudEvents id).
 
 Thread-safety: one lock around every public method but the sizes (a scrape reads them, one
-attribute each); the spool's own lock is only ever taken inside it. Callbacks run under it and must not call back into the backlog.
+attribute each); the spool's own lock is only ever taken inside it. Callbacks run under it and
+must not call back into the backlog.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .spool import LostCallback, Record, Spool, SpoolClosed
 
@@ -59,7 +60,7 @@ class Held:
     spilled: bool = False  # moved to the spool since it was handed out
 
 
-Item = Union[Record, Held]
+Item = Record | Held
 
 
 @dataclass(slots=True)

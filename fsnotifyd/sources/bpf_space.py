@@ -163,7 +163,7 @@ class BpfSpaceSource:
         for name in ("calls", "cgs", "devs"):
             b[f"{name}_{old}".encode()].clear()
         totals = [int(b[b"overflow"].sum(i).value) for i in range(3)]
-        delta = [t - o for t, o in zip(totals, self._overflow)]
+        delta = [t - o for t, o in zip(totals, self._overflow, strict=True)]
         self._overflow = totals
         self.drains += 1
         return calls, devs, delta
@@ -224,7 +224,8 @@ class BpfSpaceSource:
             "syscalls": dict(sorted(t.by_syscall.items(), key=lambda kv: -kv[1])),
             "cgroups": describe(t.members),
             "cgroup_ids": sorted(t.cgroup_ids),
-            "devices": [{"major": d >> 20, "minor": d & 0xFFFFF, "ext4_failures": n} for d, n in sorted(devices.items())],
+            "devices": [{"major": d >> 20, "minor": d & 0xFFFFF, "ext4_failures": n}
+                        for d, n in sorted(devices.items())],
             "device_from": device_from,
         }
         if t.unattributed:

@@ -380,7 +380,7 @@ class FanotifySource:
 
     def status(self) -> dict[str, object]:
         return {
-            "marked": {"%d:%d" % dev: {"mount": m.mountpoint, "mount_id": m.mount_id}
+            "marked": {f"{dev[0]}:{dev[1]}": {"mount": m.mountpoint, "mount_id": m.mount_id}
                        for dev, m in self.marks.items()},
             "mark_errors": dict(self.mark_errors),
             "groups": self.groups,

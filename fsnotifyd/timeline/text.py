@@ -64,7 +64,7 @@ def render(tl: Timeline) -> str:
         return "no events\n"
     table = [HEADER, *rows(tl)]
     widths = [max(len(r[c]) for r in table) for c in range(len(HEADER) - 1)]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in table]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]
     if tl.incidents:
         out += ["", f"{len(tl.incidents)} incident(s):"] + [f"  {incident_summary(i)}" for i in tl.incidents]
     return "\n".join(line.rstrip() for line in out) + "\n"

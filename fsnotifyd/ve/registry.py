@@ -144,7 +144,8 @@ def _record(raw: object, path: str) -> VeRecord:
         raise ConfigError("VE record is not a JSON object", file=path)
     try:
         labels = raw.get("labels") or {}
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in labels.items()):
             raise ConfigError("labels must map strings to strings", file=path, field="labels")
         discard = raw.get("discard", True)
         if not isinstance(discard, bool):

@@ -86,7 +86,7 @@ def colours_in(img: Image, y0: int, y1: int, x0: int, x1: int) -> dict[str, int]
     seen: dict[str, int] = {}
     for y in range(y0, y1):
         for x in range(x0, x1):
-            c = "#%02x%02x%02x" % img.pixel(x, y)
+            c = "#" + bytes(img.pixel(x, y)).hex()
             seen[c] = seen.get(c, 0) + 1
     return seen
 

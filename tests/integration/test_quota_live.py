@@ -250,7 +250,7 @@ def test_daemon_attributes_a_warning_to_the_ve(daemon, workdir: Path, sender: Se
         fs.umount()
         res = fs.mount("errors=continue", target=ve_mount)
         assert res.returncode == 0, res.stderr
-        key = "%d:%d" % fs.devnum
+        key = f"{fs.devnum[0]}:{fs.devnum[1]}"
         deadline = time.monotonic() + 10
         while not any(m["devnum"] == key and m["ve"] == "101" for m in daemon.status()["mounts"]):
             assert time.monotonic() < deadline, f"daemon did not see {key} on {ve_mount}"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_ready_only_after_sources_then_watchdog_pings(bpf_ready, tmp_path: Path,
         time.sleep(4.5)
         pings = [t for t, m in listener.messages if m.get("WATCHDOG") == "1" and t > t_ready]
         assert len(pings) >= 3, listener.messages
-        assert max(b - a for a, b in zip([t_ready, *pings], pings)) < 2.0, pings
+        assert max(b - a for a, b in pairwise([t_ready, *pings])) < 2.0, pings
     finally:
         d.stop()
     listener.wait("STOPPING", "1", timeout=5)

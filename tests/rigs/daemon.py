@@ -136,7 +136,7 @@ class RunningDaemon:
 
         from fsnotifyd.mountinfo import read_mountinfo
 
-        key = "%d:%d" % fs.devnum
+        key = f"{fs.devnum[0]}:{fs.devnum[1]}"
         mount_ids = {e.mount_id for e in read_mountinfo() if e.devnum == fs.devnum}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
