@@ -191,7 +191,7 @@ def _same_file(backing: str | None, disk: str) -> bool:
 
 def _loops_on(disk: str) -> list[str]:
     """Loop devices whose backing file is ``disk`` (read from sysfs: no I/O to a dead FUSE)."""
-    out = []
+    out: list[str] = []
     try:
         names = os.listdir("/sys/block")
     except OSError:
