@@ -39,6 +39,7 @@ must not call back into the backlog.
 
 from __future__ import annotations
 
+import builtins  # `bytes` in the class bodies below is their size attribute; builtins.bytes is the type
 import json
 import threading
 from collections import deque
@@ -79,7 +80,7 @@ class MemoryQueue:
     def head(self) -> Held | None:
         return self._items[0] if self._items else None
 
-    def append(self, data: bytes) -> bool:
+    def append(self, data: builtins.bytes) -> bool:
         if len(data) > self.max_bytes:
             self.on_lost("memory_full", 1)
             return False

@@ -128,6 +128,7 @@ class BpfSpaceSource:
 
     def _point(self, suffix: str) -> None:
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         for outer, inner in ((b"cache_now", "cache"), (b"calls_now", "calls"), (b"cgs_now", "cgs"),
                              (b"devs_now", "devs")):
             # An update of an array of maps returns after an RCU grace period: no program still
@@ -141,6 +142,7 @@ class BpfSpaceSource:
 
     def _drain(self) -> tuple[list[Call], list[tuple[int, int, int, int]], list[int]]:
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         old = "a" if self._spare == "b" else "b"
         self._point(self._spare)
         self._spare = old
