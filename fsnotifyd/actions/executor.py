@@ -181,7 +181,10 @@ class Executor:
 
     async def idle(self) -> None:
         """Return once every queued job has finished (tests, shutdown)."""
-        while any(not q.empty() or q._unfinished_tasks for q in self._lanes.values()):  # noqa: SLF001
+        # asyncio.Queue keeps its count of unfinished tasks private (typeshed leaves it out); join()
+        # alone cannot tell a lane whose last job is still running from one that is done.
+        while any(not q.empty() or q._unfinished_tasks  # type: ignore[attr-defined]
+                  for q in self._lanes.values()):
             await asyncio.gather(*(q.join() for q in self._lanes.values()))
 
     async def close(self) -> None:

@@ -68,4 +68,5 @@ def logs_to_stderr() -> None:
     the rest of the set-up is structlog's default, or ``configure_logging``'s where that ran."""
     import structlog
 
+    # _CurrentStderr has the write/flush PrintLogger uses, not the whole TextIO it is typed to take
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]

@@ -187,6 +187,7 @@ def run(rules: Sequence[str], logs: Sequence[str], *, expect: str | None = None,
             if drawn.due():
                 drawn("", meter.done(), meter.total)
         result.progress = tick
+        # Clearing is a TextIOBase with what print() uses, not a typing.TextIO
         out, err = Clearing(line, out), Clearing(line, err)  # type: ignore[assignment]
     try:
         return _run(result, expect, fmt, out, err)

@@ -544,7 +544,8 @@ def _fast_callbacks(fast: fastio.FastIO | None) -> Iterator[None]:
     real = mfusepy.fuse_main_real
     prototypes = {f[0]: f[1] for f in mfusepy.fuse_operations._fields_}
 
-    def main_real(argc, argv, ops_p, size, ctx):  # type: ignore[no-untyped-def]
+    # ctypes values, as mfusepy passes them on
+    def main_real(argc: Any, argv: Any, ops_p: Any, size: Any, ctx: Any) -> Any:
         fast.install(ops_p.contents, prototypes)
         return real(argc, argv, ops_p, size, ctx)
 

@@ -102,10 +102,11 @@ def decision_event(d: Decision, source: Mapping[str, Any], host: str) -> Event:
     """A fired decision as a ``rule.matched`` event, on the device and VE of its trigger."""
     dev = source.get("device") if isinstance(source.get("device"), dict) else None
     trigger = source.get("id")
+    # One rule, one triggering event, one decision: the same trigger seen again after a
+    # restart makes the same decision (and the executor knows its jobs).
+    same_id: dict[str, Any] = {"id": fact_id("rule.matched", d.rule, trigger)} if trigger else {}
     return Event(
-        # One rule, one triggering event, one decision: the same trigger seen again after a
-        # restart makes the same decision (and the executor knows its jobs).
-        **({"id": fact_id("rule.matched", d.rule, trigger)} if trigger else {}),
+        **same_id,
         kind="rule.matched",
         time=d.time,
         host=host,

@@ -129,6 +129,8 @@ class Registry:
 
     def update(self, ve_id: str, **changes: object) -> VeRecord:
         with self.locked():
+            # changes are field names with their values' types unknown here; replace() raises
+            # TypeError on a name VeRecord lacks
             rec = replace(self.get(ve_id), **changes)  # type: ignore[arg-type]
             self.put(rec)
             return rec
