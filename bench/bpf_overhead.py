@@ -343,7 +343,7 @@ class Probes:
                     src._load()
                     prog = src.prog
                 else:
-                    src = BpfAllocSource(None)  # type: ignore[arg-type] - _load does not use it
+                    src = BpfAllocSource(None)  # type: ignore[arg-type]  # _load does not use it
                     src._load()
                     prog = src.prog
                 self.loaded.append(prog)
