@@ -2,14 +2,19 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap run test bench shelldocs clean
+.PHONY: bootstrap run lint test bench shelldocs clean
 bootstrap:
 	@scripts/bootstrap.sh
 
 run: bootstrap
 	$(VENV)/bin/fsnotifyd run
 
-test: bootstrap
+# ruff and mypy (config in pyproject.toml); `make test` runs them first, so a lint error fails it before pytest.
+lint: bootstrap
+	$(VENV)/bin/ruff check fsnotifyd tests bench
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # Shell completion (bash, zsh) and the man page, from the CLI's parser (docs/cli.md).

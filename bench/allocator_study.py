@@ -39,9 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine_facts  # noqa: E402
-
 import image_swelling as sw  # noqa: E402
+from benchutil import machine_facts  # noqa: E402
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import format as fmt  # noqa: E402
 
@@ -91,7 +90,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024, help="VE disk size, MiB (default 1024)")
     ap.add_argument("--churn", type=float, default=4, help="written per workload, in disk sizes (default 4)")
     ap.add_argument("--workloads", default=",".join(sw.WORKLOADS))
-    ap.add_argument("--only", default=None, help="comma-separated variant names or groups (base,mkfs,mount,sysfs,cluster)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated variant names or groups (base,mkfs,mount,sysfs,cluster)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--io", action="store_true", help="also bench/image_io.py --quick per cluster size")
     ap.add_argument("--dir", default=None)
@@ -117,7 +117,8 @@ def main() -> int:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fsnd-study-", dir=args.dir) as tmp:
         print(f"allocator study: {machine_facts(tmp)}")
-        print(f"  {args.size} MiB VE, {args.churn:g}x its size written per workload, syncfs every 32 MiB, seed {args.seed}; "
+        print(f"  {args.size} MiB VE, {args.churn:g}x its size written per workload, syncfs every 32 MiB, "
+              f"seed {args.seed}; "
               f"no maintenance during the churn, one fstrim + compact{' + repack' if sw.repack_module() else ''} after")
         for group, setup, mode in todo:
             seed = args.seed + (1 if group == "noise" else 0)
@@ -176,11 +177,12 @@ def print_summary(rows: list[tuple[str, str, sw.Result]]) -> None:
                  pct(r.samples[-1].fig.df_ratio, b.samples[-1].fig.df_ratio),
                  pct(end_mib(r), end_mib(b)), pct(final(r).image_bytes, final(b).image_bytes)]
         by_variant.setdefault(n, []).append((cells[0], cells[1], cells[3], cells[5], cells[6]))
-        print(f"  {n:<20} {r.workload:<8} " + " ".join(f"{c:>+{w}.1f}" for c, w in zip(cells, (7, 7, 7, 7, 6, 9, 10))))
+        widths = (7, 7, 7, 7, 6, 9, 10)
+        print(f"  {n:<20} {r.workload:<8} " + " ".join(f"{c:>+{w}.1f}" for c, w in zip(cells, widths, strict=True)))
     print("\n  mean over the workloads, against the baseline (%): peak MiB allocated, peak host bytes, mean "
           "fragmentation, MiB allocated and host bytes after fstrim + compact")
     for n, xs in by_variant.items():
-        print(f"    {n:<20} " + " ".join(f"{statistics.mean(col):>+7.1f}" for col in zip(*xs)))
+        print(f"    {n:<20} " + " ".join(f"{statistics.mean(col):>+7.1f}" for col in zip(*xs, strict=True)))
 
 
 def mean_frag(r: sw.Result) -> float:

@@ -116,7 +116,9 @@ META_C = r"""
 #include <time.h>
 #include <unistd.h>
 /* meta DIR N: create N empty files, stat them, unlink them; prints total, create, stat, unlink s */
-static double now(void) { struct timespec t; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec / 1e9;
+}
 int main(int argc, char **argv) {
     if (argc != 3 || chdir(argv[1]) != 0) return 2;
     long n = atol(argv[2]);
@@ -154,7 +156,9 @@ SYSCALLS_C = r"""
 #include <unistd.h>
 /* syscalls N: N getppid(), then N write()s of 4 KiB to /dev/full (ENOSPC without a filesystem);
  * prints the seconds of each loop */
-static double now(void) { struct timespec t; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec / 1e9;
+}
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     long n = atol(argv[1]);
@@ -325,7 +329,7 @@ class Probes:
         self.loaded: list = []
         self.load_seconds: dict[str, float] = {}
 
-    def __enter__(self) -> "Probes":
+    def __enter__(self) -> Probes:
         from fsnotifyd.sources import bpfload
         from fsnotifyd.sources.bpf_alloc import BpfAllocSource
         from fsnotifyd.sources.bpf_space import BpfSpaceSource
@@ -339,7 +343,7 @@ class Probes:
                     src._load()
                     prog = src.prog
                 else:
-                    src = BpfAllocSource(None)  # type: ignore[arg-type] - _load does not use it
+                    src = BpfAllocSource(None)  # type: ignore[arg-type]  # _load does not use it
                     src._load()
                     prog = src.prog
                 self.loaded.append(prog)
@@ -597,7 +601,7 @@ def main() -> int:
             print("(c) compile + attach (bpfload.load(...).load_seconds, one per 'on' state above)")
             for name, xs in loads.items():
                 print(f"  {name:10s} {fmt_stats(xs, digits=2)}")
-            tot = [sum(x) for x in zip(*loads.values())] if not args.per_program else None
+            tot = [sum(x) for x in zip(*loads.values(), strict=True)] if not args.per_program else None
             if tot:
                 print(f"  {'all three':10s} {fmt_stats(tot, digits=2)} (the daemon loads them one after another)")
         else:

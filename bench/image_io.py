@@ -38,8 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -133,7 +133,8 @@ def image_column(work: Path, size: int, profile: str, options: tuple[str, ...] =
 
 
 @contextlib.contextmanager
-def qcow2_column(work: Path, size: int, profile: str, options: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[Path]]]:
+def qcow2_column(work: Path, size: int, profile: str,
+                 options: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[Path]]]:
     """qcow2 -> qemu-storage-daemon FUSE export -> loop (no direct I/O) -> ext4."""
     qcow, export, mnt = work / "img.qcow2", work / "qcow2.export", work / "qcow2.mnt"
     pidfile = work / "qsd.pid"
@@ -283,9 +284,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsnd-bench-io-", dir=args.dir) as tmp:
         work = Path(tmp)
         print(f"image I/O benchmark: {machine_facts(tmp)}")
-        print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, image cluster {args.cluster} KiB, test file {args.file_size} MiB, "
+        print(f"  ext4 profile {args.profile!r} on a {disk // GiB} GiB disk, image cluster {args.cluster} KiB, "
+              f"test file {args.file_size} MiB, "
               f"{args.repeat} round(s) of {args.runtime:g} s jobs, iodepth {args.iodepth if runner is fio else 1}, "
-              f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}, "
+              f"read jobs {'with the host cache warm' if args.warm else 'after evicting the host cache of image files'}"
+              ", "
               f"mounted {'-o ' + ','.join(options) if options else 'with no options'}")
         for n in notes:
             print(f"  {n}")

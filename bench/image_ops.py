@@ -37,13 +37,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_facts, sh  # noqa: E402
-
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import ops  # noqa: E402
 from fsnotifyd.image.delta import Delta  # noqa: E402
@@ -228,10 +227,12 @@ def bench_compact(work: Path, size: int, pool: memoryview, seed: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--rounds", type=int, default=8, help="snapshots of each way per size and dirty amount (default 8)")
+    ap.add_argument("-n", "--rounds", type=int, default=8,
+                    help="snapshots of each way per size and dirty amount (default 8)")
     ap.add_argument("--fill", type=int, default=256, help="MiB written before the snapshots (default 256)")
     ap.add_argument("--sizes", default="1,64", help="disk sizes in GiB (default 1,64)")
-    ap.add_argument("--dirty", default="0,16", help="MiB left dirty before each snapshot, comma-separated (default 0,16)")
+    ap.add_argument("--dirty", default="0,16",
+                    help="MiB left dirty before each snapshot, comma-separated (default 0,16)")
     ap.add_argument("--compact-size", type=int, default=4096, help="disk of the compaction image, MiB (default 4096)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 64 MiB fill, 1 GiB compaction image")
     ap.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
@@ -257,7 +258,8 @@ def main() -> int:
         sizes = [int(x) * GiB for x in args.sizes.split(",")]
         snaps = bench_snapshots(work, sizes, args.fill * MiB, [d * MiB for d in dirties], args.rounds, pool)
         for s in snaps:
-            print(f"  {s['size'] // GiB:>3} GiB (created in {s['created'] * 1000:.0f} ms, {s['deltas']} deltas at the end)")
+            print(f"  {s['size'] // GiB:>3} GiB (created in {s['created'] * 1000:.0f} ms, "
+                  f"{s['deltas']} deltas at the end)")
             for dirty, t in s["by_dirty"].items():
                 print(f"    {dirty // MiB:>3} MiB dirty: whole attach.snapshot {ms(t['whole'])}")
                 print(f"                  parts: freeze {ms(t['freeze'])}  new delta {ms(t['delta'])}  "

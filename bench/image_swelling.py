@@ -57,14 +57,13 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_facts, sh  # noqa: E402
-
 from fsnotifyd.app.logging import configure_logging  # noqa: E402
 from fsnotifyd.image import fsmap, ops, thinness  # noqa: E402
 from fsnotifyd.image.format import DEFAULT_CLUSTER  # noqa: E402
@@ -146,7 +145,7 @@ class VE:
         self.img, self.run, self.mnt = work / tag, work / f"{tag}.run", work / f"{tag}.mnt"
         self.size, self.setup, self.mode, self.att = size, setup, mode, None
 
-    def __enter__(self) -> "VE":
+    def __enter__(self) -> VE:
         from fsnotifyd.image import attach as at
 
         ops.create(str(self.img), self.size, cluster=self.setup.cluster, profile=self.setup.profile,
@@ -184,7 +183,7 @@ class VE:
         st = os.statvfs(self.mnt)
         return st.f_blocks * st.f_frsize
 
-    def figures(self) -> "Measured":
+    def figures(self) -> Measured:
         """The figures after a syncfs and an exporter flush (the BAT on disk is then current).
         Mounted with ``discard``, once more after the discards settled (:meth:`settle`); the
         figure before is kept as ``transient``."""
@@ -216,7 +215,7 @@ class VE:
             time.sleep(0.1)
         return time.perf_counter() - t0
 
-    def _measure(self) -> "Measured":
+    def _measure(self) -> Measured:
         from fsnotifyd.image import attach as at
         from fsnotifyd.image.stack import Stack
 
@@ -362,7 +361,8 @@ def append_logs(c: Churn, streams: int = 48) -> None:
         p = c.mnt / f"svc{i % streams:02d}" / f"log{i:06d}"
         i += 1
         p.parent.mkdir(exist_ok=True)
-        return [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), p, 0, log_uniform(rng, min(256 * KiB, hi // 4), hi)]
+        return [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), p, 0,
+                log_uniform(rng, min(256 * KiB, hi // 4), hi)]
 
     open_logs = [start() for _ in range(streams)]
     try:
@@ -564,7 +564,8 @@ def transient(r: Result) -> str:
 def print_final(results: list[Result], size: int, times: float) -> None:
     print(f"\n  final, after {times:g}x {size / MiB:.0f} MiB written (alloc, host, df used: MiB; "
           f"df ratio beside Virtuozzo's {VIRTUOZZO_DF_RATIO}):")
-    print(f"  {'workload':<8} {'mode':<15} {'peak garb':>9} {'pk stale%':>9} {'pk transient':>12} {'garbage':>7} {'frag':>6} {'swell':>6} "
+    print(f"  {'workload':<8} {'mode':<15} {'peak garb':>9} {'pk stale%':>9} {'pk transient':>12} {'garbage':>7} "
+          f"{'frag':>6} {'swell':>6} "
           f"{'df ratio':>8} {'VZ':>4} {'alloc':>7} {'host':>6} {'df used':>7} {'peak alloc':>10} {'peak host':>9} "
           f"{'maint':>6} {'time':>6}")
     for r in results:
@@ -574,7 +575,8 @@ def print_final(results: list[Result], size: int, times: float) -> None:
         f = r.final
         peak_alloc = max(x.allocated * x.cluster for s in r.samples for x in (s.fig, s.after) if x is not None)
         peak_host = max(x.image_bytes for s in r.samples for x in (s.fig, s.after) if x is not None)
-        print(f"  {r.workload:<8} {r.mode:<15} {r.peak('garbage'):>9.2f} {100 * r.peak('stale_share'):>9.1f} {transient(r):>12} {f.garbage:>7.2f} {f.fragmentation:>6.2f} "
+        print(f"  {r.workload:<8} {r.mode:<15} {r.peak('garbage'):>9.2f} {100 * r.peak('stale_share'):>9.1f} "
+              f"{transient(r):>12} {f.garbage:>7.2f} {f.fragmentation:>6.2f} "
               f"{f.swelling:>6.2f} {f.df_ratio:>8.2f} {VIRTUOZZO_DF_RATIO:>4} {f.allocated * f.cluster / MiB:>7.0f} "
               f"{f.image_bytes / MiB:>6.0f} {f.df_used / MiB:>7.0f} {peak_alloc / MiB:>10.0f} {peak_host / MiB:>9.0f} "
               f"{r.maint_seconds:>5.0f}s {r.seconds:>5.0f}s")

@@ -67,8 +67,8 @@ def main() -> int:
     from fsnotifyd.actions import isolate
     from fsnotifyd.actions.target import Targets
     from fsnotifyd.image import attach
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.daemon import RunningDaemon
 
     work = Path(tempfile.mkdtemp(prefix="fsnd-bench-iso-", dir=args.dir))
     print(f"isolation latency: {benchutil.machine_facts(str(work))}; {args.rounds} rounds")

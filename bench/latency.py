@@ -161,8 +161,8 @@ def phase(label: str, d: RunningDaemon, fs, n: int, gap: float, offset: int) -> 
     k_rows = [(t, i - offset) for t, i in k_rows]
     k_lat, f_lat = arrivals(k_rows, starts), arrivals(f_rows, starts)
     floor = [min(x for x in (a, b) if x is not None) if (a is not None or b is not None) else None
-             for a, b in zip(k_lat, f_lat)]
-    paired = [(dl, fl) for dl, fl in zip(lat, floor) if fl is not None]
+             for a, b in zip(k_lat, f_lat, strict=True)]
+    paired = [(dl, fl) for dl, fl in zip(lat, floor, strict=True) if fl is not None]
     print(f"{label}")
     print(f"  daemon         {stats(lat)}")
     print(f"  bare kmsg      {stats([x for x in k_lat if x is not None])}")

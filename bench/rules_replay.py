@@ -38,12 +38,18 @@ def rules_yaml() -> str:
     """50 rules as a hosting operator would write them: ten policies, each per customer tier
     (a tier being a list of VE ids), with kinds, functions, errnos, thresholds, cooldowns."""
     policies = [
-        ("first-error", "fs.error", {"count": {"ge": 1}}, None, "1h", [{"snapshot": {"keep": 3}}, {"fsck": {"mode": "check"}}]),
+        ("first-error", "fs.error", {"count": {"ge": 1}}, None, "1h",
+         [{"snapshot": {"keep": 3}}, {"fsck": {"mode": "check"}}]),
         ("repeated", "fs.error", {}, {"count": 3, "within": "10m"}, "1h", [{"isolate": {"mode": "readonly"}}]),
-        ("lookup", "fs.error", {"kernel.function": {"in": ["ext4_lookup", "__ext4_iget"]}}, {"count": 2, "within": "5m"}, None, [{"fsck": {"mode": "check"}}]),
-        ("htree", "fs.error", {"kernel.function": {"in": ["htree_dirblock_to_tree", "dx_probe"]}}, None, "30m", [{"notify": {}}]),
-        ("csum", "fs.error", {"kernel.errno.name": {"equals": "EBADMSG"}}, {"count": 5, "within": "1h"}, "2h", [{"snapshot": {}}]),
-        ("eio", "fs.error", {"kernel.errno.name": {"equals": "EIO"}, "kernel.message": {"regex": "deleted inode.*|bad block.*"}}, None, "10m", [{"notify": {"severity": "error"}}]),
+        ("lookup", "fs.error", {"kernel.function": {"in": ["ext4_lookup", "__ext4_iget"]}},
+         {"count": 2, "within": "5m"}, None, [{"fsck": {"mode": "check"}}]),
+        ("htree", "fs.error", {"kernel.function": {"in": ["htree_dirblock_to_tree", "dx_probe"]}}, None, "30m",
+         [{"notify": {}}]),
+        ("csum", "fs.error", {"kernel.errno.name": {"equals": "EBADMSG"}}, {"count": 5, "within": "1h"}, "2h",
+         [{"snapshot": {}}]),
+        ("eio", "fs.error",
+         {"kernel.errno.name": {"equals": "EIO"}, "kernel.message": {"regex": "deleted inode.*|bad block.*"}},
+         None, "10m", [{"notify": {"severity": "error"}}]),
         ("readonly", "fs.readonly", {}, None, "1h", [{"snapshot": {"keep": 3}}, {"notify": {"severity": "critical"}}]),
         ("writable", "fs.writable", {}, None, None, [{"notify": {"severity": "info"}}]),
         ("io", "blk.io_error", {}, {"count": 10, "within": "1m", "per": "device"}, "30m", [{"notify": {}}]),
@@ -53,7 +59,8 @@ def rules_yaml() -> str:
     for tier in range(TIERS):
         ves = [str(v) for v in range(200) if v % TIERS == tier]
         for name, kind, where, threshold, cooldown, actions in policies:
-            rule = {"name": f"{name}-tier{tier}", "match": {"kind": kind, "ve": ves, **({"where": where} if where else {})},
+            rule = {"name": f"{name}-tier{tier}",
+                    "match": {"kind": kind, "ve": ves, **({"where": where} if where else {})},
                     "actions": actions}
             if threshold:
                 rule["threshold"] = threshold
@@ -70,7 +77,8 @@ def write_log(path: Path, n: int) -> None:
             t += random.expovariate(50.0)
             ve = random.randrange(200)
             r = random.random()
-            kind = "fs.error" if r < 0.85 else "fs.readonly" if r < 0.9 else "blk.io_error" if r < 0.97 else "fs.writable"
+            kind = ("fs.error" if r < 0.85 else "fs.readonly" if r < 0.9 else "blk.io_error" if r < 0.97
+                    else "fs.writable")
             errno_name, errno_num = random.choice(ERRNOS)
             ev = {"schema": "fsnotifyd.event/1", "id": f"{i:032x}", "time": rfc3339(t), "host": "h", "kind": kind,
                   "severity": "error", "device": {"major": 7, "minor": ve, "name": f"loop{ve}"}, "fs": "ext4",

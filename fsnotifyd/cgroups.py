@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .mountinfo import read_mountinfo
 
@@ -33,7 +33,7 @@ class CgroupMounts:
     v1: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def read(cls, mountinfo: str = "/proc/self/mountinfo") -> "CgroupMounts":
+    def read(cls, mountinfo: str = "/proc/self/mountinfo") -> CgroupMounts:
         v2: list[str] = []
         v1: list[tuple[str, str]] = []
         for m in read_mountinfo(mountinfo):

@@ -24,8 +24,9 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from .app import controlclient
 from .app.output import FAILED, OK, USAGE, emit, error, json_flag, logs_to_stderr
@@ -52,7 +53,6 @@ def _socket_path(args: argparse.Namespace) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .app.daemon import Daemon
     from .app.logging import configure_logging
-
     from .app.sdnotify import Notifier
     from .trust import require_root_only
 

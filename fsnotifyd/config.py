@@ -244,8 +244,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
             kw["metrics_tls"] = _metrics_tls(r, m["tls"])
     if "correlator" in top:
         c = r.mapping(top["correlator"], "correlator", ("window_ms", "state_window_ms", "io_window_ms"))
-        for k, v in c.items():
-            kw[k] = r.number(v, f"correlator.{k}", minimum=0)
+        for k, value in c.items():
+            kw[k] = r.number(value, f"correlator.{k}", minimum=0)
     if "actions" in top:
         a = r.mapping(top["actions"], "actions", ("enabled", "dry_run", "concurrency", "timeout_s", "fsck_timeout_s",
                                                   "repair_window"))

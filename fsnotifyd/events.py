@@ -11,10 +11,11 @@ import errno as _errno
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 SCHEMA = "fsnotifyd.event/1"
 
@@ -75,7 +76,7 @@ class KindFilter:
     prefixes: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, kinds: "tuple[str, ...] | list[str]") -> "KindFilter":
+    def parse(cls, kinds: tuple[str, ...] | list[str]) -> KindFilter:
         exact, prefixes = set(), []
         for k in kinds:
             if k in KINDS:
@@ -134,7 +135,7 @@ class Kernel:
         return Kernel(
             *(
                 mine if mine is not None else theirs
-                for mine, theirs in zip(_kernel_values(self), _kernel_values(other))
+                for mine, theirs in zip(_kernel_values(self), _kernel_values(other), strict=True)
             )
         )
 
@@ -240,7 +241,7 @@ def fact_id(*parts: object) -> str:
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds").replace(
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="microseconds").replace(
         "+00:00", "Z"
     )
 

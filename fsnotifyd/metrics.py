@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -96,7 +97,8 @@ class Metrics:
             ["warning", "ve"], registry=r,
         )
         self.fsck_results = Counter(
-            "fsnotifyd_fsck_results_total", "fsck runs by result (clean; errors: found, or fixed by a repair; failed: nothing learnt, or errors left)",
+            "fsnotifyd_fsck_results_total",
+            "fsck runs by result (clean; errors: found, or fixed by a repair; failed: nothing learnt, or errors left)",
             ["ve", "result"], registry=r,
         )
         # Repack passes (``shrink: {mode: repack}``), from the image.repacked events and the
@@ -151,7 +153,8 @@ class Metrics:
         )
         self.control_requests = Counter(
             "fsnotifyd_control_requests_total",
-            "Control socket requests by op and result (ok, error, refused: peer not allowed, busy: too many clients, bad: malformed)",
+            "Control socket requests by op and result (ok, error, refused: peer not allowed, "
+            "busy: too many clients, bad: malformed)",
             ["op", "result"], registry=r,
         )
         self.latency = Histogram(
@@ -254,8 +257,9 @@ class FsGauges(Collector):
                     "Image clusters allocated over clusters holding live data (1 = the image keeps nothing freed)"),
         "fragmentation": ("fsnotifyd_image_fragmentation_ratio",
                           "Clusters holding live data over the clusters' worth of data in use (1 = packed)"),
-        "image_swelling": ("fsnotifyd_image_swelling_ratio",
-                           "Image clusters allocated over the clusters' worth of data in use (garbage x fragmentation)"),
+        "image_swelling": (
+            "fsnotifyd_image_swelling_ratio",
+            "Image clusters allocated over the clusters' worth of data in use (garbage x fragmentation)"),
         "df_ratio": ("fsnotifyd_image_df_ratio", "Image bytes on the host over the bytes df shows used"),
     }
 

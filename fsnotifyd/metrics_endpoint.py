@@ -55,6 +55,7 @@ class _TLSServer(ThreadingWSGIServer):
 
     context: ssl.SSLContext
 
+    # TCP only: socketserver's signature also admits a datagram server's (bytes, socket) request.
     def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         request.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
@@ -62,7 +63,7 @@ class _TLSServer(ThreadingWSGIServer):
         except (OSError, ValueError):
             return  # no hello in time, no or a wrong client certificate: refused, nothing to answer
         try:
-            super().finish_request(conn, client_address)  # type: ignore[arg-type]
+            super().finish_request(conn, client_address)
         finally:
             conn.close()
 

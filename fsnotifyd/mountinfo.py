@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -138,7 +138,7 @@ class MountTableWatch:
         self._ep.close()
         self._file.close()
 
-    def __enter__(self) -> "MountTableWatch":
+    def __enter__(self) -> MountTableWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:

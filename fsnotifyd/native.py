@@ -25,9 +25,9 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
 
 import structlog
 

@@ -7,7 +7,7 @@ sinks import the config, so the config cannot import the sinks.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import SplitResult, urlsplit
 
 FACILITIES: Mapping[str, int] = {
@@ -33,7 +33,7 @@ def webhook_url(url: str) -> SplitResult:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
     try:
-        parts.port
+        _ = parts.port  # parsed on access: raises for a bad port
     except ValueError as e:
         raise ValueError(f"bad port in {url!r}: {e}") from None
     # "https://@host/" has an empty user name: refuse it too rather than guess what was meant.

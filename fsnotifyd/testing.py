@@ -8,7 +8,7 @@ endpoint) are in the source tree's ``tests/rigs/``.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import SourceUnavailable
 from .events import Event, Observation

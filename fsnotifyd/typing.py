@@ -5,8 +5,9 @@ to them (``isinstance`` sees the names; tests/unit/test_fakes.py also compares s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from .events import Event, Kernel, Observation
 

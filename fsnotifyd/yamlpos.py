@@ -102,7 +102,7 @@ def value_of(node: yaml.Node) -> Value:
     return Value("str", str(node.value), line, column)
 
 
-class _Pairs(list):  # type: ignore[type-arg]  # a JSON object, as json's object_pairs_hook hands it over
+class _Pairs(list[Any]):  # a JSON object, as json's object_pairs_hook hands it over
     pass
 
 

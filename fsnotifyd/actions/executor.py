@@ -17,7 +17,8 @@ import heapq
 import itertools
 import subprocess
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -180,7 +181,10 @@ class Executor:
 
     async def idle(self) -> None:
         """Return once every queued job has finished (tests, shutdown)."""
-        while any(not q.empty() or q._unfinished_tasks for q in self._lanes.values()):  # noqa: SLF001
+        # asyncio.Queue keeps its count of unfinished tasks private (typeshed leaves it out); join()
+        # alone cannot tell a lane whose last job is still running from one that is done.
+        while any(not q.empty() or q._unfinished_tasks  # type: ignore[attr-defined]
+                  for q in self._lanes.values()):
             await asyncio.gather(*(q.join() for q in self._lanes.values()))
 
     async def close(self) -> None:
@@ -226,7 +230,7 @@ class Executor:
             else:
                 job.result = await asyncio.wait_for(asyncio.to_thread(handler, job, step), timeout) or {}
             job.state, job.error = SUCCEEDED, None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.state, job.error = FAILED, f"timed out after {timeout:g} s"
         except (ActionError, FsnotifydError, OSError, ValueError, subprocess.SubprocessError) as e:
             job.state, job.error = FAILED, str(e)

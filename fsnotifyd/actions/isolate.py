@@ -175,8 +175,8 @@ def release(targets: Targets, ve_id: str) -> dict[str, Any]:
             mp = t.need_mount("release")
             r = _remount(mp, "rw", 60)
             if r.returncode != 0:
-                raise ActionError(f"remount,rw {mp} failed: {r.stderr.strip()[:300]}"
-                                  + (" (a shut-down filesystem needs umount, fsck, mount)" if how.startswith("shutdown") else ""))
+                hint = " (a shut-down filesystem needs umount, fsck, mount)" if how.startswith("shutdown") else ""
+                raise ActionError(f"remount,rw {mp} failed: {r.stderr.strip()[:300]}{hint}")
     elif mode == "freeze":
         if not t.cgroup:
             raise ActionError(f"VE {t.id} has no cgroup in the config")

@@ -48,6 +48,6 @@ class Job:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Job":
+    def from_dict(cls, raw: dict[str, Any]) -> Job:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})

@@ -24,7 +24,7 @@ import json
 import os
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import structlog
 

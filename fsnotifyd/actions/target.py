@@ -4,8 +4,8 @@ manager owns it) its image and attachment."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import FsnotifydError
 from ..image import attach as att_mod

@@ -10,12 +10,13 @@ import asyncio
 import dataclasses
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ..errors import RuleErrors
 from ..actions.target import Targets
+from ..errors import RuleErrors
 
 if TYPE_CHECKING:
     from prometheus_client.samples import Sample
@@ -43,7 +44,8 @@ class Control:
                         for n, s in d.statuses.items()},
             "ves": [{"id": v.id, "mounts": list(v.mounts), "devices": list(v.devices),
                      "images": list(v.images), "cgroup": v.cgroup} for v in inventory.ves],
-            "mounts": [{"device": p.device.name, "devnum": "%d:%d" % p.device.devnum if p.device.devnum else None,
+            "mounts": [{"device": p.device.name,
+                        "devnum": "{}:{}".format(*p.device.devnum) if p.device.devnum else None,
                         "mount": p.mount, "fs": p.fs, "ve": p.ve, "readonly": p.readonly,
                         "backing_file": p.backing_file} for p in inventory.mounts()],
             "events": dict(d.counts),

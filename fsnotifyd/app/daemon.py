@@ -15,36 +15,37 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..actions.executor import Executor
+from ..actions.handlers import handlers
+from ..actions.journal import JobJournal
+from ..actions.target import Targets
 from ..config import Config, parse_window, resolve_group
 from ..correlator import Correlator, CorrelatorSettings
 from ..errors import RuleError, RuleErrors
 from ..events import Event, Observation
+from ..image.attach import attached
 from ..inventory import Inventory
 from ..metrics import Metrics
-from ..version import __version__
+from ..rules.engine import FIRED, Engine, decision_event
+from ..rules.loader import load_rules
+from ..rules.schema import RuleSet
 from ..sinks.journal import JournalSink
 from ..sinks.prometheus import MetricsSink
 from ..sinks.socket import SocketSink
 from ..sinks.stdout import StdoutSink
 from ..sources.registry import REGISTRY
 from ..sources.sysfs import Ext4Counters
-from ..actions.executor import Executor
-from ..actions.handlers import handlers
-from ..actions.journal import JobJournal
-from ..actions.target import Targets
-from ..rules.engine import FIRED, Engine, decision_event
-from ..rules.loader import load_rules
-from ..rules.schema import RuleSet
 from ..statefile import FileHealth, JsonStateStore, StateFile, read_json
 from ..trust import untrusted_reason
 from ..typing import Sink, Source
-from ..image.attach import attached
 from ..ve.registry import Registry
+from ..version import __version__
 from .control import Control
 from .imagewatch import ImageWatchdog
 from .sdnotify import Notifier

@@ -13,7 +13,8 @@ import os
 import re
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from ..config import load_config
 from ..replay.reader import ReadReport, read_items
@@ -56,7 +57,7 @@ def journal_files(path: str) -> list[str]:
     return files
 
 
-def add_command(esub: argparse._SubParsersAction, common: Callable[..., None]) -> None:  # type: ignore[type-arg]
+def add_command(esub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[..., None]) -> None:
     lg = esub.add_parser("log", help="incidents from the event journal, step by step (text, JSON or HTML)",
                          description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(lg, socket=False)

@@ -14,7 +14,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FsnotifydError, ImageError, UsageError
 from ..image import ops
@@ -23,6 +24,11 @@ from ..image.lock import exclusive
 from .controlclient import ask_blocking
 from .output import FAILED, OK, emit, json_flag
 from .progress import Progress, reporter
+
+if TYPE_CHECKING:  # imported where used, to keep the CLI's start-up short
+    from ..image.attach import Attached
+    from ..image.repack import Options as RepackOptions
+    from ..ve.registry import VeRecord
 
 DEFAULT_STATE_DIR = "/var/lib/fsnotifyd"
 
@@ -41,13 +47,13 @@ def _run_dir(args: argparse.Namespace) -> str:
     return os.path.join(_state_dir(args), "run")
 
 
-def _attached(args: argparse.Namespace, image: str):
+def _attached(args: argparse.Namespace, image: str) -> Attached | None:
     from ..image import attach
 
     return attach.attachment(_run_dir(args), image)
 
 
-def _need_attached(args: argparse.Namespace, image: str):
+def _need_attached(args: argparse.Namespace, image: str) -> Attached:
     a = _attached(args, image)
     if a is None:
         raise FsnotifydError(f"{image} is not attached (fsnotifyd image attach {image})")
@@ -184,14 +190,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     info = image_info(args.image)
-    rows = [{"guid": d.guid, "name": d.name, "created": d.created, "parent": d.parent,
-             "allocated_bytes": d.allocated_bytes} for d in info.deltas if not d.top]
+    shots = [d for d in info.deltas if not d.top]
     if args.json:
-        _print(rows, True)
+        _print([{"guid": d.guid, "name": d.name, "created": d.created, "parent": d.parent,
+                 "allocated_bytes": d.allocated_bytes} for d in shots], True)
         return 0
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "-"
-        print(f"{r['guid']}  {when}  {human(r['allocated_bytes']):>8}  {r['name'] or ''}")
+    for d in shots:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.created)) if d.created else "-"
+        print(f"{d.guid}  {when}  {human(d.allocated_bytes):>8}  {d.name or ''}")
     return 0
 
 
@@ -321,7 +327,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return OK
 
 
-def _repack_options(args: argparse.Namespace):
+def _repack_options(args: argparse.Namespace) -> RepackOptions:
     from ..image import repack
     from .logging import configure_logging
 
@@ -366,7 +372,7 @@ def _print_repack(r: dict[str, Any], as_json: bool) -> None:
               f"{human(r['discarded'])} discarded")
 
 
-def _repack_attachment(args: argparse.Namespace, a, what: str) -> int:
+def _repack_attachment(args: argparse.Namespace, a: Attached, what: str) -> int:
     from ..image import repack
 
     if not a.mountpoint or not os.path.ismount(a.mountpoint):
@@ -381,7 +387,7 @@ def cmd_repack(args: argparse.Namespace) -> int:
     return _repack_attachment(args, _need_attached(args, args.image), args.image)
 
 
-def _running_ve(args: argparse.Namespace, verb: str):
+def _running_ve(args: argparse.Namespace, verb: str) -> tuple[VeRecord, Attached]:
     from ..ve.registry import Registry
 
     rec = Registry(_state_dir(args)).get(args.id)
@@ -562,7 +568,6 @@ def cmd_ve_release(args: argparse.Namespace) -> int:
     from ..actions import isolate
     from ..actions.executor import ActionError
     from ..actions.target import Targets
-
     from ..config import load_config
 
     cfg = load_config(getattr(args, "config", None))
@@ -605,7 +610,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     im = sub.add_parser("image", help="ploop-style thin images: create, attach, snapshot, compact, check")
     isub = im.add_subparsers(dest="image_command", required=True, metavar="VERB")
 
-    def cmd(name: str, func, help: str, image: bool = True) -> argparse.ArgumentParser:
+    def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            image: bool = True) -> argparse.ArgumentParser:
         sp = isub.add_parser(name, help=help)
         if image:
             sp.add_argument("image", help="image directory (holds DiskDescriptor.xml)")
@@ -676,7 +682,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ve = sub.add_parser("ve", help="VEs: an id paired with an image and a mount point")
     vsub = ve.add_subparsers(dest="ve_command", required=True, metavar="VERB")
 
-    def vcmd(name: str, func, help: str) -> argparse.ArgumentParser:
+    def vcmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sp = vsub.add_parser(name, help=help)
         state(sp)
         json_flag(sp)

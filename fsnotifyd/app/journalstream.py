@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..events import SEVERITY_PRIORITY
 
@@ -41,10 +42,12 @@ class PriorityPrefix:
     """Wraps structlog's final renderer: ``<N>`` + the rendered line. Needs the ``level`` key
     (``add_log_level``); a level it does not know gets no prefix, i.e. the unit's default."""
 
-    def __init__(self, renderer: Callable[[Any, str, Any], str]) -> None:
+    def __init__(self, renderer: Callable[[Any, str, Any], str | bytes]) -> None:
         self.renderer = renderer
 
     def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
         priority = PRIORITIES.get(event_dict.get("level", ""))
-        line = self.renderer(logger, method_name, event_dict)
+        rendered = self.renderer(logger, method_name, event_dict)
+        # structlog's JSONRenderer may give bytes (with a bytes-returning ``serializer``).
+        line = rendered.decode() if isinstance(rendered, bytes) else rendered
         return line if priority is None else f"<{priority}>{line}"

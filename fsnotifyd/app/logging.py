@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -19,7 +21,7 @@ def _stderr_fd() -> int | None:
 
 
 def configure_logging(level: str = "info") -> None:
-    renderer = (
+    renderer: Callable[[Any, str, Any], str | bytes] = (
         structlog.dev.ConsoleRenderer(colors=False)
         if sys.stderr.isatty()
         else structlog.processors.JSONRenderer()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -67,4 +68,5 @@ def logs_to_stderr() -> None:
     the rest of the set-up is structlog's default, or ``configure_logging``'s where that ran."""
     import structlog
 
+    # _CurrentStderr has the write/flush PrintLogger uses, not the whole TextIO it is typed to take
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]

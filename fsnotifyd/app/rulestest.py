@@ -15,9 +15,10 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 from ..inventory import VE
 from ..replay.reader import ReadReport, read_items
@@ -28,7 +29,7 @@ from .progress import Clearing, reporter
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def canonical(d: Decision) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def print_table(decisions: Iterable[Decision], out: TextIO) -> tuple[int, int]:
     n, fired = len(head), sum(d.outcome == "fired" for d in head)
 
     def write(r: tuple[str, ...]) -> None:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] + "\n")
 
     for r in rows:
         write(r)
@@ -186,6 +187,7 @@ def run(rules: Sequence[str], logs: Sequence[str], *, expect: str | None = None,
             if drawn.due():
                 drawn("", meter.done(), meter.total)
         result.progress = tick
+        # Clearing is a TextIOBase with what print() uses, not a typing.TextIO
         out, err = Clearing(line, out), Clearing(line, err)  # type: ignore[assignment]
     try:
         return _run(result, expect, fmt, out, err)

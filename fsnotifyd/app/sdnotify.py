@@ -3,9 +3,9 @@
 Under ``Type=notify`` systemd waits for ``READY=1`` before it counts the service as started,
 shows ``STATUS=`` lines in ``systemctl status``, and with ``WatchdogSec=`` restarts the service
 when ``WATCHDOG=1`` stops arriving. A reload is ``RELOADING=1`` before and ``READY=1`` after
-(also after a failed one: the service runs on, with what it had). The protocol is one datagram of ``KEY=VALUE`` lines to the
-unix socket named by ``$NOTIFY_SOCKET`` (``@`` means the abstract namespace). Outside systemd
-the variable is unset and every call is a no-op.
+(also after a failed one: the service runs on, with what it had). The protocol is one datagram
+of ``KEY=VALUE`` lines to the unix socket named by ``$NOTIFY_SOCKET`` (``@`` means the abstract
+namespace). Outside systemd the variable is unset and every call is a no-op.
 """
 
 from __future__ import annotations

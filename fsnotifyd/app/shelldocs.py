@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..version import __version__
 from .output import EXIT_STATUS
@@ -63,6 +63,7 @@ def completion(shell: str, parser: argparse.ArgumentParser | None = None) -> str
 
     parser = parser or _parser()
     for action in _walk(parser):
+        # shtab reads a `complete` attribute it asks callers to set on argparse's actions
         if action.dest in _FILES:
             action.complete = shtab.FILE  # type: ignore[attr-defined]
         elif action.dest in _DIRS:

@@ -31,8 +31,9 @@ How facts are told apart:
 from __future__ import annotations
 
 import time as _time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..events import DEFAULT_SEVERITY, STATE_KINDS, Device, Event, Kernel, Observation, fact_id, hostname
 from ..inventory import Inventory, Placement
@@ -301,8 +302,8 @@ class Correlator:
         if dev is not None and dev.name:
             return dev.name
         if dev is not None and dev.devnum:
-            return "%d:%d" % dev.devnum
-        return "fsid:%s" % obs.details.get("fsid", "?")
+            return f"{dev.devnum[0]}:{dev.devnum[1]}"
+        return f"fsid:{obs.details.get('fsid', '?')}"
 
     def _is_new_fact(self, group: _Group, obs: Observation) -> bool:
         if obs.kind in STATE_KINDS or obs.kind == "blk.io_error":

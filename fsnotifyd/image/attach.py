@@ -45,8 +45,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import structlog
 
@@ -190,7 +191,7 @@ def _same_file(backing: str | None, disk: str) -> bool:
 
 def _loops_on(disk: str) -> list[str]:
     """Loop devices whose backing file is ``disk`` (read from sysfs: no I/O to a dead FUSE)."""
-    out = []
+    out: list[str] = []
     try:
         names = os.listdir("/sys/block")
     except OSError:
@@ -506,7 +507,7 @@ def detach(image_dir_or_attached: str | Attached, *, run_dir: str, upto: str | N
     for loop in loops:
         _run("losetup", "-d", loop, check=False)
     deadline = time.monotonic() + 10
-    while any(_same_file(_loop_backing(l), att.disk) for l in loops):
+    while any(_same_file(_loop_backing(lo), att.disk) for lo in loops):
         if time.monotonic() > deadline:
             raise ImageError(f"loop device still on {att.disk} after losetup -d", file=att.image)
         time.sleep(0.05)

@@ -49,7 +49,8 @@ from .progress import ProgressFn
 
 TMP_SUFFIX = ".tmp"
 MKFS_TMP_PREFIX = "fsnd-mkfs-"
-SNAPSHOT_NAME = re.compile(r"root\.hds\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # ops._delta_name
+# ops._delta_name
+SNAPSHOT_NAME = re.compile(r"root\.hds\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -177,8 +178,8 @@ def _check_open_delta(delta: Delta, desc: Descriptor, is_top: bool, report: Chec
 
     # BAT entries that cannot be right (already read as unmapped in memory).
     bad = [p.index for p in delta.problems]
-    for p in delta.problems:
-        report.add(path, f"bat[{p.index}]", str(p), repaired=repair)
+    for problem in delta.problems:
+        report.add(path, f"bat[{problem.index}]", str(problem), repaired=repair)
     if repair and bad:
         delta._write_bat_entries(sorted(bad))
         os.fdatasync(delta.fd)

@@ -22,14 +22,25 @@ import mmap
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import ImageError
+from .format import (
+    BAT_ENTRY,
+    DEFAULT_CLUSTER,
+    HEADER_SIZE,
+    ZERO_CLUSTER,
+    BatProblem,
+    Header,
+    bat_region,
+    capacity,
+    new_header,
+    parse_header,
+    validate_bat,
+)
 from .readahead import ReadAhead
 from .writebehind import WriteBehind
-from .format import (BAT_ENTRY, DEFAULT_CLUSTER, HEADER_SIZE, ZERO_CLUSTER, BatProblem, Header, bat_region,
-                     capacity, new_header, parse_header, validate_bat)
 
 if sys.byteorder != "little":  # the BAT is little-endian and read straight into an array
     raise ImportError("fsnotifyd.image needs a little-endian host")
@@ -116,7 +127,7 @@ class Delta:
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
-    def create(cls, path: str, size: int, cluster: int = DEFAULT_CLUSTER, *, reserve: int | None = None) -> "Delta":
+    def create(cls, path: str, size: int, cluster: int = DEFAULT_CLUSTER, *, reserve: int | None = None) -> Delta:
         """A new empty delta (header and zeroed BAT, durable); fails if ``path`` exists."""
         header = new_header(size, cluster, reserve=reserve)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -133,7 +144,7 @@ class Delta:
         return cls(path, fd, header, bat, True, file_clusters=header.first_cluster)
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False, strict: bool = True) -> "Delta":
+    def open(cls, path: str, *, writable: bool = False, strict: bool = True) -> Delta:
         """Open and validate. ``strict`` refuses any BAT problem; without it the problems are
         listed in ``problems`` (for ``image check``) and the bad entries read as unmapped."""
         # O_NONBLOCK: a FIFO named as a delta must not block the open (no effect on files).
@@ -280,7 +291,7 @@ class Delta:
                 os.close(self.fd)
                 self.fd = -1
 
-    def __enter__(self) -> "Delta":
+    def __enter__(self) -> Delta:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from xml.parsers import expat
 from dataclasses import dataclass, replace
+from typing import Literal, overload
+from xml.parsers import expat
 
 from ..errors import ImageError
 from .delta import fsync_dir
@@ -81,10 +82,14 @@ class Descriptor:
     def children(self, guid: str) -> list[Shot]:
         return [s for s in self.shots if s.parent == guid]
 
-    def with_shots(self, shots: list[Shot] | tuple[Shot, ...], top: str | None = None) -> "Descriptor":
+    def with_shots(self, shots: list[Shot] | tuple[Shot, ...], top: str | None = None) -> Descriptor:
         return replace(self, shots=tuple(shots), top=top or self.top)
 
 
+@overload
+def _text(parent: ET.Element, tag: str, file: str, *, required: Literal[True] = True) -> str: ...
+@overload
+def _text(parent: ET.Element, tag: str, file: str, *, required: bool) -> str | None: ...
 def _text(parent: ET.Element, tag: str, file: str, *, required: bool = True) -> str | None:
     el = parent.find(tag)
     if el is None or el.text is None or not el.text.strip():
@@ -97,7 +102,7 @@ def _text(parent: ET.Element, tag: str, file: str, *, required: bool = True) -> 
 def _int(parent: ET.Element, tag: str, file: str) -> int:
     raw = _text(parent, tag, file)
     try:
-        v = int(raw or "")
+        v = int(raw)
     except ValueError:
         raise ImageError(f"<{tag}> is not a whole number: {raw[:40]!r}", file=file, field=tag) from None
     if v < 0:
@@ -192,10 +197,13 @@ def load(path: str) -> Descriptor:
         if any(s.guid == guid for s in shots):
             raise ImageError(f"snapshot {guid} listed twice", file=path, field=f"Shot[{i}].GUID")
         created = _text(el, "Created", path, required=False)
-        try:
-            when = float(created) if created is not None else None
-        except ValueError:
-            raise ImageError(f"<Created> is not a time: {created[:40]!r}", file=path, field=f"Shot[{i}].Created") from None
+        when = None
+        if created is not None:
+            try:
+                when = float(created)
+            except ValueError:
+                raise ImageError(f"<Created> is not a time: {created[:40]!r}", file=path,
+                                 field=f"Shot[{i}].Created") from None
         shots.append(Shot(guid, parent, files[guid], _text(el, "Name", path, required=False), when))
     known = {s.guid for s in shots}
     if set(files) != known:

@@ -49,7 +49,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import structlog
 
@@ -160,7 +161,7 @@ class Exporter:
     def read_into(self, view: memoryview, offset: int) -> int:
         return self._io("read", lambda: self.stack.read_into(offset, view))
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         return self._io("write", lambda: self.stack.write(offset, data), write=True)
 
     def discard(self, offset: int, length: int) -> None:
@@ -316,11 +317,11 @@ class Exporter:
                 log.info("exporter.resize", size=new, image=self.image)
                 return {"ok": True, "size": new}
             if op == "merge":
-                guid = req.get("guid")
-                if not isinstance(guid, str):
+                merged = req.get("guid")
+                if not isinstance(merged, str):
                     return {"ok": False, "error": "'guid' must be a string"}
-                self.merge(guid)
-                log.info("exporter.merge", guid=guid, image=self.image)
+                self.merge(merged)
+                log.info("exporter.merge", guid=merged, image=self.image)
                 return {"ok": True, "deltas": len(self.stack.deltas)}
             if op == "compact":
                 r = self.compact()
@@ -392,7 +393,8 @@ class ControlServer:
 
 # -- FUSE ----------------------------------------------------------------------------------------
 
-def make_operations(exporter: Exporter, on_init: Callable[[], None]):
+def make_operations(exporter: Exporter, on_init: Callable[[], None]) -> tuple[type[Any], Any]:
+    """The FUSE class and the operations object for ``exporter`` (mfusepy is untyped: Any)."""
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy
     from mfusepy import FuseOSError
@@ -407,7 +409,7 @@ def make_operations(exporter: Exporter, on_init: Callable[[], None]):
     class DiskOperations(mfusepy.Operations):
         use_ns = True
 
-        def init_with_config(self, conn_info, config) -> None:
+        def init_with_config(self, conn_info: Any, config: Any) -> None:
             if conn_info is not None:
                 conn_info.max_write = MAX_WRITE
                 conn_info.max_readahead = MAX_WRITE
@@ -440,7 +442,7 @@ def make_operations(exporter: Exporter, on_init: Callable[[], None]):
                     "st_size": exporter.stack.size, "st_blocks": blocks, "st_blksize": MAX_WRITE,
                     "st_atime": t, "st_mtime": t, "st_ctime": t}
 
-        def readdir(self, path: str, fh: int):
+        def readdir(self, path: str, fh: int) -> list[str]:
             if path != "/":
                 raise FuseOSError(errno.ENOTDIR)
             return [".", "..", DISK]
@@ -477,7 +479,7 @@ def make_operations(exporter: Exporter, on_init: Callable[[], None]):
         def release(self, path: str, fh: int) -> int:
             return 0
 
-        def utimens(self, path: str, times=None) -> int:
+        def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
             return 0
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -506,10 +508,10 @@ def make_operations(exporter: Exporter, on_init: Callable[[], None]):
         """mfusepy's FUSE with the data path over libfuse's own buffers: its read and write
         copy each request into a new bytes object (a 1 MiB copy per request)."""
 
-        def read(self, path, buf, size: int, offset: int, fip) -> int:
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             return exporter.read_into(_view(buf, size), offset)
 
-        def write(self, path, buf, size: int, offset: int, fip) -> int:
+        def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             return exporter.write(offset, _view(buf, size))
 
     return DiskFUSE, DiskOperations()
@@ -542,7 +544,8 @@ def _fast_callbacks(fast: fastio.FastIO | None) -> Iterator[None]:
     real = mfusepy.fuse_main_real
     prototypes = {f[0]: f[1] for f in mfusepy.fuse_operations._fields_}
 
-    def main_real(argc, argv, ops_p, size, ctx):  # type: ignore[no-untyped-def]
+    # ctypes values, as mfusepy passes them on
+    def main_real(argc: Any, argv: Any, ops_p: Any, size: Any, ctx: Any) -> Any:
         fast.install(ops_p.contents, prototypes)
         return real(argc, argv, ops_p, size, ctx)
 

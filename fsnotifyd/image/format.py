@@ -27,6 +27,7 @@ against the others and the file's length before anything is allocated or indexed
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ImageError
@@ -153,7 +154,7 @@ class BatProblem:
         return f"bat[{self.index}] = {self.physical}: the same physical cluster as bat[{self.other}]"
 
 
-def validate_bat(bat: list[int] | tuple[int, ...], header: Header, file_size: int) -> list[BatProblem]:
+def validate_bat(bat: Sequence[int], header: Header, file_size: int) -> list[BatProblem]:
     """Every entry that cannot be right: past the end of the file (a cluster partly past the
     end counts), inside the header and BAT, or a physical cluster used twice."""
     problems: list[BatProblem] = []

@@ -14,8 +14,8 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 RECORD = struct.Struct("=IIQQQQ24x")  # struct fsmap: device, flags, physical, owner, offset, length
 HEAD = struct.Struct("=IIII48x")  # struct fsmap_head before its two keys: iflags, oflags, count, entries

@@ -31,6 +31,8 @@ FS_DAX_FL = 0x2000000
 class MoveError(OSError):
     """A move the kernel refused; ``moved`` blocks were moved before it did."""
 
+    errno: int  # always given (OSError's may be None)
+
     def __init__(self, err: int, text: str, moved: int) -> None:
         super().__init__(err, text)
         self.moved = moved

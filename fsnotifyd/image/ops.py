@@ -30,7 +30,8 @@ def descriptor_path(directory: str) -> str:
     return os.path.join(directory, dd.NAME)
 
 
-def create_empty(directory: str, size: int, cluster: int = DEFAULT_CLUSTER, *, reserve: int | None = None) -> Descriptor:
+def create_empty(directory: str, size: int, cluster: int = DEFAULT_CLUSTER, *,
+                 reserve: int | None = None) -> Descriptor:
     """A new image of one empty delta. ``directory`` must not exist or be empty."""
     size = -(-size // SECTOR) * SECTOR
     os.makedirs(directory, exist_ok=True)
@@ -190,7 +191,7 @@ def _moves(delta: Delta) -> int:
     """How many clusters a compaction would move now: the last ones into the first holes."""
     holes = delta._free
     owners = sorted((p for vc in range(len(delta.bat)) if (p := delta.physical(vc))), reverse=True)
-    return sum(1 for p, h in zip(owners, holes) if h < p)
+    return sum(1 for p, h in zip(owners, holes, strict=False) if h < p)  # as many pairs as the shorter side has
 
 
 def compact(delta: Delta, *, batch: int = 64, progress: ProgressFn | None = None) -> CompactResult:
@@ -204,7 +205,7 @@ def compact(delta: Delta, *, batch: int = 64, progress: ProgressFn | None = None
         holes = list(delta._free)
         owners = sorted(((p, vc) for vc in range(len(delta.bat)) if (p := delta.physical(vc))), reverse=True)
         pairs = []
-        for (p, vc), h in zip(owners, holes):
+        for (p, vc), h in zip(owners, holes, strict=False):  # the shorter side ends the moves
             if h >= p:
                 break
             pairs.append((vc, h))

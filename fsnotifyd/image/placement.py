@@ -16,8 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import fiemap as fm
 

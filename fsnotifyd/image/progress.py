@@ -3,7 +3,7 @@ draws it, see ``fsnotifyd/app/progress.py``)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 # progress(stage, done, total): ``stage`` a short word ("copy", "convert", "compact"), ``done``
 # and ``total`` in the operation's unit (bytes, clusters); total 0 when not known.

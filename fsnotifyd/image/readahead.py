@@ -31,10 +31,11 @@ class ReadAhead:
         self._thread = threading.Thread(target=self._run, name=f"read-ahead {name}", daemon=True)
         self._thread.start()
 
-    def _covering(self, pos: int, end: int) -> int | None:
+    def _covering(self, pos: int, end: int) -> tuple[int, int, int] | None:
+        """(buffer, its file position, its bytes) of the window holding ``[pos, end)``."""
         for i, held in enumerate(self._held):
             if held is not None and held[0] <= pos and end <= held[0] + held[1]:
-                return i
+                return i, held[0], held[1]
         return None
 
     def take(self, pos: int, view: memoryview) -> bool:
@@ -43,9 +44,10 @@ class ReadAhead:
         end = pos + len(view)
         with self._cv:
             while True:
-                i = self._covering(pos, end)
-                if i is not None:
-                    start = pos - self._held[i][0]
+                window = self._covering(pos, end)
+                if window is not None:
+                    i, wpos, _ = window
+                    start = pos - wpos
                     view[:] = self._bufs[i][start:start + len(view)]
                     self.hits += 1
                     return True
@@ -58,10 +60,11 @@ class ReadAhead:
         with self._cv:
             if self._filling is not None or self._closing:
                 return
-            current = self._covering(end, end + 1)
+            window = self._covering(end, end + 1)
+            current = None
             frontier = end
-            if current is not None:
-                pos, got = self._held[current]
+            if window is not None:
+                current, pos, got = window
                 if got < self._size:  # the end of the file
                     return
                 frontier = pos + got
@@ -96,9 +99,9 @@ class ReadAhead:
             with self._cv:
                 while self._filling is None and not self._closing:
                     self._cv.wait()
-                if self._closing:
-                    return
                 i, pos = self._filling, self._want
+                if self._closing or i is None:  # not closing means the loop saw a buffer to fill
+                    return
             try:
                 got = os.preadv(self._fd, [self._bufs[i]], pos)
             except OSError:

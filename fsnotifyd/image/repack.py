@@ -37,8 +37,9 @@ import struct
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import structlog
 
@@ -514,7 +515,7 @@ def _run(att: Any, opts: Options, *, above: int | None,
     # What the moves emptied, from the bitmaps after the last commit.
     attempted = {v.cluster for v in pl.victims}
     syncfs(mp)
-    still = set()
+    still: set[int] = set()
     for e in fsmap.iter_extents(mp):
         if not e.free:
             still.update(c for c in range(e.physical // cluster, -(-e.end // cluster)) if c in attempted)

@@ -15,8 +15,8 @@ Victims are taken least-used first: each empties one cluster for its used fracti
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 # Reasons a block cannot move (the keys of ``skipped``).
 METADATA = "metadata"  # superblock, group descriptors, bitmaps, inode tables

@@ -18,8 +18,8 @@ import fcntl
 import os
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import FsckFailed, ImageError
 from . import e2fsck, ops

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from ..errors import ImageError
 from . import descriptor as desc_mod
 from .delta import Delta, is_zero
-from .format import ZERO_CLUSTER
 from .descriptor import Descriptor
+from .format import ZERO_CLUSTER
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Stack:
 
     @classmethod
     def open(cls, directory: str, *, writable: bool = True, upto: str | None = None,
-             descriptor: Descriptor | None = None) -> "Stack":
+             descriptor: Descriptor | None = None) -> Stack:
         """The image in ``directory`` (its ``DiskDescriptor.xml``), up to snapshot ``upto``
         (default: the top). Only the top may be writable, and only when ``upto`` is None."""
         path = os.path.join(directory, desc_mod.NAME)
@@ -100,7 +100,7 @@ class Stack:
         for d in reversed(self.deltas):
             d.close()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,8 +25,8 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..errors import ImageError
 from . import descriptor as dd

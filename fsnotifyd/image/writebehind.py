@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import os
 import threading
+from collections.abc import Callable
 from os import pwrite  # a module name: tests slow it down to widen the races
-from typing import Callable
 
 
 class WriteBehind:

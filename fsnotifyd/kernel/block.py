@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..events import Kernel, Observation
 from .kmsg import SOURCE, KmsgRecord, caller_pid, record_device

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import errno as _errno
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..events import Kernel, Observation
 from .block import BLK_STS_ERRNO

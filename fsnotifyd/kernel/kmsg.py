@@ -9,9 +9,9 @@ message parser wants from it (the ``DEVICE=`` property and the ``caller=`` field
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from ..events import Device
 

@@ -46,9 +46,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Iterable
 
 from ..events import Observation
 from .classify import classify
@@ -198,8 +198,8 @@ def _parse_entry(line: str, year: int | None, tz: tzinfo | None) -> KernelLine |
         m = _ISO.match(line)
         if m is None:
             return None
-        t = _iso_time(m.group("iso"), tz)
-        if t is None:
+        stamp = _iso_time(m.group("iso"), tz)
+        if stamp is None:
             return None
         rest = line[m.end():]
         # dmesg writes "2026-11-25T21:58:41,301002+00:00" (comma); journalctl's short-iso and
@@ -207,10 +207,10 @@ def _parse_entry(line: str, year: int | None, tz: tzinfo | None) -> KernelLine |
         if not decorated and "," not in m.group("iso"):
             o = _ORIGIN.match(rest)
             if o is not None:
-                return _journal(o, t, "journalctl-iso", False)
+                return _journal(o, stamp, "journalctl-iso", False)
         if rest[:1] != " " and rest:
             return None
-        return _dmesg(rest, t, False, "dmesg-iso", level, facility)
+        return _dmesg(rest, stamp, False, "dmesg-iso", level, facility)
     if decorated:
         return None
     m = _SYSLOG_TIME.match(line)

@@ -40,16 +40,17 @@ import itertools
 import os
 import sys
 import uuid
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, tzinfo
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import msgspec
 
-from ..correlator import Correlator, CorrelatorSettings
-from ..events import Event, Observation
-from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
 from .. import native as native_modules
+from ..correlator import Correlator, CorrelatorSettings
+from ..events import Device, Event, Observation
+from ..inventory import VE, Inventory, Placement, SysBlock, validate_ve_id
 from ..kernel.classify import KMSG_KINDS, classify
 from ..kernel.kmsg import KmsgRecord
 from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
@@ -109,7 +110,7 @@ class _ReplayInventory(Inventory):
         self._replay_next += 1
         self._replay_mounts[name] = self._replay_next
 
-    def place(self, device, mount=None):  # type: ignore[override]
+    def place(self, device: Device | None, mount: str | None = None) -> Placement | None:
         p = super().place(device, mount)
         if p is not None and p.device.name in self._replay_mounts:
             p = replace(p, mount_seq=self._replay_mounts[p.device.name])
@@ -120,12 +121,13 @@ class _ReplayInventory(Inventory):
 # Input
 
 
-def _open_lines(path: str) -> Iterator[str]:
+def _open_lines(path: str) -> Generator[str, None, None]:
     if path == "-":
+        # typeshed calls stdin's buffer a BinaryIO; at run time it is a BufferedReader
         f: io.BufferedIOBase = sys.stdin.buffer  # type: ignore[assignment]
         close = False
     else:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # type: ignore[assignment]
+        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
         close = True
     try:
         for raw in f:
@@ -417,7 +419,7 @@ def _file_events(path: str, *, ves: list[VE], year: int | None, boot_time: float
     if fmt == "jsonl" and path != "-":
         lines.close()  # a journal is read again as raw bytes: no per-line text decoding
         raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-        return _jsonl_file(path, raw, report, scanner)  # type: ignore[arg-type]
+        return _jsonl_file(path, raw, report, scanner)
     if fmt == "jsonl":
         return _jsonl(path, everything, report)
     return _TextReplay(path, ves, year=year, boot_time=boot_time, tz=tz, host=host,
@@ -502,7 +504,8 @@ def read_events(
         yield event
 
 
-def read_timed_events(paths, **kw) -> Iterator[tuple[float, dict[str, Any]]]:
+def read_timed_events(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+                      **kw: Any) -> Iterator[tuple[float, dict[str, Any]]]:
     """Like :func:`read_events`, with each event's time as epoch seconds (already parsed for
     ordering; the rules engine takes it instead of parsing the RFC 3339 string again)."""
     for t, _, event in read_items(paths, **kw):

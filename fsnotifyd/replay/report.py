@@ -37,7 +37,7 @@ class ReadReport:
                    f"{self.jsonl_events} JSONL events, {self.ignored} ignored, {self.skipped} skipped; "
                    f"{self.events} events")
         if self.skipped:
-            out.append("skipped lines (first %d): %s" % (len(self.examples), "; ".join(self.examples)))
+            out.append(f"skipped lines (first {len(self.examples)}): {'; '.join(self.examples)}")
         if self.monotonic_without_boot_time:
             out.append("dmesg stamps are seconds since boot and no boot time was given: event times "
                        "are relative (1970-01-01 + uptime)")

@@ -8,9 +8,10 @@ kind, so an event is only tested against the rules that can match its kind.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import native
 from .decide import OPS, CompiledRule

@@ -17,8 +17,9 @@ where ``key`` is ``"ve:<id>"`` or ``"dev:<name>"`` (events of no VE, or ``per: d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 # Match program opcodes (a program is a tuple of (path tuple, opcode, constant)); the C
 # module exports the same names in the same order as ``OPS`` and is refused if they differ.

@@ -20,16 +20,16 @@ the rest: compiling, recovery, persistence and the decision's event form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time as _time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from ..events import Device, Event, Kernel, fact_id
 from . import decide, native
-from .compiler import Compiled, LabelsOf, compile_rules
-from .compiler import match_predicate
+from .compiler import Compiled, LabelsOf, compile_rules, match_predicate
 from .decide import COOLDOWN, FIRED, MAX_FACTS, SUSTAINED, THRESHOLD, WINDOW, CompiledRule
 from .schema import RECOVERY, Action, Match, Rule, RuleSet
 
@@ -102,10 +102,11 @@ def decision_event(d: Decision, source: Mapping[str, Any], host: str) -> Event:
     """A fired decision as a ``rule.matched`` event, on the device and VE of its trigger."""
     dev = source.get("device") if isinstance(source.get("device"), dict) else None
     trigger = source.get("id")
+    # One rule, one triggering event, one decision: the same trigger seen again after a
+    # restart makes the same decision (and the executor knows its jobs).
+    same_id: dict[str, Any] = {"id": fact_id("rule.matched", d.rule, trigger)} if trigger else {}
     return Event(
-        # One rule, one triggering event, one decision: the same trigger seen again after a
-        # restart makes the same decision (and the executor knows its jobs).
-        **({"id": fact_id("rule.matched", d.rule, trigger)} if trigger else {}),
+        **same_id,
         kind="rule.matched",
         time=d.time,
         host=host,

@@ -22,19 +22,33 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
+from ..config import parse_window
 from ..errors import ConfigError, RuleError, RuleErrors
 from ..events import KINDS
 from ..inventory import validate_ve_id
-from ..wording import describe as _describe, short as _short, type_phrase
-from ..config import parse_window
+from ..wording import describe as _describe
+from ..wording import short as _short
+from ..wording import type_phrase
 from .nodes import BAD, YAML_TAG, NodeReader, did_you_mean, one_of
-from .schema import (ACTIONS, OPERATORS, Action, Condition, Match, Origin, Rule, RuleSet, Sustained, Threshold,
-                     VeSelector)
+from .schema import (
+    ACTIONS,
+    OPERATORS,
+    Action,
+    Condition,
+    Match,
+    Origin,
+    Rule,
+    RuleSet,
+    Sustained,
+    Threshold,
+    VeSelector,
+)
 
 __all__ = ["load_rules", "parse_rules", "check_paths", "check_text", "parse_duration", "EVENT_FIELDS", "RULE_KINDS"]
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import yaml
 
 from ..errors import RuleError
-from ..wording import describe as _describe, node_kind as _node_kind, short as _short
+from ..wording import describe as _describe
+from ..wording import node_kind as _node_kind
+from ..wording import short as _short
 from ..yamlpos import YamlSyntaxError, compose, position, scalar_value
 from .schema import Origin
 

@@ -33,16 +33,19 @@ not have taken from memory), so :meth:`ack` and :meth:`is_head` recognise it the
 (which carry the CloudEvents id).
 
 Thread-safety: one lock around every public method but the sizes (a scrape reads them, one
-attribute each); the spool's own lock is only ever taken inside it. Callbacks run under it and must not call back into the backlog.
+attribute each); the spool's own lock is only ever taken inside it. Callbacks run under it and
+must not call back into the backlog.
 """
 
 from __future__ import annotations
 
+import builtins  # `bytes` in the class bodies below is their size attribute; builtins.bytes is the type
 import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 from .spool import LostCallback, Record, Spool, SpoolClosed
 
@@ -58,7 +61,7 @@ class Held:
     spilled: bool = False  # moved to the spool since it was handed out
 
 
-Item = Union[Record, Held]
+Item = Record | Held
 
 
 @dataclass(slots=True)
@@ -77,7 +80,7 @@ class MemoryQueue:
     def head(self) -> Held | None:
         return self._items[0] if self._items else None
 
-    def append(self, data: bytes) -> bool:
+    def append(self, data: builtins.bytes) -> bool:
         if len(data) > self.max_bytes:
             self.on_lost("memory_full", 1)
             return False

@@ -29,14 +29,16 @@ must not call back into the spool.
 
 from __future__ import annotations
 
+import builtins  # `bytes` in the class bodies below is their size attribute; builtins.bytes is the type
 import contextlib
 import errno
 import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -126,7 +128,7 @@ class Spool:
     def closed(self) -> bool:
         return self._closed
 
-    def append(self, data: bytes) -> bool:
+    def append(self, data: builtins.bytes) -> bool:
         """Append one line (``data`` without newline). False if the line alone is larger than
         the bound (it is counted lost). Raises :class:`SpoolClosed`, or OSError when the disk
         refuses the write (the segment is left as it was)."""
@@ -322,7 +324,7 @@ class Spool:
         self._segments.append(_Segment(number, 0, 0))
         self._open_writer()
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: builtins.bytes) -> None:
         active = self._segments[-1]
         try:
             written = os.write(self._wfd, line)
@@ -353,7 +355,7 @@ class Spool:
     def _at(self, record: Record) -> bool:
         return self._head().number == record.segment and self._offset == record.offset
 
-    def _read_line(self, seg: _Segment, offset: int) -> bytes | None:
+    def _read_line(self, seg: _Segment, offset: int) -> builtins.bytes | None:
         """The line at ``offset`` without its newline, None if it has no newline (yet)."""
         if self._rfd_segment == seg.number and self._rbuf_start <= offset:
             rel = offset - self._rbuf_start

@@ -40,8 +40,8 @@ import socket
 import struct
 import time
 from array import array
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import structlog
 

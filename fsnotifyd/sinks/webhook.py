@@ -499,8 +499,8 @@ class WebhookSink:
         backlog = self._backlog
         if ended is None or backlog is None:
             return
-        held, spilled, sent = (now - base for now, base in
-                               zip((backlog.held, backlog.spilled, backlog.sent_from_memory), self._streak_base))
+        counts = (backlog.held, backlog.spilled, backlog.sent_from_memory)
+        held, spilled, sent = (now - base for now, base in zip(counts, self._streak_base, strict=True))
         log.info("webhook.spool_recovered", sink=self.name, url=self.origin, path=self.spool_dir, held=held,
                  spilled=spilled, delivered_from_memory=sent, refused=ended.refused,
                  failed_for_s=round(time.time() - (ended.since or time.time()), 1))

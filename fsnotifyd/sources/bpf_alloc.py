@@ -104,6 +104,7 @@ class BpfAllocSource:
     def _forget(self, dev: int) -> None:
         """A new filesystem on a device number: drop what the old one left in the maps."""
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         regions = b[b"regions"]
         stale = [k for k in regions.keys() if k.dev == dev]
         for k in stale:
@@ -122,20 +123,21 @@ class BpfAllocSource:
 
     def _collect(self, now: float) -> tuple[list[Observation], int]:
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         mounts = self._ext4_mounts()
-        for dev, p in mounts.items():
+        for dev, mounted in mounts.items():
             t = self._tracked.get(dev)
-            if t is not None and t.mount_seq == p.mount_seq:
+            if t is not None and t.mount_seq == mounted.mount_seq:
                 continue
             if t is not None:
                 self._forget(dev)
             try:
-                bsize = os.statvfs(p.mount).f_bsize  # type: ignore[arg-type]
+                bsize = os.statvfs(mounted.mount).f_bsize  # type: ignore[arg-type]  # _ext4_mounts: all have one
             except OSError:
                 continue
             shift = max(0, int(math.log2(max(self.region_bytes // bsize, 1))))
             b[b"region_shift"][ct.c_uint32(dev)] = ct.c_uint32(shift)
-            self._tracked[dev] = _Tracked(p.mount_seq, shift, bsize, dict.fromkeys(FIELDS, 0))
+            self._tracked[dev] = _Tracked(mounted.mount_seq, shift, bsize, dict.fromkeys(FIELDS, 0))
         stats = {int(k.value): v for k, v in b[b"stats"].items()}
         out: list[Observation] = []
         for dev, t in list(self._tracked.items()):
@@ -167,7 +169,7 @@ class BpfAllocSource:
         region_bytes = region_blocks * t.block_size
         live = total["regions_added"] - total["regions_removed"]
         try:
-            st = os.statvfs(p.mount)  # type: ignore[arg-type]
+            st = os.statvfs(p.mount)  # type: ignore[arg-type]  # _ext4_mounts keeps only mounted placements
             used = (st.f_blocks - st.f_bfree) * st.f_frsize
         except OSError:
             used = None

@@ -16,16 +16,17 @@ import errno as _errno
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import structlog
 
+from .. import syscalls
 from ..cgroups import CgroupResolver, Membership, describe
 from ..events import Device, Kernel, Observation
 from ..inventory import Inventory
 from ..typing import Ready, Send
-from .. import syscalls
 from . import bpfload
 from .bpf_errors import SOURCE, kernel_dev
 
@@ -127,6 +128,7 @@ class BpfSpaceSource:
 
     def _point(self, suffix: str) -> None:
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         for outer, inner in ((b"cache_now", "cache"), (b"calls_now", "calls"), (b"cgs_now", "cgs"),
                              (b"devs_now", "devs")):
             # An update of an array of maps returns after an RCU grace period: no program still
@@ -140,6 +142,7 @@ class BpfSpaceSource:
 
     def _drain(self) -> tuple[list[Call], list[tuple[int, int, int, int]], list[int]]:
         b = self.prog
+        assert b is not None  # used only between _load() and close()
         old = "a" if self._spare == "b" else "b"
         self._point(self._spare)
         self._spare = old
@@ -162,7 +165,7 @@ class BpfSpaceSource:
         for name in ("calls", "cgs", "devs"):
             b[f"{name}_{old}".encode()].clear()
         totals = [int(b[b"overflow"].sum(i).value) for i in range(3)]
-        delta = [t - o for t, o in zip(totals, self._overflow)]
+        delta = [t - o for t, o in zip(totals, self._overflow, strict=True)]
         self._overflow = totals
         self.drains += 1
         return calls, devs, delta
@@ -223,7 +226,8 @@ class BpfSpaceSource:
             "syscalls": dict(sorted(t.by_syscall.items(), key=lambda kv: -kv[1])),
             "cgroups": describe(t.members),
             "cgroup_ids": sorted(t.cgroup_ids),
-            "devices": [{"major": d >> 20, "minor": d & 0xFFFFF, "ext4_failures": n} for d, n in sorted(devices.items())],
+            "devices": [{"major": d >> 20, "minor": d & 0xFFFFF, "ext4_failures": n}
+                        for d, n in sorted(devices.items())],
             "device_from": device_from,
         }
         if t.unattributed:

@@ -23,7 +23,7 @@ _SIMPLE: dict[str, Any] = {}
 for _t in (ct.c_char, ct.c_byte, ct.c_ubyte, ct.c_short, ct.c_ushort, ct.c_int, ct.c_uint, ct.c_long,
            ct.c_ulong, ct.c_longlong, ct.c_ulonglong, ct.c_float, ct.c_double, ct.c_longdouble, ct.c_bool,
            ct.c_void_p, ct.c_char_p):
-    _SIMPLE.setdefault(_t._type_, _t)  # type: ignore[attr-defined]
+    _SIMPLE.setdefault(_t._type_, _t)
 
 
 class LayoutError(ValueError):

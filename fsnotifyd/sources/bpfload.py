@@ -28,9 +28,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import SourceUnavailable
 from . import bpflayout, bpfsys
@@ -257,7 +258,7 @@ def _adopt(name: str, text: str, msg: dict[str, Any], fds: list[int], seconds: f
                                f"{len(specs) + len(link_names)} announced", "")
     maps: dict[str, bpfsys.Map] = {}
     try:
-        for spec, fd in zip(specs, fds):
+        for spec, fd in zip(specs, fds[:len(specs)], strict=True):
             if spec["type"] == bpfsys.RINGBUF:
                 event = bpflayout.build(spec["event"]) if "event" in spec else None
                 maps[spec["name"]] = bpfsys.Map(spec["name"], fd, None, None, event)
@@ -266,5 +267,5 @@ def _adopt(name: str, text: str, msg: dict[str, Any], fds: list[int], seconds: f
                                                 bpflayout.build(spec["leaf"]))
     except (ValueError, OSError) as e:
         raise ProbeUnavailable(f"BPF program '{name}': a map did not match its description: {e}", "") from e
-    links = dict(zip(link_names, fds[len(specs):]))
+    links = dict(zip(link_names, fds[len(specs):], strict=True))
     return Loaded(name, maps, links, text, seconds, {"compile_seconds": round(msg.get("compile_seconds", 0.0), 3)})

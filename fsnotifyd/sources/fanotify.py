@@ -34,8 +34,8 @@ import ctypes
 import errno as _errno
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import structlog
 
@@ -274,9 +274,9 @@ class FanotifySource:
             log.warning("fanotify.mountinfo_unreadable", path=self.mountinfo_path, error=str(e))
             return
         sbs: dict[tuple[int, int], list[MountEntry]] = {}
-        for e in entries:
-            if e.fstype in self.fstypes:
-                sbs.setdefault(e.devnum, []).append(e)
+        for entry in entries:
+            if entry.fstype in self.fstypes:
+                sbs.setdefault(entry.devnum, []).append(entry)
         # Superblocks already marked first, so they keep their group.
         order = sorted(sbs, key=lambda d: not any(d in g.marks for g in self._groups))
         assigned: dict[int, set[tuple[int, int]]] = {id(g): set() for g in self._groups}
@@ -380,7 +380,7 @@ class FanotifySource:
 
     def status(self) -> dict[str, object]:
         return {
-            "marked": {"%d:%d" % dev: {"mount": m.mountpoint, "mount_id": m.mount_id}
+            "marked": {f"{dev[0]}:{dev[1]}": {"mount": m.mountpoint, "mount_id": m.mount_id}
                        for dev, m in self.marks.items()},
             "mark_errors": dict(self.mark_errors),
             "groups": self.groups,

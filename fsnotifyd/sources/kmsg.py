@@ -18,7 +18,8 @@ import asyncio
 import errno as _errno
 import os
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import SourceFailed, SourceUnavailable
 from ..events import Kernel, Observation
@@ -152,11 +153,11 @@ class KmsgSource:
         registered = False
         timer: asyncio.TimerHandle | None = None
 
-        def tick() -> None:
+        def tick(interval: float) -> None:
             nonlocal timer
             self._on_readable(reader, send, done)
             if not done.done():
-                timer = loop.call_later(self.poll_interval, tick)
+                timer = loop.call_later(interval, tick, interval)
 
         self._poke = lambda: self._on_readable(reader, send, done)
         self._send_later = lambda delay, fn: loop.call_later(delay, fn, send)
@@ -165,7 +166,7 @@ class KmsgSource:
             loop.add_reader(fd, self._on_readable, reader, send, done)
             registered = True
             if self.poll_interval:
-                timer = loop.call_later(self.poll_interval, tick)
+                timer = loop.call_later(self.poll_interval, tick, self.poll_interval)
             await done
         finally:
             self._poke = None
@@ -274,7 +275,7 @@ class KmsgSource:
         if found is None or os.path.exists(f"{self.ext4_sysfs}/{dev}"):
             return
         rec, bw = found
-        text = ext4_message(rec)[1]  # type: ignore[index]
+        text = ext4_message(rec)[1]  # type: ignore[index]  # _watch_refusal keeps only records it parsed
         self.sent += 1
         send(Observation(
             source=SOURCE, kind="fs.mount_failed", time=bw + rec.ts_usec / 1e6,

@@ -19,11 +19,12 @@ Design:
   :mod:`struct`: the wire format is small and fixed, and decoding it ourselves lets every
   malformed message be rejected with a reason that names the offending field, which a generic
   parser would either accept silently or reject without saying why.
-* :func:`~fsnotifyd.kernel.quota.decode` (in :mod:`fsnotifyd.kernel.quota`) is pure (bytes in, observations and reasons out) and never raises on any
-  input. A message whose netlink header is sane but whose content is wrong is skipped alone
-  (``nlmsg_len`` says where the next one starts); a broken *header* (too short, ``nlmsg_len``
-  below 16 or past the end of the datagram) poisons the rest of the datagram, because the
-  boundary of the next message is then unknown. Each rejected message is counted once.
+* :func:`~fsnotifyd.kernel.quota.decode` (in :mod:`fsnotifyd.kernel.quota`) is pure (bytes in,
+  observations and reasons out) and never raises on any input. A message whose netlink header
+  is sane but whose content is wrong is skipped alone (``nlmsg_len`` says where the next one
+  starts); a broken *header* (too short, ``nlmsg_len`` below 16 or past the end of the
+  datagram) poisons the rest of the datagram, because the boundary of the next message is then
+  unknown. Each rejected message is counted once.
 * Unknown attribute types and the ``PAD`` attribute are skipped (newer kernels may add
   attributes; ``nla_put_u64_64bit`` inserts ``PAD`` before a u64 to align it). The genetlink
   version byte is not checked, for the same reason. Known attributes must have exactly their

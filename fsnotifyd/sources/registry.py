@@ -6,7 +6,7 @@ alone instead of breaking the import of every other source.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import SOURCES, SourceConfig
 from ..inventory import Inventory

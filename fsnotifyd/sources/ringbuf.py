@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 BUSY = 1 << 31
 DISCARD = 1 << 30

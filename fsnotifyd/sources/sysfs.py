@@ -19,8 +19,8 @@ import time
 import uuid as _uuid
 from dataclasses import dataclass, field
 
-from ..events import Device, Kernel, Observation
 from ..errors import SourceUnavailable
+from ..events import Device, Kernel, Observation
 from ..typing import ErrorCounter, Ready, Send
 
 EXT4_SYSFS = "/sys/fs/ext4"

@@ -32,8 +32,9 @@ import errno as _errno
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import structlog
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from . import text
 from .model import ERROR_KINDS, HOST_LANE, Line, Span, Timeline
@@ -91,7 +91,7 @@ def render(tl: Timeline, *, title: str = "fsnotifyd incident timeline", source: 
     rows = "\n".join(
         f'<tr id="r{i}" class="sev-{html.escape(ln.severity)}">'
         + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-        for i, (ln, row) in enumerate(zip(tl.lines, text.rows(tl))))
+        for i, (ln, row) in enumerate(zip(tl.lines, text.rows(tl), strict=True)))
     incidents = "\n".join(f"<li>{html.escape(text.incident_summary(i))}</li>" for i in tl.incidents)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in text.HEADER)
     return _PAGE.format(title=html.escape(title), sub=html.escape(sub), top=layout.top, left=layout.left, svg=svg,
@@ -231,7 +231,8 @@ def _tick_label(t: float, ticks: Iterable[float]) -> str:
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>{title}</title>
 <style>
 html, body {{ margin: 0; padding: 0; background: #ffffff; color: #222222;

@@ -19,8 +19,9 @@ start to its end. Pure: events in, a :class:`Timeline` out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 HOST_LANE = "host"  # events of no VE (the host's own filesystems) share one lane
 

@@ -4,8 +4,8 @@ same lines as JSON (``--json``)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from ..events import rfc3339
 from .model import Incident, Line, Timeline
@@ -15,7 +15,7 @@ HEADER = ("time", "VE", "incident", "step", "event", "+prev", "+start", "what")
 
 def clock(t: float) -> str:
     """RFC 3339 UTC to the millisecond: the journal's own zone, short enough to scan."""
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def duration(seconds: float | None) -> str:
@@ -64,7 +64,7 @@ def render(tl: Timeline) -> str:
         return "no events\n"
     table = [HEADER, *rows(tl)]
     widths = [max(len(r[c]) for r in table) for c in range(len(HEADER) - 1)]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in table]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]
     if tl.incidents:
         out += ["", f"{len(tl.incidents)} incident(s):"] + [f"  {incident_summary(i)}" for i in tl.incidents]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -53,8 +53,7 @@ def create(state_dir: str, ve_id: str, size: int, *, mountpoint: str | None = No
                    os.path.abspath(mountpoint or paths.root(ve_id)), dict(labels or {}), discard=discard)
     rec = reg.add(rec)  # claims the id, mount point and image first
     try:
-        kw = {"cluster": cluster} if cluster else {}
-        ops.create(rec.image, size, profile=profile, **kw)
+        ops.create(rec.image, size, profile=profile, cluster=cluster or ops.DEFAULT_CLUSTER)
     except BaseException:
         reg.remove(ve_id)
         raise

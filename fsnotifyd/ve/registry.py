@@ -18,8 +18,8 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
 
 from ..errors import ConfigError
 from ..inventory import VE, validate_ve_id
@@ -129,6 +129,8 @@ class Registry:
 
     def update(self, ve_id: str, **changes: object) -> VeRecord:
         with self.locked():
+            # changes are field names with their values' types unknown here; replace() raises
+            # TypeError on a name VeRecord lacks
             rec = replace(self.get(ve_id), **changes)  # type: ignore[arg-type]
             self.put(rec)
             return rec
@@ -144,7 +146,8 @@ def _record(raw: object, path: str) -> VeRecord:
         raise ConfigError("VE record is not a JSON object", file=path)
     try:
         labels = raw.get("labels") or {}
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in labels.items()):
             raise ConfigError("labels must map strings to strings", file=path, field="labels")
         discard = raw.get("discard", True)
         if not isinstance(discard, bool):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from fsnotifyd.app.daemon import Daemon
 from fsnotifyd.config import parse_config
 from fsnotifyd.events import Device, Kernel, Observation
-from fsnotifyd.app.daemon import Daemon
 from fsnotifyd.testing import FakeSource
 
 

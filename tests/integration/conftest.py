@@ -53,8 +53,8 @@ def bpf_ready() -> None:
 @pytest.fixture
 def make_cgroup():
     """``make_cgroup(name)``: a scratch cgroup v2 context (missing v2: skip, or fail in CI)."""
-    from tests.rigs.cgroup import cgroup2_root, scratch_cgroup
     from tests.conftest import kernel_missing
+    from tests.rigs.cgroup import cgroup2_root, scratch_cgroup
 
     if cgroup2_root() is None:
         kernel_missing("no cgroup v2 hierarchy mounted")

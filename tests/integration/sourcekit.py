@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Observation
 from fsnotifyd.typing import Source
-
 from tests.conftest import kernel_missing
 
 

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -243,7 +242,8 @@ def test_isolate_freeze_and_release_a_cgroup(state, kind):
         assert state_of() in ("S", "R")
     finally:
         with contextlib.suppress(OSError):
-            Path(path, "freezer.state" if kind == "v1" else "cgroup.freeze").write_text("THAWED" if kind == "v1" else "0")
+            thaw = ("freezer.state", "THAWED") if kind == "v1" else ("cgroup.freeze", "0")
+            Path(path, thaw[0]).write_text(thaw[1])
         proc.kill()
         proc.wait()
         for _ in range(100):
@@ -257,8 +257,9 @@ def test_isolate_freeze_and_release_a_cgroup(state, kind):
 def test_exec_gets_the_decision_on_stdin_and_a_failure_is_reported(state, tmp_path):
     out = tmp_path / "out.json"
     prog = f"import json,sys; d=json.load(sys.stdin); open({str(out)!r},'w').write(json.dumps(d))"
+    fail = [sys.executable, "-c", "import sys; sys.exit(3)"]
     events = run_actions(state, [decision(None, {"exec": {"command": [sys.executable, "-c", prog], "timeout": "10s"}}),
-                                 decision(None, {"exec": {"command": [sys.executable, "-c", "import sys; sys.exit(3)"]}}),
+                                 decision(None, {"exec": {"command": fail}}),
                                  decision(None, {"exec": {"command": ["/nonexistent/prog"]}})])
     assert [x[:2] for x in ends(events)] == [("exec", "action.succeeded"), ("exec", "action.failed"),
                                              ("exec", "action.failed")]
@@ -273,7 +274,8 @@ def test_actions_a_config_ve_cannot_take_fail_with_the_reason(state):
     events = run_actions(state, [decision("plain", {"snapshot": {}}), decision("plain", {"isolate": {"mode": "block"}}),
                                  decision("nobody", {"snapshot": {}})], ves=(ve,))
     errs = {e.ve: e.details["error"] for e in events if e.kind == "action.failed"}  # lanes run side by side
-    by_action = {e.details["action"]: e.details["error"] for e in events if e.kind == "action.failed" and e.ve == "plain"}
+    by_action = {e.details["action"]: e.details["error"] for e in events
+                 if e.kind == "action.failed" and e.ve == "plain"}
     assert "not managed by the image manager" in by_action["snapshot"]
     assert "snapshot needs an fsnotifyd image" in by_action["snapshot"]
     assert "isolate block needs an fsnotifyd image" in by_action["isolate"]
@@ -286,8 +288,8 @@ def test_daemon_on_default_rules_snapshots_checks_isolates_and_repairs_a_corrupt
     check's errors isolate and repair; afterwards the VE is clean and running, and the
     snapshot taken before the repair still holds the corrupted filesystem."""
     from fsnotifyd.image import attach
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.daemon import RunningDaemon
 
     workdir = tmp_path / "d"
     workdir.mkdir()
@@ -402,9 +404,9 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
 
     from fsnotifyd.image import attach, ops
     from fsnotifyd.image.stack import Stack
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
     from fsnotifyd.ve.registry import Registry, VeRecord
+    from tests.rigs.daemon import RunningDaemon
 
     src = e2fsprogs_fixtures / f"{case}.img.gz"
     raw = tmp_path / "raw.img"
@@ -436,8 +438,9 @@ def test_daemon_on_default_rules_repairs_a_ve_built_from_an_e2fsprogs_image(stat
                             if name in files:
                                 with open(os.path.join(root, name), "rb") as f:
                                     f.read()
-                done = lambda e: (e["kind"] in ("action.succeeded", "action.failed") and e["details"]["action"] == "fsck"  # noqa: E731
-                                  and e["details"]["params"].get("mode") == "repair")
+                def done(e: dict) -> bool:
+                    return (e["kind"] in ("action.succeeded", "action.failed") and e["details"]["action"] == "fsck"
+                            and e["details"]["params"].get("mode") == "repair")
                 stream.wait_for(done, timeout=120)
                 seen = list(stream.events)
             finally:
@@ -549,8 +552,8 @@ def test_shrink_repack_action_runs_a_pass_and_publishes_it(state):
     is deleted first), its result the repack dict, published as image.repacked; on a stopped
     VE it fails with the reason."""
     from fsnotifyd.image.repack import DONOR_DIR
-    from tests.rigs.files import churn, tree_digests
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.files import churn, tree_digests
 
     rec = new_ve(state, "702", size=256 * MiB)
     churn(rec.mountpoint, rounds=2, fill=0.5, delete=0.65)

@@ -178,8 +178,8 @@ def test_sigkill_the_executor_during_a_repack_then_restart(tmp_path, kernel, cap
     from fsnotifyd.image import attach
     from fsnotifyd.image.check import check
     from fsnotifyd.image.repack import DONOR_DIR
-    from tests.rigs.files import churn, tree_digests
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.files import churn, tree_digests
 
     rng = random.Random()
     killed, t0 = 0, time.monotonic()
@@ -253,8 +253,8 @@ def test_sigkill_the_daemon_during_its_actions_then_restart(tmp_path, kernel, ca
     from fsnotifyd.actions.target import Targets
     from fsnotifyd.image import attach
     from fsnotifyd.image import descriptor as dd
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.daemon import RunningDaemon
 
     rules = tmp_path / "rules.yaml"
     rules.write_text(DAEMON_RULES)

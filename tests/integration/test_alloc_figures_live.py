@@ -15,8 +15,8 @@ import time
 import pytest
 
 from fsnotifyd.rules.engine import event_time
-from tests.rigs.daemon import RunningDaemon
 from tests.conftest import kernel_missing
+from tests.rigs.daemon import RunningDaemon
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20

@@ -16,16 +16,16 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
-import uuid
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+from tests.conftest import _check_kernel, kernel_missing
 from tests.rigs.daemon import RunningDaemon
 from tests.rigs.loop import loop_ext4
 from tests.rigs.net import free_port
-from tests.conftest import _check_kernel, kernel_missing
 
 NOBODY = 65534
 

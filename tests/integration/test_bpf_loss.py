@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.rigs.loop import loop_ext4
 from tests.integration.sourcekit import running, wait_until
+from tests.rigs.loop import loop_ext4
 
 
 def test_full_ring_buffer_is_counted_as_lost(bpf_ready, tmp_path):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs.daemon import RunningDaemon
 from fsnotifyd.trust import untrusted_reason
 from tests.conftest import kernel_missing
+from tests.rigs.daemon import RunningDaemon
 
 NOBODY = 65534
 CLIENT = """

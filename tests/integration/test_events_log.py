@@ -86,7 +86,7 @@ def colours_in(img: Image, y0: int, y1: int, x0: int, x1: int) -> dict[str, int]
     seen: dict[str, int] = {}
     for y in range(y0, y1):
         for x in range(x0, x1):
-            c = "#%02x%02x%02x" % img.pixel(x, y)
+            c = "#" + bytes(img.pixel(x, y)).hex()
             seen[c] = seen.get(c, 0) + 1
     return seen
 
@@ -94,9 +94,9 @@ def colours_in(img: Image, y0: int, y1: int, x0: int, x1: int) -> dict[str, int]
 def test_events_log_of_a_real_incident_text_json_and_html_in_a_browser(chromium: str, workdir: Path,
                                                                        tmp_path: Path) -> None:
     from fsnotifyd.image import attach
-    from tests.rigs.daemon import RunningDaemon
     from fsnotifyd.timeline import html
     from fsnotifyd.ve import lifecycle
+    from tests.rigs.daemon import RunningDaemon
 
     workdir.mkdir()
     with RunningDaemon(workdir) as daemon:

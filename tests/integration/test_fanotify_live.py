@@ -11,15 +11,14 @@ import contextlib
 import errno
 import os
 import shutil
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.fanotify import FanotifySource
-from tests.rigs.loop import LoopFs, loop_ext4
-
 from tests.conftest import kernel_missing
+from tests.rigs.loop import LoopFs, loop_ext4
 
 from . import sourcekit  # noqa: E402
 

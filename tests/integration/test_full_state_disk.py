@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -191,7 +191,8 @@ def test_daemon_runs_on_and_catches_up_when_its_disk_is_full(kernel, tmp_path: P
             stream.settle(quiet=2.5)  # longer than the sysfs period: the last reconcile is in
             assert counted() == 1 + TOTAL == fs.errors_count()  # not one lost, none counted twice
             out = [json.loads(x) for x in d.events_out.read_text().splitlines()]
-            assert sum(e["count"] for e in out if e["kind"] == "fs.error" and e["device"]["name"] == fs.name) == 1 + TOTAL
+            assert sum(e["count"] for e in out
+                       if e["kind"] == "fs.error" and e["device"]["name"] == fs.name) == 1 + TOTAL
             assert len(logged(d, "sink.journal_recovered", sink="journal")) == 1
             assert len(logged(d, "sink.journal_failing", sink="journal")) == 1
             # Every event at the webhook exactly once, in publication order (the order events-out,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from fsnotifyd.version import __version__
 from tests.rigs.daemon import RunningDaemon
 from tests.rigs.net import free_port
-from fsnotifyd.version import __version__
 
 pytestmark = pytest.mark.kernel
 

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,9 @@ def plan(kind: str, seed: int) -> list[tuple]:
             for vc in rng.sample(range(size // c), 6):
                 value = value % 255 + 1
                 steps.append(("w", vc * c, c, value))
-                pieces = sorted({0, c, *(rng.randrange(0, c, rng.choice([1, 512, 4096])) for _ in range(rng.randint(2, 11)))})
-                cut = list(zip(pieces, pieces[1:]))
+                pieces = sorted({0, c, *(rng.randrange(0, c, rng.choice([1, 512, 4096]))
+                                         for _ in range(rng.randint(2, 11)))})
+                cut = list(pairwise(pieces))
                 rng.shuffle(cut)
                 for a, b in cut:  # a discard or a write of zeros: the same to the image
                     steps.append(("d", vc * c + a, b - a) if rng.random() < 0.7 else ("w", vc * c + a, b - a, 0))

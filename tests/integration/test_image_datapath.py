@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -472,7 +473,7 @@ def test_fsmap_accounts_for_every_block(images):
         free = sum(e.length for e in extents if e.free)
         assert free == st.f_bfree * st.f_frsize
         assert extents[0].physical == 0 and extents[-1].end == 512 * MiB
-        assert all(a.end == b.physical for a, b in zip(extents, extents[1:]))
+        assert all(a.end == b.physical for a, b in pairwise(extents))
         ranges = thinness.in_use(extents)
         assert sum(e - s for s, e in ranges) >= 200 * MiB
         A.umount(att)

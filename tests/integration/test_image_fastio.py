@@ -133,7 +133,8 @@ def test_random_requests_match_the_model(images, data_path):
         for off in range(0, SIZE, 4 * MiB):
             assert disk.read(off, 4 * MiB) == model[off:off + 4 * MiB], f"final read at {off} (seed {seed})"
         st = A.status(att)
-        print(f"  {counts}; fast_path {st['fast_path']}, read-ahead hits {st['read_ahead_hits']}, errors {st['errors']}")
+        print(f"  {counts}; fast_path {st['fast_path']}, read-ahead hits {st['read_ahead_hits']}, "
+              f"errors {st['errors']}")
         if data_path == "c":
             fast = st["fast_path"]
             assert fast is not None and fast["writes"] > 0 and fast["reads"] > 0, st
@@ -163,8 +164,9 @@ def _snapshots(img: str) -> list[str]:
 def test_failed_write_behind_write_fails_the_next_flush(images):
     """Large writes go behind (acknowledged before the disk has them, like a disk's write
     cache). When one fails, the flush that was to make it durable fails, also when another
-    request met the failure first, and the exporter counts it. The failure is real: the image's host file system is full, and the write goes
-    to a cluster that is mapped but still a hole (a first 4 KiB write allocated it)."""
+    request met the failure first, and the exporter counts it. The failure is real: the image's
+    host file system is full, and the write goes to a cluster that is mapped but still a hole (a
+    first 4 KiB write allocated it)."""
     if fastio.load() is None:
         pytest.fail("fsnotifyd.image._fastio is not built: run scripts/bootstrap.sh")
     from tests.rigs.loop import loop_ext4

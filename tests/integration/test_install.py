@@ -74,7 +74,8 @@ def test_install_puts_everything_in_its_place(staged: Path) -> None:
     assert (share / "zsh/site-functions/_fsnotifyd").read_text().startswith("#compdef fsnotifyd")
     r = subprocess.run(["man", "-l", str(share / "man/man8/fsnotifyd.8")], capture_output=True, text=True,
                        env={**os.environ, "MANPAGER": "cat"})
-    assert r.returncode == 0 and "COMMAND 'fsnotifyd image check'" in r.stdout and f"fsnotifyd {__version__}" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "COMMAND 'fsnotifyd image check'" in r.stdout and f"fsnotifyd {__version__}" in r.stdout
 
 
 def test_staged_daemon_runs_from_its_own_venv(staged: Path, bpf_ready, tmp_path: Path) -> None:

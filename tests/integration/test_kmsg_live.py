@@ -20,9 +20,8 @@ import pytest
 
 from fsnotifyd.events import Observation
 from fsnotifyd.sources.kmsg import KmsgSource
-from tests.rigs.loop import LoopFs, loop_ext4, run
-
 from tests.conftest import kernel_missing
+from tests.rigs.loop import LoopFs, loop_ext4, run
 
 from . import sourcekit  # noqa: E402
 

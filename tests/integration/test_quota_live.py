@@ -31,17 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from fsnotifyd.errors import SourceUnavailable
 from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.quota import QuotaSource
-from tests.rigs.loop import loop_ext4
-
 from tests.conftest import kernel_missing
+from tests.rigs.loop import loop_ext4
 
 from . import sourcekit
 
@@ -251,7 +250,7 @@ def test_daemon_attributes_a_warning_to_the_ve(daemon, workdir: Path, sender: Se
         fs.umount()
         res = fs.mount("errors=continue", target=ve_mount)
         assert res.returncode == 0, res.stderr
-        key = "%d:%d" % fs.devnum
+        key = f"{fs.devnum[0]}:{fs.devnum[1]}"
         deadline = time.monotonic() + 10
         while not any(m["devnum"] == key and m["ve"] == "101" for m in daemon.status()["mounts"]):
             assert time.monotonic() < deadline, f"daemon did not see {key} on {ve_mount}"

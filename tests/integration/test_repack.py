@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs.files import churn, tree_digests, write_synced
 from tests.integration.test_ve_lifecycle import e2fsck_n, fsnd, fuse, record, state  # noqa: F401  (fixtures)
+from tests.rigs.files import churn, tree_digests, write_synced
 
 pytestmark = pytest.mark.kernel
 
@@ -379,7 +379,8 @@ def test_repack_under_load_keeps_every_file(state, tmp_path):
         fio.send_signal(signal.SIGKILL)
         fio.wait()
     mib_s = r["bytes_moved"] / 2**20 / max(r["seconds"], 1e-6)
-    print(f"\nunder load: {r['bytes_moved'] / 2**20:.1f} MiB moved at {mib_s:.1f} MiB/s; reader p99 {idle:.2f} ms idle, "
+    print(f"\nunder load: {r['bytes_moved'] / 2**20:.1f} MiB moved at {mib_s:.1f} MiB/s; "
+          f"reader p99 {idle:.2f} ms idle, "
           f"{p99(lat):.2f} ms during the repack; fragmentation {r['before']['fragmentation']} -> "
           f"{r['after']['fragmentation']}; skipped {r['skipped']}")
     now = tree_digests(mnt)

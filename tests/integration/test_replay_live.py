@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fsnotifyd.inventory import VE
-from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.kernel.kmsg import RECORD_MAX, parse_record
+from fsnotifyd.replay import ReadReport, read_events
 from fsnotifyd.sources.kmsg import boot_wallclock
 from tests.rigs.daemon import RunningDaemon
 from tests.rigs.loop import loop_ext4
@@ -107,7 +107,7 @@ def test_replayed_kernel_text_matches_the_daemon(kernel, tmp_path: Path) -> None
 
     # The kernel text of the same span, as dmesg prints it, replayed.
     text = tmp_path / "kmsg.txt"
-    text.write_text("".join("[%12.6f] %s\n" % (r.ts_usec / 1e6, r.message) for r in records))
+    text.write_text("".join(f"[{r.ts_usec / 1e6:12.6f}] {r.message}\n" for r in records))
     text_report = ReadReport()
     replayed_all = list(read_events([text], ves=ves, boot_time=boot, report=text_report))
     replayed = [e for e in replayed_all
@@ -146,7 +146,8 @@ def test_replayed_kernel_text_decides_like_the_daemon(kernel, tmp_path: Path) ->
     (tmp_path / "a").mkdir()
     with loop_ext4(workdir=tmp_path / "a") as a:
         ves = (VE("201", devices=(a.name,)),)
-        daemon = RunningDaemon(tmp_path / "daemon", extra_config=f"rules: [{rules}]\nves:\n  - id: '201'\n    device: [{a.name}]\n")
+        daemon = RunningDaemon(tmp_path / "daemon",
+                               extra_config=f"rules: [{rules}]\nves:\n  - id: '201'\n    device: [{a.name}]\n")
         fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             with daemon:
@@ -165,7 +166,7 @@ def test_replayed_kernel_text_decides_like_the_daemon(kernel, tmp_path: Path) ->
         finally:
             os.close(fd)
         text = tmp_path / "kmsg.txt"
-        text.write_text("".join("[%12.6f] %s\n" % (r.ts_usec / 1e6, r.message) for r in records))
+        text.write_text("".join(f"[{r.ts_usec / 1e6:12.6f}] {r.message}\n" for r in records))
 
     def decide(events):
         engine = Engine(load_rules([rules]))

@@ -80,7 +80,7 @@ def test_cooldown_survives_a_restart(kernel, tmp_path):
                 d.wait_marked(fs)
                 stream = d.stream(["fs.error"])
                 (fs.sysfs / "trigger_fs_error").write_text(message)
-                stream.wait_for(lambda e: e["kernel"]["message"] == message)
+                stream.wait_for(lambda e, want=message: e["kernel"]["message"] == want)
                 stream.settle(quiet=0.5)
                 stream.close()
         state = json.loads((tmp_path / "d" / "state" / "rules-state.json").read_text())

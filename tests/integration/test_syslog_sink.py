@@ -26,9 +26,9 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import structlog
@@ -362,7 +362,7 @@ def test_syslog_long_message_is_cut_with_marker(sockdir, fmt):
         assert m and m.group(8).endswith(TRUNCATED)
         assert parse_sd(m.group(7))[1]["id"] == e.id
     else:
-        assert text.endswith(f"sources=kmsg,fanotify,sysfs")
+        assert text.endswith("sources=kmsg,fanotify,sysfs")
         assert f"id={e.id}" in text
 
 

@@ -20,15 +20,16 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from fsnotifyd.app.daemon import _children
-from tests.rigs.daemon import RunningDaemon
-from tests.rigs.loop import loop_ext4
 from tests.conftest import kernel_missing
 from tests.integration.test_ve_lifecycle import fuse, state  # noqa: F401 - fixtures, shared
+from tests.rigs.daemon import RunningDaemon
+from tests.rigs.loop import loop_ext4
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "fsnotifyd.service"
@@ -132,7 +133,7 @@ def test_ready_only_after_sources_then_watchdog_pings(bpf_ready, tmp_path: Path,
         time.sleep(4.5)
         pings = [t for t, m in listener.messages if m.get("WATCHDOG") == "1" and t > t_ready]
         assert len(pings) >= 3, listener.messages
-        assert max(b - a for a, b in zip([t_ready, *pings], pings)) < 2.0, pings
+        assert max(b - a for a, b in pairwise([t_ready, *pings])) < 2.0, pings
     finally:
         d.stop()
     listener.wait("STOPPING", "1", timeout=5)

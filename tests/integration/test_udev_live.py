@@ -22,7 +22,6 @@ from fsnotifyd.events import Device, Observation
 from fsnotifyd.sources.udev import UdevSource
 from tests.rigs.loop import loop_device, run
 
-
 from . import sourcekit
 
 

@@ -169,7 +169,8 @@ def test_events_on_a_ve_carry_its_id(state, tmp_path):
                     time.sleep(0.1)
                 sysfs = Path("/sys/fs/ext4") / os.path.basename(loop) / "trigger_fs_error"
                 sysfs.write_text("error on a VE")
-                [ev] = stream.wait_for(lambda e: e["kind"] == "fs.error" and e["device"]["name"] == os.path.basename(loop))
+                name = os.path.basename(loop)
+                [ev] = stream.wait_for(lambda e: e["kind"] == "fs.error" and e["device"]["name"] == name)
             finally:
                 stream.close()
             assert ev["ve"] == "103" and ev["mount"] == str(mnt)

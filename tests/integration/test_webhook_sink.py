@@ -21,10 +21,10 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from structlog.testing import capture_logs
@@ -298,11 +298,12 @@ def test_down_then_up_delivers_all_in_order_once(h):
     ids = ep.wait_delivered(50)
     assert ids == [e.id for e in events]
     assert len(ep.requests) == 50  # nothing sent twice
-    for req, ev in zip(ep.delivered(), events):
+    for req, ev in zip(ep.delivered(), events, strict=True):
         check_cloudevent(req, ev)
         assert "Authorization" not in req.headers
     assert {r.json.get("subject") for r in ep.requests} == {"101", "loop3", None}
-    assert not any("subject" in r.json for r, e in zip(ep.requests, events) if e.ve is None and e.device is None)
+    assert not any("subject" in r.json for r, e in zip(ep.requests, events, strict=True)
+                   if e.ve is None and e.device is None)
     wait_until(lambda: sink.status()["delivered"] == 50, what="the sink to count its deliveries")
     st = sink.status()
     assert st["spooled_events"] == 0 and st["last_success"] is not None and st["next_retry"] is None

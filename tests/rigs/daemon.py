@@ -93,7 +93,7 @@ class RunningDaemon:
         )
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15.0) -> "RunningDaemon":
+    def start(self, timeout: float = 15.0) -> RunningDaemon:
         import sys
         import time
 
@@ -125,7 +125,7 @@ class RunningDaemon:
             s.sendall(b'{"op":"status"}\n')
             return json.loads(s.makefile("rb").readline())
 
-    def wait_marked(self, fs: "LoopFs", timeout: float = 10.0) -> None:
+    def wait_marked(self, fs: LoopFs, timeout: float = 10.0) -> None:
         """Wait until the fanotify source has marked this mount of ``fs``.
 
         It re-marks when it notices a mount change, so an error right after ``mount`` may reach
@@ -136,7 +136,7 @@ class RunningDaemon:
 
         from fsnotifyd.mountinfo import read_mountinfo
 
-        key = "%d:%d" % fs.devnum
+        key = f"{fs.devnum[0]}:{fs.devnum[1]}"
         mount_ids = {e.mount_id for e in read_mountinfo() if e.devnum == fs.devnum}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -175,7 +175,7 @@ class RunningDaemon:
         rc, self.proc = self.proc.returncode, None
         return rc
 
-    def __enter__(self) -> "RunningDaemon":
+    def __enter__(self) -> RunningDaemon:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -72,7 +72,7 @@ def tree_digests(root: str | Path, skip: tuple[str, ...] = (".fsnotifyd-balloon"
 
     out = {}
     root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath) / name
             rel = str(p.relative_to(root))

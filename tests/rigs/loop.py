@@ -10,9 +10,9 @@ import contextlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 
 def run(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:

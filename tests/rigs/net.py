@@ -36,7 +36,7 @@ class WebhookReceiver:
         assert self._server is not None, "not started"
         return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
 
-    def start(self) -> "WebhookReceiver":
+    def start(self) -> WebhookReceiver:
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,7 +94,7 @@ class WebhookReceiver:
                 self._arrived.wait(left)
         return self.delivered_ids()
 
-    def __enter__(self) -> "WebhookReceiver":
+    def __enter__(self) -> WebhookReceiver:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

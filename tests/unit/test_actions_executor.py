@@ -8,6 +8,7 @@ import asyncio
 import json
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_heavy_jobs_share_one_slot_lowest_priority_first(tmp_path):
                               heavy_limit=1)
     fscks = [x for x in rec.log if x[1].startswith("fsck")]
     assert [x[1] for x in fscks] == ["fsck:0", "fsck:2", "fsck:1"]
-    for a, b in zip(fscks, fscks[1:]):
+    for a, b in pairwise(fscks):
         assert b[2] - a[2] >= 0.19  # one after the other
     notify_t = next(x[2] for x in rec.log if x[1] == "notify:3")
     assert notify_t < fscks[1][2]  # light jobs of other VEs do not wait for the slot
@@ -109,8 +110,9 @@ def test_two_heavy_jobs_run_together_with_concurrency_2(tmp_path):
 def test_timeout_failure_and_unknown_action_fail_the_job_only(tmp_path):
     rec = Recorder()
     ds = [decision(0, "v", {"snapshot": {"n": 0}}, {"isolate": {"n": 1}}, {"nosuch": {}}, {"notify": {"n": 3}})]
-    ex, events = run_executor(tmp_path, {"snapshot": rec.handler("snapshot", 1.0), "isolate": rec.handler("i", fail=True),
-                                         "notify": rec.handler("notify")}, ds, timeouts={"snapshot": 0.1})
+    handlers = {"snapshot": rec.handler("snapshot", 1.0), "isolate": rec.handler("i", fail=True),
+                "notify": rec.handler("notify")}
+    ex, events = run_executor(tmp_path, handlers, ds, timeouts={"snapshot": 0.1})
     ends = [(e.details["action"], e.kind, e.details["error"]) for e in events if e.kind != "action.started"]
     assert ends == [("snapshot", "action.failed", "timed out after 0.1 s"),
                     ("isolate", "action.failed", "told to fail"),

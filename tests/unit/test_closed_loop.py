@@ -6,7 +6,6 @@ and when the alloc source measures the figures."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from fsnotifyd.actions.journal import JobJournal
 from fsnotifyd.errors import RuleErrors
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.metrics import Metrics
-from fsnotifyd.rules import decide
+from fsnotifyd.rules import decide, native
 from fsnotifyd.rules.engine import Engine, seconds_until_window
 from fsnotifyd.rules.loader import load_rules, parse_rules
-from fsnotifyd.rules import native
 from fsnotifyd.sinks.prometheus import MetricsSink
 from fsnotifyd.sources.alloc_figures import FiguresClock
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.config import load_config, parse_config
 from fsnotifyd.errors import ConfigError
@@ -94,7 +95,8 @@ class TestErrors:
         """VEs carry mounts, devices, images (resolved) and labels."""
         img = tmp_path / "101.img"
         img.touch()
-        cfg = parse_config(f"ves:\n  - id: 101\n    mount: /vz/root/101/\n    image: {img}\n    labels: {{tier: gold}}\n")
+        cfg = parse_config(f"ves:\n  - id: 101\n    mount: /vz/root/101/\n    image: {img}\n"
+                           "    labels: {tier: gold}\n")
         [ve] = cfg.ves
         assert ve.id == "101" and ve.mounts == ("/vz/root/101",) and ve.images == (str(img),)
         assert ve.labels == (("tier", "gold"),)

@@ -44,7 +44,8 @@ def world():
     sink = CapturingSink()
     counters = FakeCounters()
     ledger = MemoryStateStore()
-    inv = Inventory(ves=[VE("101", mounts=("/vz/root/101",))], mountinfo=lambda: parse_mountinfo(MOUNTINFO), sys=FakeSys())
+    inv = Inventory(ves=[VE("101", mounts=("/vz/root/101",))], mountinfo=lambda: parse_mountinfo(MOUNTINFO),
+                    sys=FakeSys())
     expected = {"fs.error": frozenset({"kmsg", "fanotify"}), "fs.readonly": frozenset({"kmsg", "mountinfo"})}
     corr = Correlator(inventory=inv, publish=sink.publish, counters=counters, ledger=ledger,
                       expected=lambda kind, p: expected.get(kind, frozenset()),
@@ -275,7 +276,8 @@ class TestStates:
     def test_readonly_reported_once_per_mount(self, world):
         """Journal abort, remount-ro line and the mount table are one fs.readonly."""
         corr, sink, counters, clock, _ = world
-        corr.observe(Observation("kmsg", "fs.readonly", 1.0, Device(name="loop3"), details={"reason": "journal_aborted"}))
+        corr.observe(Observation("kmsg", "fs.readonly", 1.0, Device(name="loop3"),
+                                 details={"reason": "journal_aborted"}))
         corr.observe(Observation("kmsg", "fs.readonly", 1.0, Device(name="loop3")))
         corr.observe(Observation("mountinfo", "fs.readonly", 1.2, Device(7, 3, "loop3"), mount="/vz/root/101"))
         [ev] = sink.events
@@ -346,7 +348,7 @@ class TestThrottledSources:
     def test_rate_limit_model_stops_waiting_after_the_burst(self, world):
         """After ext4's burst of 10 kmsg lines, fanotify views publish without waiting."""
         corr, sink, counters, clock, _ = world
-        for i in range(10):
+        for _ in range(10):
             counters.total["loop3"] += 1
             corr.observe(kmsg_error())
             corr.observe(fan_error())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -33,7 +34,7 @@ def pieces(rng: random.Random, start: int, end: int, n: int, *, aligned: bool) -
     """``[start, end)`` cut into ``n`` pieces at random points, shuffled."""
     step = 4096 if aligned else 1
     cuts = sorted({start, end, *(rng.randrange(start, end, step) for _ in range(n - 1))})
-    out = list(zip(cuts, cuts[1:]))
+    out = list(pairwise(cuts))
     rng.shuffle(out)
     return out
 

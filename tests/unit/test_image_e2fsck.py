@@ -44,4 +44,5 @@ def test_tail_is_how_e2fsck_ended():
     """The last non-empty lines on one line, without the version banner of stderr."""
     out = ("Pass 5\n\n/dev/x: ** WARNING: Filesystem still has errors **\n\n/dev/x: 1/2 files\n"
            "e2fsck 1.47.0 (5-Feb-2023)\n")
-    assert Result(("e2fsck",), 4, out).tail() == "/dev/x: ** WARNING: Filesystem still has errors ** / /dev/x: 1/2 files"
+    assert Result(("e2fsck",), 4, out).tail() == ("/dev/x: ** WARNING: Filesystem still has errors ** / "
+                                                  "/dev/x: 1/2 files")

@@ -17,8 +17,16 @@ from fsnotifyd.image import descriptor as dd
 from fsnotifyd.image import ops
 from fsnotifyd.image.check import check
 from fsnotifyd.image.delta import Delta
-from fsnotifyd.image.format import (HEADER_SIZE, IN_USE, Header, bat_region, capacity, new_header, parse_header,
-                                    validate_bat)
+from fsnotifyd.image.format import (
+    HEADER_SIZE,
+    IN_USE,
+    Header,
+    bat_region,
+    capacity,
+    new_header,
+    parse_header,
+    validate_bat,
+)
 from fsnotifyd.image.stack import Stack
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import struct
 import tempfile
 import tracemalloc
@@ -27,7 +26,16 @@ from fsnotifyd.image import descriptor as dd
 from fsnotifyd.image import ops
 from fsnotifyd.image.check import check
 from fsnotifyd.image.delta import Delta
-from fsnotifyd.image.format import HEADER, HEADER_SIZE, IN_USE, SIGNATURE, ZERO_CLUSTER, bat_region, new_header, parse_header
+from fsnotifyd.image.format import (
+    HEADER,
+    HEADER_SIZE,
+    IN_USE,
+    SIGNATURE,
+    ZERO_CLUSTER,
+    bat_region,
+    new_header,
+    parse_header,
+)
 from fsnotifyd.image.stack import Stack
 
 KiB = 1 << 10

@@ -37,43 +37,61 @@ def obs_of(raw: bytes, **kw) -> Observation | None:
 # EXT4_IOC_SHUTDOWN, a loop device over a full tmpfs, a root inode cleared with debugfs).
 CAPTURED = {
     "trigger": b"2,352,6502543038,-;EXT4-fs error (device loop0): trigger_test_error:129: comm python: hello\n",
-    "lookup": b"2,359,6505786973,-;EXT4-fs error (device loop0): ext4_lookup:1787: inode #15: comm cat: iget: checksum invalid\n",
-    "fill_super": b"2,379,6507700777,-;EXT4-fs error (device loop0): __ext4_fill_super:5544: inode #2: comm mount: iget: special inode unallocated\n",
+    "lookup": (b"2,359,6505786973,-;EXT4-fs error (device loop0): ext4_lookup:1787: inode #15: comm cat: iget: "
+               b"checksum invalid\n"),
+    "fill_super": (b"2,379,6507700777,-;EXT4-fs error (device loop0): __ext4_fill_super:5544: inode #2: comm mount: "
+                   b"iget: special inode unallocated\n"),
     "abort": b"3,366,6506488285,-;Aborting journal on device loop0-8.\n",
     "remount_ro": b"2,367,6506489253,-;EXT4-fs (loop0): Remounting filesystem read-only\n",
     "shutdown": b"1,372,6507039440,-;EXT4-fs (loop0): shut down requested (1)\n",
     "root_failed": b"3,380,6507702147,-;EXT4-fs (loop0): get root inode failed\n",
     "mount_failed": b"3,381,6507702746,-;EXT4-fs (loop0): mount failed\n",
     "cant_find": b"3,377,6507387770,-;EXT4-fs (loop0): VFS: Can't find ext4 filesystem\n",
-    "nospc": b"3,388,6524851231,-;critical space allocation error, dev loop0, sector 8192 op 0x1:(WRITE) flags 0xc800 phys_seg 128 prio class 2\n",
+    "nospc": (b"3,388,6524851231,-;critical space allocation error, dev loop0, sector 8192 op 0x1:(WRITE) flags "
+              b"0xc800 phys_seg 128 prio class 2\n"),
     "buffer_dev": b"3,391,6525190597,-;Buffer I/O error on dev loop0, logical block 2560, lost async page write\n",
     "buffer_device": b"3,416,6525607383,-;Buffer I/O error on device loop0, logical block 20481\n",
-    "end_bio": b"4,411,6525605492,-;EXT4-fs warning (device loop0): ext4_end_bio:368: I/O error 3 writing to inode 12 starting block 21761)\n",
-    "mounted": b"6,351,6502542388,-;EXT4-fs (loop0): mounted filesystem f9b9c801-6419-4669-8578-f0a355b64934 r/w with ordered data mode. Quota mode: none.\n",
+    "end_bio": (b"4,411,6525605492,-;EXT4-fs warning (device loop0): ext4_end_bio:368: I/O error 3 writing to inode "
+                b"12 starting block 21761)\n"),
+    "mounted": (b"6,351,6502542388,-;EXT4-fs (loop0): mounted filesystem f9b9c801-6419-4669-8578-f0a355b64934 r/w "
+                b"with ordered data mode. Quota mode: none.\n"),
     "unmounting": b"6,348,6292131804,-;EXT4-fs (loop0): unmounting filesystem da9e7c21-55e1-425a-9b2b-bcc4536ed96c.\n",
     "capacity": b"6,345,6273545741,-;loop0: detected capacity change from 0 to 131072\n",
     "rcu_tab": b"6,90,241034,-;rcu: \\x09RCU restricting CPUs from NR_CPUS=256 to nr_cpu_ids=2.\n",
-    "amd_nl": b"4,287,412609,-;amd_pstate: The CPPC feature is supported but currently disabled by the BIOS.\\x0aPlease enable it if your BIOS has the CPPC option.\n",
+    "amd_nl": (b"4,287,412609,-;amd_pstate: The CPPC feature is supported but currently disabled by the "
+               b"BIOS.\\x0aPlease enable it if your BIOS has the CPPC option.\n"),
     "user": b"11,349,6502531782,-;fsnd-probe clock test\n",
 }
 
 # From the kernel's format strings (fs/ext4/super.c, block/blk-core.c), not captured.
 FROM_SOURCE = {
-    "lookup_deleted": b"2,10,5000000,-;EXT4-fs error (device loop4): ext4_lookup:1789: inode #12: comm ls: deleted inode referenced: 18\n",
-    "inode_block": b"2,11,5000001,-;EXT4-fs error (device loop4): ext4_find_entry:1650: inode #12: block 1234: comm ls: reading directory lblock 0\n",
-    "file_path": b"2,12,5000002,-;EXT4-fs error (device loop4): ext4_readdir:258: inode #2: block 9: comm ls: path /mnt/d: bad entry in directory: rec_len is zero\n",
+    "lookup_deleted": (b"2,10,5000000,-;EXT4-fs error (device loop4): ext4_lookup:1789: inode #12: comm ls: deleted "
+                       b"inode referenced: 18\n"),
+    "inode_block": (b"2,11,5000001,-;EXT4-fs error (device loop4): ext4_find_entry:1650: inode #12: block 1234: "
+                    b"comm ls: reading directory lblock 0\n"),
+    "file_path": (b"2,12,5000002,-;EXT4-fs error (device loop4): ext4_readdir:258: inode #2: block 9: comm ls: path "
+                  b"/mnt/d: bad entry in directory: rec_len is zero\n"),
     "std_error": b"2,13,5000003,-;EXT4-fs error (device loop0) in ext4_reserve_inode_write:5712: IO failure\n",
-    "bitmap": b"2,14,5000004,-;EXT4-fs error (device loop0): ext4_validate_block_bitmap:421: comm x: bg 0: bad block bitmap checksum\n",
-    "grp": b"2,15,5000005,-;EXT4-fs error (device loop0): ext4_mb_generate_buddy:1217: group 3, block bitmap and bg descriptor inconsistent: 100 vs 99 free clusters\n",
-    "grp_inode_block": b"2,16,5000006,-;EXT4-fs error (device loop0): ext4_free_blocks:6300: group 1, inode 12: block 3300:freeing already freed block\n",
+    "bitmap": (b"2,14,5000004,-;EXT4-fs error (device loop0): ext4_validate_block_bitmap:421: comm x: bg 0: bad "
+               b"block bitmap checksum\n"),
+    "grp": (b"2,15,5000005,-;EXT4-fs error (device loop0): ext4_mb_generate_buddy:1217: group 3, block bitmap and "
+            b"bg descriptor inconsistent: 100 vs 99 free clusters\n"),
+    "grp_inode_block": (b"2,16,5000006,-;EXT4-fs error (device loop0): ext4_free_blocks:6300: group 1, inode 12: "
+                        b"block 3300:freeing already freed block\n"),
     "nodev": b"2,17,5000007,-;EXT4-fs error: ext4_fill_super:4242: comm mount: no device\n",
-    "dx_full": b"4,18,5000008,-;EXT4-fs warning (device loop0): ext4_dx_add_entry:2604: inode #2: comm x: Directory index full!\n",
-    "warning": b"4,19,5000009,-;EXT4-fs warning (device loop0): ext4_multi_mount_protect:305: MMP interval 42 higher than expected\n",
+    "dx_full": (b"4,18,5000008,-;EXT4-fs warning (device loop0): ext4_dx_add_entry:2604: inode #2: comm x: "
+                b"Directory index full!\n"),
+    "warning": (b"4,19,5000009,-;EXT4-fs warning (device loop0): ext4_multi_mount_protect:305: MMP interval 42 "
+                b"higher than expected\n"),
     "io_read": b"3,20,5000010,-;I/O error, dev loop3, sector 16784 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0\n",
-    "timeout": b"3,21,5000011,-;timeout error, dev sda, sector 2048 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio class 0\n",
-    "target": b"3,22,5000012,-;critical target error, dev sdb, sector 8 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2\n",
-    "unknown_status": b"3,23,5000013,-;brand new error, dev vdb, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2\n",
-    "io_props": b"3,24,5000014,-;I/O error, dev loop3, sector 16784 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0\n SUBSYSTEM=block\n DEVICE=b7:3\n",
+    "timeout": (b"3,21,5000011,-;timeout error, dev sda, sector 2048 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio "
+                b"class 0\n"),
+    "target": (b"3,22,5000012,-;critical target error, dev sdb, sector 8 op 0x0:(READ) flags 0x80700 phys_seg 1 "
+               b"prio class 2\n"),
+    "unknown_status": (b"3,23,5000013,-;brand new error, dev vdb, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio "
+                       b"class 2\n"),
+    "io_props": (b"3,24,5000014,-;I/O error, dev loop3, sector 16784 op 0x0:(READ) flags 0x0 phys_seg 1 prio class "
+                 b"0\n SUBSYSTEM=block\n DEVICE=b7:3\n"),
 }
 
 ALL_LINES = list(CAPTURED.values()) + list(FROM_SOURCE.values())
@@ -102,7 +120,8 @@ class TestParseRecord:
 
     def test_escapes_are_unescaped(self):
         """\\xNN escapes in the message become the bytes they stand for."""
-        assert parse_record(CAPTURED["rcu_tab"]).message == "rcu: \tRCU restricting CPUs from NR_CPUS=256 to nr_cpu_ids=2."
+        want = "rcu: \tRCU restricting CPUs from NR_CPUS=256 to nr_cpu_ids=2."
+        assert parse_record(CAPTURED["rcu_tab"]).message == want
         assert "BIOS.\nPlease" in parse_record(CAPTURED["amd_nl"]).message
 
     def test_escaped_backslash_is_unescaped_once(self):
@@ -260,7 +279,8 @@ class TestClassifyExt4Error:
     def test_without_device(self):
         """'EXT4-fs error:' without a device gives device None."""
         o = obs_of(FROM_SOURCE["nodev"])
-        assert (o.kind, o.device, o.kernel.function, o.kernel.message) == ("fs.error", None, "ext4_fill_super", "no device")
+        assert (o.kind, o.device, o.kernel.function, o.kernel.message) == ("fs.error", None, "ext4_fill_super",
+                                                                           "no device")
 
     def test_caller_pid(self):
         """A 'caller=T<pid>' header field becomes kernel.pid."""
@@ -300,7 +320,8 @@ class TestClassifyState:
     def test_remount_read_only(self):
         """'Remounting filesystem read-only' gives fs.readonly."""
         o = obs_of(CAPTURED["remount_ro"])
-        assert (o.kind, o.device.name, o.fs, o.details) == ("fs.readonly", "loop0", "ext4", {"reason": "errors_remount_ro"})
+        assert (o.kind, o.device.name, o.fs, o.details) == ("fs.readonly", "loop0", "ext4",
+                                                            {"reason": "errors_remount_ro"})
 
     def test_journal_abort(self):
         """'Aborting journal on device loop0-8.' gives fs.readonly on loop0."""
@@ -360,7 +381,8 @@ class TestClassifyBlock:
 
     def test_old_prefix_and_unknown_disk(self):
         """The pre-5.x 'blk_update_request:' prefix parses; disk '?' gives no device."""
-        o = obs_of(b"3,1,1,-;blk_update_request: I/O error, dev ?, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0\n")
+        o = obs_of(b"3,1,1,-;blk_update_request: I/O error, dev ?, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio "
+                   b"class 0\n")
         assert (o.kind, o.device, o.details["error"]) == ("blk.io_error", None, "I/O")
 
     def test_buffer_io_error_dev(self):
@@ -548,7 +570,8 @@ ERR = "EXT4-fs error (device loop0): trigger_test_error:129: comm bash: hello"
 class TestKmsgSource:
     def test_sends_recognised_records(self):
         """Recognised records become observations in order; others are only counted."""
-        got, src, _ = drive([rec(1), rec(2, ERR, pri=2), rec(3), rec(4, "EXT4-fs (loop0): Remounting filesystem read-only", 2)])
+        got, src, _ = drive([rec(1), rec(2, ERR, pri=2), rec(3),
+                             rec(4, "EXT4-fs (loop0): Remounting filesystem read-only", 2)])
         assert [o.kind for o in got] == ["fs.error", "fs.readonly"]
         assert got[0].time == pytest.approx(BOOT + 1.0)
         assert (src.records_read, src.lost_total, src.malformed) == (4, 0, 0)
@@ -591,7 +614,8 @@ class TestKmsgSource:
     def test_mount_failed_takes_reason(self):
         """'mount failed' carries the text of the device's line just before it."""
         got, _, _ = drive([
-            rec(379, "EXT4-fs error (device loop0): __ext4_fill_super:5544: inode #2: comm mount: iget: special inode unallocated", 2),
+            rec(379, "EXT4-fs error (device loop0): __ext4_fill_super:5544: inode #2: comm mount: "
+                     "iget: special inode unallocated", 2),
             rec(380, "EXT4-fs (loop0): get root inode failed", 3),
             rec(381, "EXT4-fs (loop0): mount failed", 3),
         ])
@@ -639,7 +663,8 @@ class TestKmsgSource:
             return reader
 
         async def main() -> None:
-            task = asyncio.create_task(KmsgSource("/dev/x", opener=opener).run(lambda o: None, lambda: calls.append("ready")))
+            source = KmsgSource("/dev/x", opener=opener)
+            task = asyncio.create_task(source.run(lambda o: None, lambda: calls.append("ready")))
             await _until(lambda: "ready" in calls)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -12,8 +12,8 @@ that table is the one held here.
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -24,7 +24,7 @@ def _paeth(a: int, b: int, c: int) -> int:
 def encode(rows: list[bytes], width: int, channels: int, filters: list[int]) -> bytes:
     """A PNG of ``rows`` (raw pixels), row y filtered with ``filters[y]``, as the spec defines them."""
     out, prev = bytearray(), bytes(width * channels)
-    for row, f in zip(rows, filters):
+    for row, f in zip(rows, filters, strict=True):
         enc = bytearray()
         for i, x in enumerate(row):
             a = row[i - channels] if i >= channels else 0

@@ -185,7 +185,8 @@ MALFORMED = {
     "wrong cmd": (nlmsg(genl(cmd=2) + BODY[4:]), "genetlink command 2, expected 1 (QUOTA_NL_C_WARNING)", "cmd"),
     "cmd 0": (nlmsg(genl(cmd=0) + BODY[4:]), "genetlink command 0, expected 1", "cmd"),
     "attribute past message": (nlmsg(genl() + attr(A_WARNING, u32(4), nla_len=40)),
-                               "attribute WARNING at offset 20 has nla_len 40, past the end of the message (8 bytes left)",
+                               "attribute WARNING at offset 20 has nla_len 40, past the end of the message "
+                               "(8 bytes left)",
                                "WARNING"),
     "attribute shorter than its header": (nlmsg(genl() + attr(A_QTYPE, u32(0), nla_len=2)),
                                           "attribute QTYPE at offset 20 has nla_len 2, shorter than its 4-byte header",

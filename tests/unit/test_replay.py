@@ -14,7 +14,7 @@ import errno
 import gzip
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from fsnotifyd.errors import ConfigError
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.inventory import VE
-from fsnotifyd.replay import ReadReport, detect_format, load_ve_map, parse_entry, parse_line, read_events
 from fsnotifyd.kernel.logtext import observe
+from fsnotifyd.replay import ReadReport, detect_format, load_ve_map, parse_entry, parse_line, read_events
 
 LOGS = Path(__file__).resolve().parents[1] / "fixtures" / "logs"
 BOOT = 1795636547.250536  # boot wall clock of the fixture incident
-UTC = timezone.utc
+UTC = UTC
 FIXTURES = ["dmesg.txt", "dmesg-T.txt", "dmesg-x.txt", "journalctl-k.txt", "journalctl-short-precise.txt"]
 
 # Lines in the kernel's own words (the first from trigger_fs_error, the others from the format
@@ -41,7 +41,8 @@ SHUTDOWN = "EXT4-fs (loop0): shut down requested (2)"
 IO_ERROR = "I/O error, dev loop3, sector 16784 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0"
 BUFFER = "Buffer I/O error on dev loop3, logical block 4113, lost async page write"
 MOUNT_FAILED = "EXT4-fs (loop0): mount failed"
-MOUNTED = "EXT4-fs (loop0): mounted filesystem 6a1f0c55-0e0e-4c1e-9d43-3b1f5d0f2a10 r/w with ordered data mode. Quota mode: none."
+MOUNTED = ("EXT4-fs (loop0): mounted filesystem 6a1f0c55-0e0e-4c1e-9d43-3b1f5d0f2a10 r/w with ordered data mode. "
+           "Quota mode: none.")
 
 T0 = datetime(2026, 11, 25, 21, 58, 41, 301002, tzinfo=UTC).timestamp()
 
@@ -53,15 +54,15 @@ def render(fmt: str, entries: list[tuple[float, str]], *, boot: float = T0 - 677
         dt = datetime.fromtimestamp(t, tz=UTC)
         mono = t - boot
         if fmt == "dmesg":
-            out.append("[%12.6f] %s" % (mono, msg))
+            out.append(f"[{mono:12.6f}] {msg}")
         elif fmt == "dmesg-x":
-            out.append("kern  :err   : [%12.6f] %s" % (mono, msg))
+            out.append(f"kern  :err   : [{mono:12.6f}] {msg}")
         elif fmt == "dmesg-T":
-            out.append("[%s] %s" % (dt.strftime("%a %b %e %H:%M:%S %Y"), msg))
+            out.append(f"[{dt.strftime('%a %b %e %H:%M:%S %Y')}] {msg}")
         elif fmt == "journalctl":
-            out.append("%s vm kernel: %s" % (dt.strftime("%b %d %H:%M:%S"), msg))
+            out.append(f"{dt.strftime('%b %d %H:%M:%S')} vm kernel: {msg}")
         elif fmt == "journalctl-precise":
-            out.append("%s.%06d vm kernel: %s" % (dt.strftime("%b %d %H:%M:%S"), dt.microsecond, msg))
+            out.append(f"{dt.strftime('%b %d %H:%M:%S')}.{dt.microsecond:06d} vm kernel: {msg}")
         else:
             raise AssertionError(fmt)
     return "\n".join(out) + "\n"
@@ -224,7 +225,7 @@ class TestKernelText:
         assert [summary(e) for e in events] == EXPECTED
         assert report.skipped == 0 and report.entries == len(SAMPLE)
         exact = fmt not in ("dmesg-T", "journalctl")  # those print whole seconds
-        for e, want in zip(events, [1.0, 2.0, 3.0, 4.0, 5.0, 7.0005, 9.0]):
+        for e, want in zip(events, [1.0, 2.0, 3.0, 4.0, 5.0, 7.0005, 9.0], strict=True):
             assert ts(e) == pytest.approx(int(T0 + want) if not exact else T0 + want, abs=1e-6)
         by_kind: dict[str, dict] = {}
         for e in events:
@@ -298,13 +299,15 @@ class TestKernelText:
     def test_read_only_once_per_mount(self, tmp_path):
         same_mount = [(T0, REMOUNT_RO), (T0 + 10, ABORT), (T0 + 20, REMOUNT_RO)]
         assert len(replay([write(tmp_path, "a.log", render("dmesg", same_mount))])) == 1
-        remounted = [(T0, REMOUNT_RO), (T0 + 5, "EXT4-fs (loop0): re-mounted 6a1f0c55-0e0e-4c1e-9d43-3b1f5d0f2a10 r/w."),
+        remounted = [(T0, REMOUNT_RO),
+                     (T0 + 5, "EXT4-fs (loop0): re-mounted 6a1f0c55-0e0e-4c1e-9d43-3b1f5d0f2a10 r/w."),
                      (T0 + 10, REMOUNT_RO), (T0 + 15, "EXT4-fs (loop0): re-mounted 6a1f0c55 ro."),
                      (T0 + 20, REMOUNT_RO)]
         assert len(replay([write(tmp_path, "b.log", render("dmesg", remounted))])) == 2
 
     def test_a_new_boot_starts_afresh(self, tmp_path):
-        text = render("dmesg", [(T0, REMOUNT_RO)], boot=T0 - 500) + render("dmesg", [(T0 + 100, REMOUNT_RO)], boot=T0 + 90)
+        text = (render("dmesg", [(T0, REMOUNT_RO)], boot=T0 - 500)
+                + render("dmesg", [(T0 + 100, REMOUNT_RO)], boot=T0 + 90))
         report = ReadReport()
         events = replay([write(tmp_path, "two-boots.log", text)], report)
         assert len(events) == 2 and report.skipped == 0
@@ -313,7 +316,7 @@ class TestKernelText:
         assert len(replay([write(tmp_path, "j.log", journal)])) == 2
 
     def test_journalctl_across_new_year(self, tmp_path):
-        text = "Dec 31 23:59:59 vm kernel: %s\nJan 01 00:00:01 vm kernel: %s\n" % (TRIGGER, IO_ERROR)
+        text = f"Dec 31 23:59:59 vm kernel: {TRIGGER}\nJan 01 00:00:01 vm kernel: {IO_ERROR}\n"
         events = replay([write(tmp_path, "j.log", text)], year=2025)
         assert [e["time"] for e in events] == ["2025-12-31T23:59:59.000000Z", "2026-01-01T00:00:01.000000Z"]
 
@@ -327,7 +330,8 @@ class TestKernelText:
         assert len(events) == 1 and report.skipped == 0 and report.ignored == 4 and report.entries == 2
 
     def test_host_is_the_lines_own(self, tmp_path):
-        text = (render("journalctl", [(T0, TRIGGER)]) + render("journalctl", [(T0 + 1, IO_ERROR)]).replace(" vm ", " node2 ")
+        text = (render("journalctl", [(T0, TRIGGER)])
+                + render("journalctl", [(T0 + 1, IO_ERROR)]).replace(" vm ", " node2 ")
                 + render("dmesg", [(T0 + 2, BUFFER)]))
         events = replay([write(tmp_path, "m.log", text)], host="fallback")
         assert [e["host"] for e in events] == ["vm", "node2", "fallback"]
@@ -529,7 +533,9 @@ class TestVeMap:
 
 
 class TestFastEventTime:
-    from hypothesis import given as _given, settings as _settings, strategies as _st
+    from hypothesis import given as _given
+    from hypothesis import settings as _settings
+    from hypothesis import strategies as _st
 
     @_settings(max_examples=300, deadline=None)
     @_given(_st.datetimes(min_value=__import__("datetime").datetime(1971, 1, 1),
@@ -545,5 +551,6 @@ class TestFastEventTime:
         """Anything but digits in the seconds goes to the full parser (and fails like it)."""
         from fsnotifyd.replay.reader import _event_time, _fast_event_time
 
-        for stamp in ("2026-11-25T22:51:+9.5Z", "2026-11-25T22:51:1e1Z", "2026-11-25T22:51: 9Z", "2026-11-25T22:51:09.Z"):
+        for stamp in ("2026-11-25T22:51:+9.5Z", "2026-11-25T22:51:1e1Z", "2026-11-25T22:51: 9Z",
+                      "2026-11-25T22:51:09.Z"):
             assert _fast_event_time(stamp, {}) == _event_time(stamp)

@@ -12,10 +12,11 @@ import json
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fsnotifyd.replay.report import ReadReport
 from fsnotifyd.replay.reader import _native_scanner, read_items
+from fsnotifyd.replay.report import ReadReport
 
 SCANNER = _native_scanner()
 
@@ -73,7 +74,7 @@ def journals(draw):
 def _rfc3339(t: int) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _read(path, native):

@@ -10,7 +10,8 @@ import math
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.rules import decide, native
 from fsnotifyd.rules.engine import Engine
@@ -96,7 +97,7 @@ def events(draw):
         stamp = draw(st.sampled_from(["float", "float", "none", "text"]))
         out.append((e, t if stamp == "float" else None, stamp))
         if stamp == "text":
-            e["time"] = "2026-11-25T10:00:%02dZ" % (int(t) % 60)
+            e["time"] = f"2026-11-25T10:00:{int(t) % 60:02d}Z"
     return out
 
 
@@ -123,7 +124,7 @@ def test_c_and_python_decide_identically(rule_list, stream, batch):
     got, c = _run(native.impl, ruleset, stream, batch)
     want, py = _run(decide, ruleset, stream, batch)
     assert [tuple(d) for d in got] == [tuple(d) for d in want]
-    assert all(type(d) is type(w) for d, w in zip(got, want))
+    assert all(type(d) is type(w) for d, w in zip(got, want, strict=True))
     assert c._windows == py._windows and list(c._windows) == list(py._windows)
     assert c._cooldowns == py._cooldowns and list(c._cooldowns) == list(py._cooldowns)
     assert c.stats == py.stats and c.dirty == py.dirty

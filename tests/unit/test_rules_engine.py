@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.rules.compiler import condition, getter
 from fsnotifyd.rules.engine import COOLDOWN, FIRED, THRESHOLD, Engine
-from fsnotifyd.rules.schema import Action, Condition, Match, Rule, RuleSet, Threshold, VeSelector
+from fsnotifyd.rules.schema import OPERATORS, Action, Condition, Match, Rule, RuleSet, Threshold, VeSelector
 
 EV = {"id": "e1", "time": 100.0, "kind": "fs.error", "ve": "101", "count": 1,
       "device": {"major": 7, "minor": 3, "name": "loop3"},
@@ -222,7 +223,9 @@ class TestState:
 
 
 class TestGeneratedPredicates:
-    from hypothesis import given as _given, settings as _settings, strategies as _st
+    from hypothesis import given as _given
+    from hypothesis import settings as _settings
+    from hypothesis import strategies as _st
 
     _values = _st.one_of(_st.none(), _st.booleans(), _st.integers(-3, 3), _st.floats(-3, 3, allow_nan=False),
                          _st.sampled_from(["ext4_lookup", "loop3", "EIO", "", "1789", "a.b"]),
@@ -250,8 +253,8 @@ class TestGeneratedPredicates:
         return Condition(field, op, value)
 
     @_settings(max_examples=400, deadline=None)
-    @_given(_st.lists(_st.tuples(_st.sampled_from(sorted(__import__("fsnotifyd.rules.schema", fromlist=["x"]).OPERATORS)),
-                                 _fields, _values), min_size=1, max_size=3),
+    @_given(_st.lists(_st.tuples(_st.sampled_from(sorted(OPERATORS)), _fields, _values),
+                      min_size=1, max_size=3),
             _st.dictionaries(_st.sampled_from(["kind", "ve", "count", "device", "kernel", "details"]),
                              _st.one_of(_values, _st.dictionaries(_st.sampled_from(["name", "function", "line", "errno",
                                                                                      "reason", "a"]),
@@ -269,7 +272,8 @@ class TestGeneratedPredicates:
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                     lambda inner: (st.lists(inner, max_size=3)
+                                    | st.dictionaries(st.text(max_size=5), inner, max_size=3)),
                      max_leaves=8)
 
 

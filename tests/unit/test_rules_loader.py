@@ -8,13 +8,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fsnotifyd.errors import FsnotifydError, RuleError, RuleErrors
 from fsnotifyd.rules.compiler import compile_rules
 from fsnotifyd.rules.loader import (
-    EVENT_FIELDS, MATCH_KEYS, RULE_KEYS, RULE_KINDS, THRESHOLD_KEYS, TOP_KEYS, check_paths, check_text, load_rules,
-    parse_duration, parse_rules,
+    EVENT_FIELDS,
+    MATCH_KEYS,
+    RULE_KEYS,
+    RULE_KINDS,
+    THRESHOLD_KEYS,
+    TOP_KEYS,
+    check_paths,
+    check_text,
+    load_rules,
+    parse_duration,
+    parse_rules,
 )
 from fsnotifyd.rules.schema import ACTIONS, OPERATORS, Action, Condition, Origin, RuleSet, Threshold, VeSelector
 
@@ -236,7 +246,8 @@ BROKEN = [
     (rule_text(name="[a]"), 2, 11, "rules[0].name", "wrong type"),
     (rule_text("    action: [isolate]\n"), 5, 5, "rules[0].action", "unknown key"),
     (rule_text("    name: s\n"), 5, 5, "rules[0].name", "duplicate key"),
-    (rule_text() + "  - name: r\n    match: {}\n    actions: [isolate]\n", 5, 11, "rules[1].name", "duplicate rule name"),
+    (rule_text() + "  - name: r\n    match: {}\n    actions: [isolate]\n", 5, 11, "rules[1].name",
+     "duplicate rule name"),
     ("rules:\n  - just-a-string\n", 2, 5, "rules[0]", "wrong type"),
     (rule_text("    description: [a]\n"), 5, 18, "rules[0].description", "wrong type"),
     (rule_text("    enabled: 'yes'\n"), 5, 14, "rules[0].enabled", "boolean"),
@@ -409,7 +420,8 @@ class TestBrokenFiles:
         assert isinstance(e, FsnotifydError)
         bare = RuleError("cannot read rules file: No such file or directory", file="x.yaml",
                          expected="a readable YAML rules file")
-        assert str(bare) == "x.yaml: cannot read rules file: No such file or directory; expected a readable YAML rules file"
+        assert str(bare) == ("x.yaml: cannot read rules file: No such file or directory; "
+                             "expected a readable YAML rules file")
 
 
 # ------------------------------------------------------------------------------------------------

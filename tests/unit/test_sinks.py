@@ -12,7 +12,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from fsnotifyd import statefile
-
 from fsnotifyd.events import Device, Event, Kernel
 from fsnotifyd.metrics import Metrics
 from fsnotifyd.sinks.journal import JournalSink
@@ -84,7 +83,8 @@ class TestJournalOnAFullDisk:
             j.publish(ev("fs.readonly"))
         j.close()
         assert [(x["event"], x["dropped"]) for x in logs] == [("sink.journal_recovered", 50)]
-        assert [json.loads(x)["kind"] for x in path.read_text().splitlines()] == ["dev.add", "fs.readonly", "fs.readonly"]
+        kinds = [json.loads(x)["kind"] for x in path.read_text().splitlines()]
+        assert kinds == ["dev.add", "fs.readonly", "fs.readonly"]
         assert health.failing() == []
 
     def test_a_partly_written_event_is_cut_off(self, tmp_path, monkeypatch):

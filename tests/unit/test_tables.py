@@ -44,7 +44,7 @@ def test_docs_list_every_kind_with_its_default_severity() -> None:
         kinds = re.findall(r"`([a-z_.]+)`", cells[0])
         severities = [s.strip() for s in cells[1].split(",")]
         if len(severities) == len(kinds) > 1:  # "`source.up`, `source.down` | info, warning"
-            documented.update(zip(kinds, severities))
+            documented.update(zip(kinds, severities, strict=True))
         else:
             documented.update((k, cells[1]) for k in kinds)
     assert set(documented) == set(events.KINDS)
