@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 
@@ -56,6 +56,8 @@ from ..kernel.kmsg import KmsgRecord
 from ..kernel.logtext import detect_format, is_boot_marker, is_continuation, is_marker, parse_entry, to_record
 from ..kernel.mountfail import MountFailureReasons
 from .report import ReadReport
+
+Paths = Iterable[str | os.PathLike[str]] | str | os.PathLike[str]  # one file, or several merged in time
 
 __all__ = ["ReadReport", "read_events", "read_items", "read_timed_events", "REPLAY_NAMESPACE"]
 
@@ -445,7 +447,7 @@ def _as_ves(ves: Iterable[VE] | Mapping[str, str]) -> list[VE]:
 
 
 def read_items(
-    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    paths: Paths,
     *,
     ves: Iterable[VE] | Mapping[str, str] = (),
     year: int | None = None,
@@ -477,17 +479,20 @@ def read_items(
     return streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_merge_key)
 
 
-def read_events(
-    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
-    *,
-    ves: Iterable[VE] | Mapping[str, str] = (),
-    year: int | None = None,
-    boot_time: float | None = None,
-    report: ReadReport | None = None,
-    tz: tzinfo | None = None,
-    host: str | None = None,
-    settings: CorrelatorSettings = CorrelatorSettings(),
-) -> Iterator[dict[str, Any]]:
+class ReadOptions(TypedDict, total=False):
+    """The keyword arguments :func:`read_events` and :func:`read_timed_events` pass on to
+    :func:`read_items` (documented at :func:`read_events`)."""
+
+    ves: Iterable[VE] | Mapping[str, str]
+    year: int | None
+    boot_time: float | None
+    report: ReadReport | None
+    tz: tzinfo | None
+    host: str | None
+    settings: CorrelatorSettings
+
+
+def read_events(paths: Paths, **kw: Unpack[ReadOptions]) -> Iterator[dict[str, Any]]:
     """Events (``Event.to_dict()`` form) from JSONL journals and kernel log files, merged in time.
 
     ``ves``: VE objects (or a ``{"loop0": "101"}`` device → VE map) for attribution of kernel
@@ -499,13 +504,11 @@ def read_events(
     of the first few lines skipped. ``"-"`` reads standard input; ``.gz`` files are read
     decompressed.
     """
-    for _, _, event in read_items(paths, ves=ves, year=year, boot_time=boot_time, report=report, tz=tz,
-                                  host=host, settings=settings):
+    for _, _, event in read_items(paths, **kw):
         yield event
 
 
-def read_timed_events(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
-                      **kw: Any) -> Iterator[tuple[float, dict[str, Any]]]:
+def read_timed_events(paths: Paths, **kw: Unpack[ReadOptions]) -> Iterator[tuple[float, dict[str, Any]]]:
     """Like :func:`read_events`, with each event's time as epoch seconds (already parsed for
     ordering; the rules engine takes it instead of parsing the RFC 3339 string again)."""
     for t, _, event in read_items(paths, **kw):
