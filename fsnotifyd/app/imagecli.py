@@ -314,7 +314,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if a is not None:  # online, through its exporter (the VE's I/O waits meanwhile)
         from ..image import attach
 
-        r = attach.compact(a)
+        with _line("compact", "clusters") as p:
+            r = attach.compact(a, progress=p)
         moved, released, online = r["moved"], r["released"], True
     else:
         with exclusive(args.image, "compact"), Stack.open(args.image) as stack, _line("compact", "clusters") as p:

@@ -55,6 +55,7 @@ from ..errors import ImageError
 from ..mountinfo import MountEntry, read_mountinfo
 from ..statefile import write_json_atomic
 from . import descriptor as desc_mod
+from .progress import ProgressFn
 
 log = structlog.get_logger("fsnotifyd.image.attach")
 
@@ -270,31 +271,38 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 # -- control -------------------------------------------------------------------------------------
 
-def control(att: Attached, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+def control(att: Attached, request: dict[str, Any], timeout: float = 10,
+            progress: ProgressFn | None = None) -> dict[str, Any]:
     """One request to the exporter, its answer. Raises :class:`ImageError` when it does not
-    answer (refused, closed, timed out); an answer with ``ok: false`` is returned as is."""
+    answer (refused, closed, timed out); an answer with ``ok: false`` is returned as is.
+    ``progress`` gets the ``{"progress": [stage, done, total]}`` lines sent before the answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(att.control)
             s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise ImageError(f"exporter closed the control connection ({request.get('op')})",
-                                     file=att.control)
-                buf += chunk
+            with s.makefile("rb") as f:
+                while True:
+                    line = f.readline()
+                    if not line.endswith(b"\n"):
+                        raise ImageError(f"exporter closed the control connection ({request.get('op')})",
+                                         file=att.control)
+                    answer = json.loads(line)
+                    step = answer.get("progress") if isinstance(answer, dict) and len(answer) == 1 else None
+                    if step is None:
+                        return answer
+                    if progress is not None:
+                        progress(str(step[0]), int(step[1]), int(step[2]))
     except TimeoutError:
         raise ImageError(f"exporter did not answer {request.get('op')!r} within {timeout} s",
                          file=att.control) from None
     except OSError as e:
         raise ImageError(f"exporter control: {e.strerror or e}", file=att.control) from None
-    return json.loads(buf)
 
 
-def _ok(att: Attached, request: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-    r = control(att, request, timeout)
+def _ok(att: Attached, request: dict[str, Any], timeout: float = 60,
+        progress: ProgressFn | None = None) -> dict[str, Any]:
+    r = control(att, request, timeout, progress)
     if not r.get("ok"):
         raise ImageError(f"{request.get('op')}: {r.get('error')}", file=att.image)
     return r
@@ -642,9 +650,10 @@ def merge(att: Attached, guid: str) -> None:
     log.info("image.merged", image=att.image, guid=guid)
 
 
-def compact(att: Attached) -> dict[str, Any]:
-    """Compact the attached image's top delta online (the VE's I/O pauses while it runs)."""
-    r = _ok(att, {"op": "compact"}, timeout=3600)
+def compact(att: Attached, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Compact the attached image's top delta online (the VE's I/O pauses while it runs);
+    ``progress("compact", moved, to move)`` as the exporter goes."""
+    r = _ok(att, {"op": "compact", "progress": progress is not None}, timeout=3600, progress=progress)
     log.info("image.compacted", image=att.image, moved=r["moved"], released=r["released"])
     return {"moved": r["moved"], "released": r["released"]}
 

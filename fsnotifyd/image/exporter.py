@@ -27,7 +27,8 @@ while a long operation holds the stack, and not answering means the process itse
     {"op":"snapshot","name":str|null}    → {"guid":...}
     {"op":"resize","size":bytes}         grow the disk (the FUSE file grows)
     {"op":"merge","guid":...}            merge a snapshot into its child
-    {"op":"compact"}                     compact the top delta (I/O waits meanwhile)
+    {"op":"compact","progress":bool}     compact the top delta (I/O waits meanwhile); with
+                                         progress, {"progress":[stage,done,total]} lines first
     {"op":"stop"}                        clean exit (the FUSE mount goes away)
 
 While writable, the top delta's in-use marker is set; a clean exit clears it (an image found
@@ -50,12 +51,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from ..errors import FsnotifydError, ImageError
 from . import fastio, ops
+from .progress import ProgressFn
 from .stack import Stack
 
 DISK = "disk"
@@ -261,13 +263,13 @@ class Exporter:
             finally:
                 self._use_stack()
 
-    def compact(self) -> ops.CompactResult:
+    def compact(self, progress: ProgressFn | None = None) -> ops.CompactResult:
         """Compact the top delta online. The VE's I/O waits meanwhile (the stack's lock): about
         a second per 500 clusters moved here (docs/metrics.md)."""
         with self.lock:
             self._need_writable_stack()
             try:
-                return ops.compact(self.stack.top)
+                return ops.compact(self.stack.top, progress=progress)
             finally:
                 self._use_stack()
 
@@ -284,7 +286,9 @@ class Exporter:
                 self.stack.close()
                 self._unlock_image()
 
-    def handle(self, req: Any, stop: Callable[[], None]) -> dict[str, Any]:
+    def handle(self, req: Any, stop: Callable[[], None],
+               send: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The answer to one control request; ``send`` writes a line before it (progress)."""
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             return {"ok": False, "error": "a request is a JSON object with a string 'op'"}
         op = req["op"]
@@ -324,7 +328,7 @@ class Exporter:
                 log.info("exporter.merge", guid=merged, image=self.image)
                 return {"ok": True, "deltas": len(self.stack.deltas)}
             if op == "compact":
-                r = self.compact()
+                r = self.compact(_progress_lines(send) if send is not None and req.get("progress") is True else None)
                 log.info("exporter.compacted", moved=r.moved, released=r.released, image=self.image)
                 return {"ok": True, "moved": r.moved, "released": r.released}
             if op == "stop":
@@ -338,6 +342,32 @@ class Exporter:
 
 
 # -- control socket ----------------------------------------------------------------------------
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+def _write(f: _Writable, line: dict[str, Any]) -> None:
+    f.write(json.dumps(line).encode() + b"\n")
+    f.flush()
+
+
+def _progress_lines(send: Callable[[dict[str, Any]], None], every: float = 0.2) -> ProgressFn:
+    """A progress callback that sends a line at most every ``every`` seconds (and the last):
+    a client that has gone away must not fail the compaction, so send errors are dropped."""
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < every and done < total:
+            return
+        last[0] = now
+        with contextlib.suppress(OSError):
+            send({"progress": [stage, done, total]})
+
+    return progress
+
 
 class ControlServer:
     """JSON lines on a unix stream socket, a thread per connection."""
@@ -376,10 +406,9 @@ class ControlServer:
                 except ValueError as e:
                     resp: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
                 else:
-                    resp = self.exporter.handle(req, self.stop)
+                    resp = self.exporter.handle(req, self.stop, send=lambda line: _write(f, line))
                 try:
-                    f.write(json.dumps(resp).encode() + b"\n")
-                    f.flush()
+                    _write(f, resp)
                 except OSError:
                     return
 
