@@ -87,6 +87,50 @@ MKFS_PROFILES = {
 # metadata throughput is not measured yet (docs/thin.md, "The allocator study").
 MKFS_PROFILES["thin-lean"] = [*MKFS_PROFILES["thin"], "-J", "size=16"]
 
+_EXT4_BLOCK = 4096
+_EXT4_BLOCKS_PER_GROUP = 8 * _EXT4_BLOCK
+_EXT4_DESCS_PER_BLOCK = _EXT4_BLOCK // 64  # 64bit descriptors
+_EXT4_MAX_RESERVED_GDT = _EXT4_BLOCK // 4  # mke2fs's cap: the resize inode's one indirect block
+
+
+def aligned_resize(size: int, cluster: int) -> int | None:
+    """The ``-E resize=`` (in 4 KiB blocks) that makes each superblock copy, group descriptors
+    and reserved GDT blocks end on a cluster boundary, or None to keep mke2fs's reserve.
+
+    Every backup superblock group starts cluster-aligned, and mke2fs's reserve (growth to 1024x)
+    makes the copy 257 blocks on a 2 GiB disk: its last block holds a cluster of its own that only
+    file data can fill, and once churn frees that data no repack can empty it (metadata does not
+    move). Such clusters were a sixth of a churned 2 GiB VE's slack past 1.0 fragmentation
+    (docs/thin.md, "Repack"). Rounding the reserve down to the cluster costs a few groups of
+    online growth; where that would take more than half of it, the reserve stays.
+    """
+    per_cluster = cluster // _EXT4_BLOCK
+    blocks = size // _EXT4_BLOCK
+    if per_cluster <= 1 or blocks < _EXT4_BLOCKS_PER_GROUP:
+        return None
+    groups = -(-blocks // _EXT4_BLOCKS_PER_GROUP)
+    desc = -(-groups // _EXT4_DESCS_PER_BLOCK)
+    # mke2fs's default (calc_reserved_gdt_blocks): enough descriptors for 1024x, or 2^32 blocks.
+    max_blocks = min(blocks * 1024, 2**32 - 1)
+    reserve_groups = -(-max_blocks // _EXT4_BLOCKS_PER_GROUP)
+    reserved = min(-(-reserve_groups // _EXT4_DESCS_PER_BLOCK) - desc, _EXT4_MAX_RESERVED_GDT)
+    copy = 1 + desc + reserved
+    want = copy // per_cluster * per_cluster - 1 - desc
+    if copy % per_cluster == 0 or want < reserved // 2:
+        return None
+    # mke2fs turns resize= back into a reserve: ceil(ceil(resize / bpg) / gdpb) - desc.
+    return (want + desc) * _EXT4_DESCS_PER_BLOCK * _EXT4_BLOCKS_PER_GROUP
+
+
+def _with_aligned_resize(args: list[str], desc: Descriptor) -> list[str]:
+    """``args`` with aligned_resize's reserve added to its ``-E`` (mke2fs keeps only the last
+    ``-E``, so it joins the profile's; an ``-E`` in mkfs_args still replaces both)."""
+    resize = aligned_resize(desc.size, desc.cluster)
+    if resize is None or "-E" not in args:
+        return list(args)
+    i = args.index("-E") + 1
+    return [*args[:i], f"{args[i]},resize={resize}", *args[i + 1:]]
+
 
 def create(directory: str, size: int, *, cluster: int = DEFAULT_CLUSTER, fs: str | None = "ext4",
            profile: str = "thin", mkfs_args: tuple[str, ...] = (), reserve: int | None = None) -> Descriptor:
@@ -106,7 +150,7 @@ def create(directory: str, size: int, *, cluster: int = DEFAULT_CLUSTER, fs: str
         raw = os.path.join(tmp, "raw")
         with open(raw, "wb") as f:
             f.truncate(desc.size)
-        cmd = ["mkfs.ext4", "-q", "-F", *MKFS_PROFILES[profile], *mkfs_args, raw]
+        cmd = ["mkfs.ext4", "-q", "-F", *_with_aligned_resize(MKFS_PROFILES[profile], desc), *mkfs_args, raw]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             shutil.rmtree(directory, ignore_errors=True)

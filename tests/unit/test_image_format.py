@@ -329,6 +329,48 @@ def test_create_ext4_is_thin_and_fsck_clean(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_thin_profile_ends_each_superblock_copy_on_a_cluster(tmp_path):
+    """mke2fs's own reserve makes a 2 GiB disk's superblock copies 257 blocks: the last block
+    of each pins a cluster that nothing but file data can fill (docs/thin.md, "Repack")."""
+    if shutil.which("mkfs.ext4") is None or shutil.which("dumpe2fs") is None:
+        pytest.skip("e2fsprogs not installed")
+    d = str(tmp_path / "img")
+    ops.create(d, 2 << 30)
+    raw = tmp_path / "raw"
+    with Stack.open(d, writable=False) as s, open(raw, "wb") as f:
+        f.truncate(s.size)
+        for off in range(0, s.size, MiB):
+            if (chunk := s.read(off, MiB)).count(0) != MiB:
+                f.seek(off)
+                f.write(chunk)
+    r = subprocess.run(["dumpe2fs", str(raw)], capture_output=True, text=True)
+    ends = [int(line.rsplit("-", 1)[1]) + 1 for line in r.stdout.splitlines()
+            if line.strip().startswith("Reserved GDT blocks at")]
+    assert len(ends) >= 4, r.stdout[-2000:]
+    per_cluster = ops.DEFAULT_CLUSTER // 4096
+    assert [e % per_cluster for e in ends] == [0] * len(ends)
+    # mke2fs's reserve is 255 blocks here (growth to 1024x): one block less.
+    reserved = int(next(line for line in r.stdout.splitlines()
+                        if line.startswith("Reserved GDT blocks:")).split(":")[1])
+    assert reserved == 254
+
+
+def test_aligned_resize_keeps_mke2fs_reserve_when_aligning_would_halve_it():
+    # 1 GiB: 1 + 1 + 127 blocks; aligning down to a 1 MiB cluster leaves no reserve at all.
+    assert ops.aligned_resize(1 << 30, 1 << 20) is None
+    # 64 KiB clusters: 129 -> 128 blocks, a reserve of 126.
+    assert ops.aligned_resize(1 << 30, 64 * KiB) == (126 + 1) * 64 * 32768
+    assert ops.aligned_resize(2 << 30, 1 << 20) == (254 + 1) * 64 * 32768
+    assert ops.aligned_resize(9 << 30, 1 << 20) == (1021 + 2) * 64 * 32768  # two descriptor blocks
+    assert ops.aligned_resize(16 * MiB, 1 << 20) is None  # smaller than a group: one copy only
+    assert ops.aligned_resize(2 << 30, 4096) is None  # block-sized clusters: nothing to align
+    # An -E in mkfs_args replaces the profile's -E and with it the aligned reserve (mke2fs keeps
+    # the last -E): the caller's options win.
+    args = ops._with_aligned_resize(ops.MKFS_PROFILES["thin"], dd.Descriptor(2 << 30, 1 << 20, (), ""))
+    assert args[args.index("-E") + 1].endswith(",resize=534773760")
+    assert ops._with_aligned_resize(ops.MKFS_PROFILES["default"], dd.Descriptor(2 << 30, 1 << 20, (), "")) == []
+
+
 # -- check -------------------------------------------------------------------------------------
 
 def filled_image(tmp_path, n=64, **kw) -> tuple[str, Model]:
