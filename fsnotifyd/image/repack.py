@@ -365,34 +365,66 @@ def _report(run: _Run, done: int, total: int) -> None:
                   "seconds": secs, "mib_s": run.moved_blocks * run.bs / MIB / secs})
 
 
-def _move_batch(run: _Run, mountpoint: str, m: Map, batch: list[rp.Victim], cluster: int,
-                accept: Callable[[int], bool], index: int) -> int:
-    """Place the donors of one batch, move its victims' pieces in, release the donor. Returns
-    the donor clusters placed (0: no room for a donor)."""
-    bs, cpb = run.bs, cluster // run.bs
+@dataclass
+class _Donor:
+    """The pass's donor file. Between batches it keeps only ``carry``, the unfilled end of the
+    cluster the last batch filled last, which the next batch fills first."""
+
+    fd: int
+    path: str
+    offset: int = 0  # file offset (bytes) of the next slot place() may use
+    carry: tuple[int, int] | None = None  # (donor block, blocks)
+
+    def release(self, keep: tuple[int, int] | None, bs: int) -> None:
+        """Punch all but ``keep``: after the moves the donor holds the files' old blocks."""
+        if keep is None:
+            placement.punch(self.fd, 0, max(self.offset, bs))
+        else:
+            start, n = keep
+            if start:
+                placement.punch(self.fd, 0, start * bs)
+            if (start + n) * bs < self.offset:
+                placement.punch(self.fd, (start + n) * bs, self.offset - (start + n) * bs)
+        self.carry = keep
+
+
+def _open_donor(mountpoint: str) -> _Donor:
     ddir = os.path.join(mountpoint, DONOR_DIR)
     os.makedirs(ddir, mode=0o700, exist_ok=True)
-    path = os.path.join(ddir, f"donor-{os.getpid()}-{index}")
-    dfd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    path = os.path.join(ddir, f"donor-{os.getpid()}")
+    return _Donor(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path)
+
+
+def _move_batch(run: _Run, mountpoint: str, m: Map, batch: list[rp.Victim], cluster: int,
+                accept: Callable[[int], bool], donor: _Donor) -> int:
+    """Place the donor clusters of one batch (the carried slot first), move its victims' pieces
+    in, release all of the donor but the unfilled end of its last cluster. Returns the donor
+    slots used (0: no room for a donor)."""
+    bs, cpb = run.bs, cluster // run.bs
+    moves: list[tuple[rp.Piece, int, int]] = []
+    slots: list[tuple[int, int]] = [donor.carry] if donor.carry else []
     try:
-        want = -(-sum(v.used for v in batch) // cpb)
-        placed = placement.place(dfd, want, cluster, accept, attempts=4 * want + 64)
-        log.info("repack.donors", wanted=want, placed=len(placed.slots), rejected=placed.rejected,
-                 enospc=placed.enospc)
-        if not placed.slots:
-            return 0
-        moves = rp.pack([p for v in batch for p in v.pieces], [off // bs for off, _ in placed.slots], cpb)
+        want = max(0, -(-(sum(v.used for v in batch) - sum(n for _, n in slots)) // cpb))
+        if want:
+            placed = placement.place(donor.fd, want, cluster, accept, offset=donor.offset,
+                                     attempts=4 * want + 64)
+            donor.offset = placed.next_offset
+            slots += [(off // bs, cpb) for off, _ in placed.slots]
+            log.info("repack.donors", wanted=want, placed=len(placed.slots), rejected=placed.rejected,
+                     enospc=placed.enospc, carried=bool(donor.carry))
+            if not placed.slots and not donor.carry:
+                return 0
+        moves = rp.pack([p for v in batch for p in v.pieces], slots)
         by_file: dict[int, list[tuple[rp.Piece, int, int]]] = {}
         for mv in moves:
             by_file.setdefault(mv[0].ino, []).append(mv)
         for ino, parts in by_file.items():
             if run.out_of_time():
                 break
-            _move_file(run, m.paths[ino], ino, parts, dfd)
-        return len(placed.slots)
+            _move_file(run, m.paths[ino], ino, parts, donor.fd)
+        return len(slots)
     finally:
-        os.close(dfd)
-        os.unlink(path)  # its blocks are now the files' old ones: freed
+        donor.release(rp.tail(moves, slots) if not run.timed_out else None, bs)
         syncfs(mountpoint)  # committed: the freed blocks are free in the bitmaps (and reusable)
 
 
@@ -494,11 +526,12 @@ def _run(att: Any, opts: Options, *, above: int | None,
 
     done = 0
     total = len(pl.victims)
+    donor = _open_donor(mp) if pl.victims else None
     try:
         for i, batch in enumerate(rp.batches(pl.victims, cpb, opts.batch_clusters)):
-            if run_.out_of_time():
+            if run_.out_of_time() or donor is None:
                 break
-            placed = _move_batch(run_, mp, m, batch, cluster, accept, i)
+            placed = _move_batch(run_, mp, m, batch, cluster, accept, donor)
             if not placed:
                 if i == 0:
                     raise RepackRefused("the filesystem is too full for a donor: no fallocated cluster landed "
@@ -510,6 +543,9 @@ def _run(att: Any, opts: Options, *, above: int | None,
             done += len(batch)
             _report(run_, done, total)
     finally:
+        if donor is not None:
+            os.close(donor.fd)
+            os.unlink(donor.path)  # with it the carried end of the last cluster
         # A refusal or a failed move must not leave the donors' directory in the VE's tree.
         remove_donors(mp)
     # What the moves emptied, from the bitmaps after the last commit.

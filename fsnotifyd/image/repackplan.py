@@ -190,10 +190,10 @@ def batches(victims: list[Victim], cluster_blocks: int, donors: int) -> list[lis
     return out
 
 
-def pack(pieces: Iterable[Piece], slots: list[int], cluster_blocks: int) -> list[tuple[Piece, int, int]]:
+def pack(pieces: Iterable[Piece], slots: list[tuple[int, int]]) -> list[tuple[Piece, int, int]]:
     """Where each piece goes: (piece part, donor block, length), the pieces in file order (a
-    file's pieces land side by side) split where a donor slot (its first block in the donor
-    file) is full. Pieces that do not fit are left out."""
+    file's pieces land side by side) split where a donor slot ((first block in the donor file,
+    blocks)) is full. Pieces that do not fit are left out."""
     out: list[tuple[Piece, int, int]] = []
     it = iter(slots)
     pos = end = 0
@@ -204,7 +204,7 @@ def pack(pieces: Iterable[Piece], slots: list[int], cluster_blocks: int) -> list
                 slot = next(it, None)
                 if slot is None:
                     return out
-                pos, end = slot, slot + cluster_blocks
+                pos, end = slot[0], slot[0] + slot[1]
             n = min(left, end - pos)
             out.append((Piece(p.ino, logical, physical, n), pos, n))
             pos += n
@@ -212,3 +212,18 @@ def pack(pieces: Iterable[Piece], slots: list[int], cluster_blocks: int) -> list
             physical += n
             left -= n
     return out
+
+
+def tail(moves: list[tuple[Piece, int, int]], slots: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The unfilled end (donor block, blocks) of the last slot ``pack`` put anything in, or None
+    when it is full. Kept for the next batch, it fills that cluster: each batch releasing a
+    half-filled last donor left one such cluster per batch, a few clusters' worth of slack per
+    pass on a churned 2 GiB VE."""
+    if not moves:
+        return None
+    _, block, n = moves[-1]
+    end = block + n
+    for start, length in slots:
+        if start <= block < start + length:
+            return (end, start + length - end) if end < start + length else None
+    return None

@@ -83,6 +83,35 @@ def test_repack_after_churn_packs_the_data(state, tmp_path):
     assert tree_digests(mnt) == digests
 
 
+def test_batches_leave_no_half_filled_donor_cluster_behind(state, tmp_path):
+    """Each batch's last donor cluster is filled by the next batch: after a pass the partly used
+    clusters of movable data are those the plan left (not worth moving, no room), the pass's
+    very last one and a few that end some blocks short (3 of 28 batches here, ~32 blocks free
+    each; why is not pinned down). A donor file per batch left one per batch: 27 of 28."""
+    from fsnotifyd.image import attach, repack
+    from fsnotifyd.image import repackplan as rp
+
+    mnt = ve(state, tmp_path, "307")
+    churn(mnt, rounds=4, fill=0.5, delete=0.65)
+    digests = tree_digests(mnt)
+    image = record(state, "307")["image"]
+    att = attach.attachment(str(state / "run"), image)
+    assert att is not None
+    r = repack.run(att, repack.Options(batch_clusters=2))  # small batches: many batch ends
+    batches = -(-r["bytes_moved"] // (2 * 2**20))
+    m = repack.read_map(str(mnt), 4096)
+    left = rp.plan(m.used, m.files, cluster_blocks=256, total_blocks=512 * 256)
+    partial = len(left.victims) + left.skipped["not_worth_it"] + left.skipped["no_room"]
+    allowed = (r["skipped"].get("not_worth_it", 0) + r["skipped"].get("no_room", 0) + 1 + batches // 4
+               + r["skipped"].get("changed", 0) + r["skipped"].get("past_eof", 0))
+    print(f"\n{batches} batches or more, {r['bytes_moved'] / 2**20:.1f} MiB moved: {partial} partly used clusters "
+          f"of movable data after the pass (allowed {allowed}), fragmentation {r['after']['fragmentation']}")
+    assert batches >= 10
+    assert partial <= allowed
+    assert tree_digests(mnt) == digests
+    stopped_and_checked(state, "307")
+
+
 def extent_map(mnt: Path) -> dict[str, list[tuple[int, int, int]]]:
     """Where every file's data lies (FIEMAP): equal before and after means nothing moved."""
     from fsnotifyd.image.fiemap import fiemap

@@ -65,13 +65,13 @@ def test_the_partial_last_cluster_is_never_free():
 
 def test_pack_keeps_a_files_pieces_together_and_splits_at_slot_ends():
     pieces = [rp.Piece(13, 0, 900, 200), rp.Piece(12, 50, 10, 100), rp.Piece(12, 0, 600, 50)]
-    out = rp.pack(pieces, [1000, 5000], CPB)
+    out = rp.pack(pieces, [(1000, CPB), (5000, CPB)])
     assert out == [(rp.Piece(12, 0, 600, 50), 1000, 50), (rp.Piece(12, 50, 10, 100), 1050, 100),
                    (rp.Piece(13, 0, 900, 106), 1150, 106), (rp.Piece(13, 106, 1006, 94), 5000, 94)]
 
 
 def test_pack_leaves_out_what_does_not_fit():
-    out = rp.pack([rp.Piece(12, 0, 0, 300)], [0], CPB)
+    out = rp.pack([rp.Piece(12, 0, 0, 300)], [(0, CPB)])
     assert out == [(rp.Piece(12, 0, 0, CPB), 0, CPB)]
 
 
@@ -79,3 +79,14 @@ def test_batches_fit_their_donors():
     vs = [rp.Victim(c, 100) for c in range(7)]
     groups = rp.batches(vs, CPB, 1)
     assert [len(g) for g in groups] == [2, 2, 2, 1]
+
+
+def test_pack_fills_a_carried_partial_slot_first_and_tail_is_what_is_left():
+    # The last batch left 56 blocks free at the end of its last donor cluster (block 1200..1255).
+    slots = [(1200, 56), (2048, CPB)]
+    out = rp.pack([rp.Piece(12, 0, 7000, 100)], slots)
+    assert out == [(rp.Piece(12, 0, 7000, 56), 1200, 56), (rp.Piece(12, 56, 7056, 44), 2048, 44)]
+    assert rp.tail(out, slots) == (2048 + 44, CPB - 44)
+    full = rp.pack([rp.Piece(12, 0, 7000, 56)], slots)
+    assert rp.tail(full, slots) is None  # the carried slot is exactly full; the next was not touched
+    assert rp.tail([], slots) is None
