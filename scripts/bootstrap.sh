@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(e2fsprogs fuse3 python3-venv python3-bpfcc linux-headers-amd64 util-linux gcc libc6-dev python3-dev fio
               systemd openssl qemu-utils)
 DEB_PACKAGES+=(zsh)  # the test that loads the generated zsh completion (tests/unit/test_shelldocs.py)
+# XFS and btrfs: their mkfs, xfs_db (corrupting test images), xfs_repair and btrfs check (fsck).
+DEB_PACKAGES+=(xfsprogs btrfs-progs)
 install_missing() {
   local missing=() p
   for p in "$@"; do
