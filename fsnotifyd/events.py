@@ -129,6 +129,13 @@ class Kernel:
     comm: str | None = None
     pid: int | None = None
     message: str | None = None
+    # XFS and btrfs say more than ext4: the damaged structure (``xfs_bnobt``, ``dinode``,
+    # ``leaf``), a disk address (XFS daddr in 512-byte sectors, btrfs logical bytenr), the
+    # mirror that was read, the per-device counter that counted it (btrfs ``corrupt``, ...).
+    structure: str | None = None
+    daddr: int | None = None
+    mirror: int | None = None
+    counter: str | None = None
 
     def merged(self, other: Kernel) -> Kernel:
         """Fill what this view lacks from another view of the same fact."""
@@ -151,11 +158,15 @@ class Kernel:
             "comm": self.comm,
             "pid": self.pid,
             "message": self.message,
+            # Only where a filesystem gives them: ext4's events keep the keys they had.
+            **{k: v for k, v in (("structure", self.structure), ("daddr", self.daddr), ("mirror", self.mirror),
+                                 ("counter", self.counter)) if v is not None},
         }
 
 
 def _kernel_values(k: Kernel) -> tuple[Any, ...]:
-    return (k.errno, k.function, k.line, k.inode, k.block, k.comm, k.pid, k.message)
+    return (k.errno, k.function, k.line, k.inode, k.block, k.comm, k.pid, k.message, k.structure, k.daddr,
+            k.mirror, k.counter)
 
 
 @dataclass(frozen=True, slots=True)

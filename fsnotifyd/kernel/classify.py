@@ -2,7 +2,8 @@
 
 The live kmsg source and the replay of ``dmesg``/``journalctl`` text both call
 :func:`classify`, so a replay produces the observations the daemon would have. The message
-formats live one module per subsystem (:mod:`.ext4`, :mod:`.jbd2`, :mod:`.block`); a new
+formats live one module per subsystem (:mod:`.ext4`, :mod:`.xfs`, :mod:`.btrfs`, :mod:`.jbd2`,
+:mod:`.block`); a new
 filesystem adds its module and one prefix test here.
 
 Trust: records written from user space into ``/dev/kmsg`` always carry a non-zero facility (the
@@ -14,11 +15,13 @@ not make a false event.
 from __future__ import annotations
 
 from ..events import Observation
-from . import block, ext4, jbd2
+from . import block, btrfs, ext4, jbd2, xfs
 from .block import buffer_error, request_error
+from .btrfs import btrfs_message
 from .ext4 import ext4_report, ext4_state
 from .jbd2 import journal_abort
 from .kmsg import KmsgRecord
+from .xfs import xfs_message
 
 __all__ = ["KMSG_KINDS", "classify"]
 
@@ -28,7 +31,7 @@ KMSG_KINDS = frozenset({"fs.error", "fs.warning", "fs.readonly", "fs.shutdown", 
                         "blk.io_error", "events.lost"})
 
 # The cheap test every record goes through before any regex (the kmsg path is latency bound).
-_PREFIXES = (ext4.PREFIX, jbd2.PREFIX, block.BUFFER_PREFIX)
+_PREFIXES = (ext4.PREFIX, jbd2.PREFIX, block.BUFFER_PREFIX, xfs.PREFIX, btrfs.PREFIX)
 _BLK_MARK = block.BLK_MARK
 
 
@@ -56,6 +59,10 @@ def _classify(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
         if msg.startswith("EXT4-fs ("):
             return ext4_state(rec, msg, when)
         return None
+    if msg.startswith(xfs.PREFIX):
+        return xfs_message(rec, msg, when)
+    if msg.startswith(btrfs.PREFIX):
+        return btrfs_message(rec, msg, when)
     if msg.startswith("Aborting journal on device "):
         return journal_abort(rec, msg, when)
     if msg.startswith("Buffer I/O error on dev"):
