@@ -64,6 +64,7 @@ EVENT_FIELDS = (
     "fs", "mount", "ve",
     "kernel.errno", "kernel.errno.name", "kernel.errno.number", "kernel.function", "kernel.line",
     "kernel.inode", "kernel.block", "kernel.comm", "kernel.pid", "kernel.message",
+    "kernel.structure", "kernel.daddr", "kernel.mirror", "kernel.counter",  # XFS and btrfs
     "sources", "count", "first_time", "last_time",
 )
 # Fields whose value is an object (or null): only "exists" makes sense on them.
