@@ -24,8 +24,8 @@ import errno as _errno
 import re
 from typing import Any
 
-from ..events import Kernel, Observation
-from .kmsg import SOURCE, KmsgRecord, caller_pid, record_device
+from ..events import Observation
+from .kmsg import KmsgRecord, observation
 
 __all__ = ["COUNTERS", "PREFIX", "btrfs_message", "dev_errs"]
 
@@ -90,12 +90,4 @@ def btrfs_message(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
         k = {"errno": int(o.group("err"))} if o.group("err") else {}
     else:
         return None
-    return Observation(
-        source=SOURCE,
-        kind=kind,
-        time=when,
-        device=record_device(m.group("dev"), rec.props),
-        kernel=Kernel(pid=caller_pid(rec.caller), message=text, **k),
-        fs="btrfs",
-        details=details,
-    )
+    return observation(rec, when, kind, m.group("dev"), "btrfs", text, details, **k)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..events import Kernel, Observation
 from .block import BLK_STS_ERRNO
-from .kmsg import SOURCE, KmsgRecord, caller_pid, record_device
+from .kmsg import SOURCE, KmsgRecord, caller_pid, observation, record_device
 
 __all__ = ["EXT4_ERRSTR", "PREFIX", "ext4_message", "ext4_report", "ext4_state"]
 
@@ -164,12 +164,4 @@ def ext4_state(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
             details["mode"] = _SHUTDOWN_MODES[flags]
     else:
         return None
-    return Observation(
-        source=SOURCE,
-        kind=kind,
-        time=when,
-        device=record_device(m.group("dev"), rec.props),
-        kernel=Kernel(pid=caller_pid(rec.caller), message=text),
-        fs="ext4",
-        details=details,
-    )
+    return observation(rec, when, kind, m.group("dev"), "ext4", text, details)

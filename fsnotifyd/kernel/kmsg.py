@@ -12,10 +12,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
-from ..events import Device
+from ..events import Device, Kernel, Observation
 
-__all__ = ["KmsgRecord", "RECORD_MAX", "SOURCE", "caller_pid", "parse_record", "record_device"]
+__all__ = ["KmsgRecord", "RECORD_MAX", "SOURCE", "caller_pid", "observation", "parse_record", "record_device"]
 
 SOURCE = "kmsg"  # every observation made from a kernel message says it came from kmsg
 RECORD_MAX = 8192  # CONSOLE_EXT_LOG_MAX: one read of this size always returns one whole record
@@ -126,3 +127,18 @@ def caller_pid(caller: str | None) -> int | None:
     if caller and caller[0] == "T" and caller[1:].isdigit():
         return int(caller[1:])
     return None
+
+
+def observation(rec: KmsgRecord, when: float, kind: str, device: str | None, fs: str, text: str,
+                details: Mapping[str, Any], **kernel: Any) -> Observation:
+    """The observation a filesystem's kernel line makes: its device (with the record's
+    major:minor), the caller's pid, the line's text, and what the parser read from it."""
+    return Observation(
+        source=SOURCE,
+        kind=kind,
+        time=when,
+        device=record_device(device, rec.props),
+        kernel=Kernel(pid=caller_pid(rec.caller), message=text, **kernel),
+        fs=fs,
+        details=details,
+    )

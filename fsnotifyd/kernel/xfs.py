@@ -36,8 +36,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..events import Kernel, Observation
-from .kmsg import SOURCE, KmsgRecord, caller_pid, record_device
+from ..events import Observation
+from .kmsg import KmsgRecord, observation
 
 __all__ = ["PREFIX", "SHUTDOWN_FLAGS", "xfs_message"]
 
@@ -134,12 +134,4 @@ def xfs_message(rec: KmsgRecord, msg: str, when: float) -> Observation | None:
         kind = "fs.mount_failed"
     else:
         return None
-    return Observation(
-        source=SOURCE,
-        kind=kind,
-        time=when,
-        device=record_device(m.group("dev"), rec.props),
-        kernel=Kernel(pid=caller_pid(rec.caller), message=text, **k),
-        fs="xfs",
-        details=details,
-    )
+    return observation(rec, when, kind, m.group("dev"), "xfs", text, details, **k)
